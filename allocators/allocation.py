@@ -1,0 +1,158 @@
+"""The result type shared by every solver, and the ``Solver`` contract."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from rankalloc.allocators.problem import AllocationProblem, Choice
+
+
+class Status(str, Enum):
+    """Normalized solver status (solvers map their backend's statuses onto these)."""
+
+    OPTIMAL = "optimal"          # proven optimal for the problem's objective
+    FEASIBLE = "feasible"        # meets every budget, optimality not proven
+    INFEASIBLE = "infeasible"    # no allocation meets the budgets; message gives the minimum cost
+    TIME_LIMIT = "time_limit"    # stopped at a time limit; best feasible allocation found, if any
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, eq=False)
+class Allocation:
+    """One choice per component, with its objective, cost per resource and solver status.
+
+    ``choice_index[l]`` indexes ``problem.curves[l]``. ``lower_bound`` is a certified lower bound
+    on the optimal objective where the method has one (None otherwise).
+    """
+
+    problem: AllocationProblem
+    solver: str
+    status: Status
+    choice_index: tuple[int, ...]
+    objective: float
+    cost: dict[str, float]
+    lower_bound: float | None = None
+    solve_seconds: float = 0.0
+    message: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return self.status in (Status.OPTIMAL, Status.FEASIBLE) or (
+            self.status == Status.TIME_LIMIT and self.problem.is_feasible(self.cost))
+
+    @property
+    def choices(self) -> dict[str, Choice]:
+        return {cv.component.name: cv.choice(j) for cv, j in zip(self.problem.curves, self.choice_index)}
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Rank per component; dense components map to -1."""
+        return {cv.component.name: int(cv.ranks[j]) for cv, j in zip(self.problem.curves, self.choice_index)}
+
+    @property
+    def budget(self) -> dict[str, float]:
+        return dict(self.problem.limits)
+
+    def removed(self, resource: str | None = None) -> float:
+        """Fraction of the dense cost of ``resource`` (default: the first budget's) removed."""
+        res = resource or self.problem.resources[0]
+        dense = self.problem.dense_costs[res]
+        return 1.0 - self.cost[res] / dense if dense else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "solver": self.solver,
+            "status": str(self.status),
+            "objective": self.objective,
+            "objective_kind": self.problem.objective,
+            "lower_bound": self.lower_bound,
+            "cost": dict(self.cost),
+            "budget": self.budget,
+            "removed": {r: self.removed(r) for r in self.problem.resources},
+            "choices": {k: v.to_json() for k, v in self.choices.items()},
+            "solve_seconds": self.solve_seconds,
+            "message": self.message,
+        }
+
+    def to_json(self, path=None, indent: int = 1) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, problem: AllocationProblem, data: dict) -> "Allocation":
+        """Rebuild an allocation of ``problem`` from :meth:`to_dict` output (choices are re-priced)."""
+        choices = data["choices"]
+        idx = []
+        for cv in problem.curves:
+            name = cv.component.name
+            if name not in choices:
+                raise ValueError(f"allocation has no choice for component {name!r}")
+            v = choices[name]
+            ch = Choice(int(v[0]), float(v[1])) if isinstance(v, list) else v
+            idx.append(cv.index_of(ch))
+        return finish(problem, data.get("solver", "loaded"), idx, Status(data.get("status", "feasible")),
+                      lower_bound=data.get("lower_bound"), seconds=data.get("solve_seconds", 0.0),
+                      message=data.get("message", ""))
+
+    def summary(self) -> str:
+        cost = ", ".join(f"{r}={v:.6g} ({self.removed(r):.2%} removed)" for r, v in self.cost.items())
+        lb = "" if self.lower_bound is None else f", lower bound {self.lower_bound:.6g}"
+        return (f"{self.solver}: {self.status}, objective {self.objective:.6g}{lb}, {cost}, "
+                f"{self.solve_seconds * 1e3:.1f} ms")
+
+
+def finish(problem: AllocationProblem, solver: str, choice_index: Sequence[int], status: Status,
+           lower_bound: float | None = None, seconds: float | None = None, t0: float | None = None,
+           message: str = "", info: dict | None = None) -> Allocation:
+    """Price ``choice_index`` and build the :class:`Allocation`.
+
+    A status of OPTIMAL or FEASIBLE whose allocation breaks a budget is a solver bug and
+    raises ``RuntimeError``: a solver must report INFEASIBLE instead.
+    """
+    idx = tuple(int(j) for j in choice_index)
+    for l, (cv, j) in enumerate(zip(problem.curves, idx)):
+        if not 0 <= j < len(cv):
+            raise RuntimeError(f"{solver}: choice index {j} out of range for component {cv.component.name!r}")
+    obj, cost = problem.evaluate(idx)
+    if status in (Status.OPTIMAL, Status.FEASIBLE) and not problem.is_feasible(cost):
+        over = {r: (cost[r], problem.limits[r]) for r in problem.resources if cost[r] > problem.limits[r]}
+        raise RuntimeError(f"{solver}: reported {status} but exceeds budgets (cost, limit): {over}")
+    if seconds is None:
+        seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+    return Allocation(problem, solver, status, idx, obj, cost, lower_bound, float(seconds), message, info or {})
+
+
+def infeasible(problem: AllocationProblem, solver: str, t0: float | None = None) -> Allocation | None:
+    """The INFEASIBLE allocation (cheapest choices) when the budgets are below the minimum cost, else None."""
+    msg = problem.infeasibility_message()
+    if msg is None:
+        return None
+    res = problem.resources[0]
+    idx = [int(np.argmin(t)) for t in problem.cost_tables[res]]
+    return finish(problem, solver, idx, Status.INFEASIBLE, t0=t0, message=msg)
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """Contract: ``solve`` is deterministic and never mutates the problem.
+
+    Its allocation meets every budget (status OPTIMAL or FEASIBLE), or it has status INFEASIBLE
+    with the minimum achievable cost in its message, or TIME_LIMIT. A solver declares the number of
+    budgets it handles in ``max_budgets`` (None: any).
+    """
+
+    name: str
+
+    def solve(self, problem: AllocationProblem) -> Allocation: ...

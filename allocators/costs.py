@@ -1,0 +1,122 @@
+"""Cost models: pure functions of (component shape, choice), vectorised over candidates.
+
+A cost model has a ``name``, a ``unit``, ``cost(component, ranks, sparsity) -> float array``
+and ``dense(component) -> float``. ``ranks == -1`` means dense. ``sparsity`` is the kept
+fraction ``k`` of a sparse + low-rank candidate. To add one, write a frozen dataclass with
+these members and put it in :data:`COST_MODELS` (or pass it in ``AllocationProblem.costs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+DENSE = -1
+KV_KINDS = ("k", "v")
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
+               "int8": 1, "float8": 1, "fp8": 1}
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """Contract: ``cost`` is pure and elementwise. ``cost(c, [-1], [0]) == dense(c)``.
+    Costs are finite and >= 0."""
+
+    name: str
+    unit: str
+
+    def cost(self, component, ranks: np.ndarray, sparsity: np.ndarray) -> np.ndarray: ...
+
+    def dense(self, component) -> float: ...
+
+
+def _lowrank_sparse(component, ranks, sparsity, per_value: float, per_sparse_value: float):
+    r = np.asarray(ranks, dtype=np.float64)
+    k = np.asarray(sparsity, dtype=np.float64)
+    m, n = component.m, component.n
+    low = r * (m + n) * per_value + np.ceil(k * m * n) * per_sparse_value
+    return np.where(r == DENSE, m * n * per_value, low)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameters stored: ``r(m+n)`` for rank r, ``m*n`` dense, ``ceil(k*m*n) + r(m+n)`` sparse + low-rank."""
+
+    name: str = "params"
+    unit: str = "parameters"
+
+    def cost(self, component, ranks, sparsity):
+        return _lowrank_sparse(component, ranks, sparsity, 1.0, 1.0)
+
+    def dense(self, component) -> float:
+        return float(component.m * component.n)
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Multiply-adds counted as 2 FLOPs per token: ``2r(m+n)`` low-rank, ``2mn`` dense, ``2kmn`` sparse part."""
+
+    name: str = "flops"
+    unit: str = "FLOPs per token"
+
+    def cost(self, component, ranks, sparsity):
+        return _lowrank_sparse(component, ranks, sparsity, 2.0, 2.0)
+
+    def dense(self, component) -> float:
+        return 2.0 * component.m * component.n
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """KV-cache bytes per token for key/value projections whose cached state is the rank-r latent.
+
+    A dense k/v projection caches its ``m`` outputs. At rank r the cache holds the latent ``Bx``
+    (``min(r, m)`` values) and ``A`` is applied on read. Other kinds cost 0. A sparse part is applied
+    on read too, so it adds nothing to the cache.
+    """
+
+    bytes_per_value: float = 2.0
+    kinds: tuple[str, ...] = KV_KINDS
+    name: str = "kv"
+    unit: str = "KV-cache bytes per token"
+
+    def __post_init__(self):
+        if not self.bytes_per_value > 0:
+            raise ValueError(f"KVCache: expected bytes_per_value > 0, received {self.bytes_per_value!r}")
+
+    def cost(self, component, ranks, sparsity):
+        r = np.asarray(ranks, dtype=np.float64)
+        if component.kind not in self.kinds:
+            return np.zeros_like(r)
+        m = component.m
+        return np.where(r == DENSE, m, np.minimum(r, m)) * self.bytes_per_value
+
+    def dense(self, component) -> float:
+        return float(component.m * self.bytes_per_value) if component.kind in self.kinds else 0.0
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Storage bytes at a dtype. Sparse entries add a 4-byte int32 column index each (CSR values + indices)."""
+
+    dtype: str = "bfloat16"
+    index_bytes: int = 4
+    name: str = "bytes"
+    unit: str = "bytes"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"Bytes: unknown dtype {self.dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+
+    def cost(self, component, ranks, sparsity):
+        b = DTYPE_BYTES[self.dtype]
+        return _lowrank_sparse(component, ranks, sparsity, b, b + self.index_bytes)
+
+    def dense(self, component) -> float:
+        return float(component.m * component.n * DTYPE_BYTES[self.dtype])
+
+
+COST_MODELS: dict[str, type] = {"params": Params, "flops": Flops, "kv": KVCache, "bytes": Bytes}
+"""Registry: resource name -> cost model class (constructed with defaults)."""

@@ -1,0 +1,152 @@
+"""All guarded linear algebra in one place: float64, relative damping, dead channels, retries.
+
+Profiling and every decomposer call these helpers rather than torch.linalg directly. The rules:
+- Gram matrices, Cholesky, eigh and SVD run in float64 (``PRECISION``); TF32 is off.
+- Damping is relative: ``delta = damp * mean(diag(G))``. A failed factorization is retried with
+  ``damp * growth**k``, then raised as ``NumericalError`` naming the matrix.
+- Dead channels (zero diagonal: an input never active in calibration) are reported and damped
+  like the rest. They never produce NaNs.
+- Non-finite inputs raise ``NonFiniteError`` naming the tensor. Nothing is silently dropped.
+- Callers cast results back to the model dtype at the very end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PRECISION = torch.float64
+DEFAULT_DAMP = 1e-6
+DEFAULT_RETRIES = 6
+DEFAULT_GROWTH = 10.0
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+class NumericalError(ValueError):
+    """A factorization failed even after the damping retries."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor that must be finite holds NaN or Inf."""
+
+
+@dataclass(frozen=True)
+class Damping:
+    """Relative damping ``damp * mean(diag)``; retried ``retries`` times, growing by ``growth``."""
+
+    damp: float = DEFAULT_DAMP
+    retries: int = DEFAULT_RETRIES
+    growth: float = DEFAULT_GROWTH
+
+    def __post_init__(self):
+        if not self.damp > 0:
+            raise ValueError(f"Damping: expected damp > 0, received {self.damp!r}")
+        if self.retries < 0:
+            raise ValueError(f"Damping: expected retries >= 0, received {self.retries!r}")
+        if not self.growth > 1:
+            raise ValueError(f"Damping: expected growth > 1, received {self.growth!r}")
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Raise ``NonFiniteError`` naming ``what`` if ``t`` holds NaN or Inf; return ``t``."""
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise NonFiniteError(f"{what}: {bad} non-finite values (NaN/Inf) out of {t.numel()}")
+    return t
+
+
+def dead_channels(G: torch.Tensor) -> torch.Tensor:
+    """Indices of channels whose Gram diagonal is zero (never active on the calibration data)."""
+    d = torch.diagonal(G)
+    return torch.nonzero(d <= 0, as_tuple=False).flatten()
+
+
+def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping()) -> tuple[torch.Tensor, float]:
+    """Lower-triangular ``S`` with ``S S^T = G + delta I`` (float64), and the ``delta`` used.
+
+    ``G`` is symmetrized. The first try uses ``delta = damp * mean(diag(G))``, and each retry
+    multiplies it by ``growth``.
+    """
+    G = check_finite(G.to(PRECISION), f"Gram matrix of {name}")
+    G = 0.5 * (G + G.T)
+    mean_diag = torch.diagonal(G).mean().item()
+    if not mean_diag > 0:
+        raise NumericalError(f"Gram matrix of {name} is zero: the input was never active on the calibration "
+                             f"data (use more or different calibration text)")
+    eye = torch.eye(G.shape[0], dtype=PRECISION, device=G.device)
+    damp = damping.damp
+    for _ in range(damping.retries + 1):
+        delta = damp * mean_diag
+        S, info = torch.linalg.cholesky_ex(G + delta * eye)
+        if info.item() == 0 and torch.isfinite(S).all():
+            return S, delta
+        damp *= damping.growth
+    raise NumericalError(
+        f"Cholesky of the Gram matrix of {name} ({G.shape[0]}x{G.shape[0]}) failed after {damping.retries} "
+        f"damping retries (last delta {delta:.3g} = {damp / damping.growth:.3g} x mean diagonal). "
+        f"Increase damping or use more calibration samples.")
+
+
+def psd_power(G: torch.Tensor, name: str, power: float, damping: Damping = Damping()) -> torch.Tensor:
+    """``(G + delta I)^power`` for a symmetric PSD ``G`` via float64 eigh (power 1/2 or -1/2).
+
+    Eigenvalues are clamped at ``delta`` after damping, so negative round-off never gives NaNs.
+    """
+    G = check_finite(G.to(PRECISION), f"Gram matrix of {name}")
+    G = 0.5 * (G + G.T)
+    mean_diag = torch.diagonal(G).mean().item()
+    if not mean_diag > 0:
+        raise NumericalError(f"Gram matrix of {name} is zero: nothing to whiten")
+    damp = damping.damp
+    for _ in range(damping.retries + 1):
+        delta = damp * mean_diag
+        try:
+            lam, Q = torch.linalg.eigh(G + delta * torch.eye(G.shape[0], dtype=PRECISION, device=G.device))
+        except RuntimeError:
+            damp *= damping.growth
+            continue
+        lam = lam.clamp_min(delta)
+        out = (Q * lam.pow(power)) @ Q.T
+        if torch.isfinite(out).all():
+            return out
+        damp *= damping.growth
+    raise NumericalError(f"eigh of the Gram matrix of {name} failed after {damping.retries} damping retries; "
+                         f"increase damping or use more calibration samples")
+
+
+def singular_values(A: torch.Tensor, name: str) -> torch.Tensor:
+    """Singular values of ``A`` in float64, descending, via LAPACK/cuSOLVER SVD."""
+    A = check_finite(A.to(PRECISION), name)
+    try:
+        return torch.linalg.svdvals(A)
+    except RuntimeError as exc:  # non-convergence
+        raise NumericalError(f"SVD of {name} ({tuple(A.shape)}) did not converge: {exc}") from None
+
+
+def svd(A: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``A = U diag(s) Vh`` in float64 with deterministic signs (see ``fix_signs``)."""
+    A = check_finite(A.to(PRECISION), name)
+    try:
+        U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    except RuntimeError as exc:
+        raise NumericalError(f"SVD of {name} ({tuple(A.shape)}) did not converge: {exc}") from None
+    U, Vh = fix_signs(U, Vh)
+    return U, s, Vh
+
+
+def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular vector pairs so the largest-magnitude entry of each column of ``U`` is positive."""
+    idx = torch.argmax(U.abs(), dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1
+    return U * signs, Vh * signs[:, None]
+
+
+def tail_sums(sigma: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_{i>r} sigma_i^2`` for r = 0..len(sigma) (float64, exact zero at full rank)."""
+    s2 = sigma.to(PRECISION) ** 2
+    rev = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])
+    return torch.cat([rev, torch.zeros(1, dtype=PRECISION, device=sigma.device)])
