@@ -118,5 +118,43 @@ class Bytes:
         return float(component.m * component.n * DTYPE_BYTES[self.dtype])
 
 
+@dataclass(frozen=True)
+class FlatParams:
+    """Parameters when FLAT-LLM's head-wise PCA shrinks V and O together (FLAT-LLM, Sec. 3.2).
+
+    A ``vo`` component (one per layer; ``m`` = O's output dim, ``n`` = V's input dim) takes a value
+    head rank ``r`` in [0, head_dim]. V keeps ``kv_heads * r`` rows (``kv_heads*r*n`` parameters)
+    and O keeps ``heads * r`` input columns (``m*heads*r``). Dense is ``r = head_dim``. Every other
+    kind is priced like :class:`Params`.
+    """
+
+    head_dim: int
+    heads: int
+    kv_heads: int
+    name: str = "params"
+    unit: str = "parameters"
+
+    def __post_init__(self):
+        for f in ("head_dim", "heads", "kv_heads"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"FlatParams: expected {f} >= 1, received {getattr(self, f)!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"FlatParams: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    def _per_rank(self, component) -> float:
+        return float(self.kv_heads * component.n + self.heads * component.m)
+
+    def cost(self, component, ranks, sparsity):
+        if component.kind != "vo":
+            return Params().cost(component, ranks, sparsity)
+        r = np.asarray(ranks, dtype=np.float64)
+        return np.where(r == DENSE, self.head_dim, r) * self._per_rank(component)
+
+    def dense(self, component) -> float:
+        if component.kind != "vo":
+            return Params().dense(component)
+        return self.head_dim * self._per_rank(component)
+
+
 COST_MODELS: dict[str, type] = {"params": Params, "flops": Flops, "kv": KVCache, "bytes": Bytes}
 """Registry: resource name -> cost model class (constructed with defaults)."""
