@@ -1,0 +1,100 @@
+"""The ``rankalloc`` command: one parser with a subcommand per module.
+
+Each subcommand lives in its own module listed in :data:`COMMANDS`. The module provides
+
+* ``HELP``: a one-line summary (shown by ``rankalloc --help``);
+* ``add_arguments(parser)``: adds its options (and may set ``parser.description``/``epilog``);
+* ``run(args) -> int``: unpacks the namespace, calls library functions with explicit
+  arguments and returns the exit code.
+
+Only the module of the chosen subcommand is imported, so ``rankalloc allocate`` never loads
+torch. Exit codes: 0 success, 1 failure (bad input, missing file, infeasible budget: one
+line on stderr, no traceback), 2 command-line usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from typing import Sequence
+
+COMMANDS: dict[str, str] = {
+    "allocate": "rankalloc.studies.cmd_allocate",
+}
+"""Subcommand name -> module. Add a subcommand by adding its module here."""
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _summary(module_name: str) -> str:
+    """The first docstring line of a subcommand module, read without importing it."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        return "(module missing)"
+    try:
+        import ast
+
+        with open(spec.origin, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``rankalloc`` parser; only ``command``'s module is imported (all of them when None)."""
+    parser = argparse.ArgumentParser(
+        prog="rankalloc",
+        description="Rank allocation for training-free low-rank compression of LLMs. "
+                    "Budgets are fractions REMOVED (0.4 = 40% of the dense cost removed).",
+        epilog="Run `rankalloc COMMAND --help` for the options and examples of a command.\n"
+               "Exit codes: 0 success, 1 failure (one-line error), 2 usage error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        if command is not None and name != command:
+            sub.add_parser(name, help=_summary(module_name), add_help=False)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    for token in argv:
+        if token in COMMANDS:
+            return token
+        if not token.startswith("-"):
+            return None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rankalloc`` command; returns the exit code."""
+    import rankalloc  # noqa: F401  (loads OR-tools before anything can load cvxpy)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    try:
+        return int(args._run(args))
+    except (ValueError, FileNotFoundError) as exc:
+        text = " ".join(str(exc).split())  # one line
+        print(f"rankalloc {args.command}: error: {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"rankalloc {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
