@@ -122,9 +122,13 @@ def finish(problem: AllocationProblem, solver: str, choice_index: Sequence[int],
     raises ``RuntimeError``: a solver must report INFEASIBLE instead.
     """
     idx = tuple(int(j) for j in choice_index)
-    for l, (cv, j) in enumerate(zip(problem.curves, idx)):
-        if not 0 <= j < len(cv):
-            raise RuntimeError(f"{solver}: choice index {j} out of range for component {cv.component.name!r}")
+    sizes = np.diff(problem.flat.offsets)
+    arr = np.asarray(idx, dtype=np.int64)
+    bad = np.flatnonzero((arr < 0) | (arr >= sizes)) if arr.shape == sizes.shape else [0]
+    if len(bad):
+        l = int(bad[0])
+        raise RuntimeError(f"{solver}: choice index {idx[l] if l < len(idx) else None} out of range for component "
+                           f"{problem.curves[l].component.name!r} (or wrong number of choices: {len(idx)})")
     obj, cost = problem.evaluate(idx)
     if status in (Status.OPTIMAL, Status.FEASIBLE) and not problem.is_feasible(cost):
         over = {r: (cost[r], problem.limits[r]) for r in problem.resources if cost[r] > problem.limits[r]}

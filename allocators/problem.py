@@ -108,11 +108,11 @@ class Curve:
         bad = ~np.isfinite(errors)
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"component {c.name!r}: expected finite errors, received {errors[j]!r} "
-                             f"at rank {ranks[j]} ({int(bad.sum())} non-finite values)")
+            raise ValueError(f"component {c.name!r}: expected finite errors, received {float(errors[j])!r} "
+                             f"at rank {int(ranks[j])} ({int(bad.sum())} non-finite values)")
         if (errors < 0).any():
             j = int(np.flatnonzero(errors < 0)[0])
-            raise ValueError(f"component {c.name!r}: expected errors >= 0, received {errors[j]!r} at rank {ranks[j]}")
+            raise ValueError(f"component {c.name!r}: expected errors >= 0, received {float(errors[j])!r} at rank {int(ranks[j])}")
         bad_rank = (ranks != DENSE) & ((ranks < 0) | (ranks > c.max_rank))
         if bad_rank.any():
             raise ValueError(f"component {c.name!r} ({c.m}x{c.n}): expected ranks in [0, {c.max_rank}] or dense, "
@@ -135,7 +135,7 @@ class Curve:
                 raise ValueError(
                     f"component {c.name!r}: errors must be non-increasing in budget; expected error at "
                     f"{Choice(int(ranks[b]), float(k))} <= error at {Choice(int(ranks[a]), float(k))} "
-                    f"= {errors[a]!r}, received {errors[b]!r}")
+                    f"= {float(errors[a])!r}, received {float(errors[b])!r}")
         for r in np.unique(ranks[ranks != DENSE]):
             sel = np.flatnonzero(ranks == r)  # increasing sparsity
             rise = np.flatnonzero(np.diff(errors[sel]) > tol)
@@ -143,12 +143,12 @@ class Curve:
                 a, b = sel[rise[0]], sel[rise[0] + 1]
                 raise ValueError(
                     f"component {c.name!r}: errors must be non-increasing in budget; error at "
-                    f"{Choice(int(r), float(sparsity[b]))} = {errors[b]!r} exceeds error at "
-                    f"{Choice(int(r), float(sparsity[a]))} = {errors[a]!r}")
+                    f"{Choice(int(r), float(sparsity[b]))} = {float(errors[b])!r} exceeds error at "
+                    f"{Choice(int(r), float(sparsity[a]))} = {float(errors[a])!r}")
         dense = ranks == DENSE
         if dense.any() and errors[dense][0] > errors.min() + tol:
             raise ValueError(f"component {c.name!r}: expected the dense error to be the smallest, received "
-                             f"{errors[dense][0]!r} > {errors.min()!r}")
+                             f"{float(errors[dense][0])!r} > {float(errors.min())!r}")
         for name, value in (("ranks", ranks), ("errors", errors), ("sparsity", sparsity)):
             value.setflags(write=False)
             object.__setattr__(self, name, value)
@@ -197,9 +197,9 @@ class Budget:
             raise ValueError(f"budget on {self.resource!r}: give exactly one of removed= or limit=")
         if self.removed is not None and not (0.0 <= self.removed < 1.0):
             raise ValueError(f"budget on {self.resource!r}: expected a fraction removed in [0, 1), "
-                             f"received {self.removed!r}")
+                             f"received {float(self.removed)!r}")
         if self.limit is not None and not (self.limit >= 0 and math.isfinite(self.limit)):
-            raise ValueError(f"budget on {self.resource!r}: expected a finite limit >= 0, received {self.limit!r}")
+            raise ValueError(f"budget on {self.resource!r}: expected a finite limit >= 0, received {float(self.limit)!r}")
 
     def resolve(self, dense_total: float) -> float:
         """The absolute limit, given the total dense cost of the resource."""
