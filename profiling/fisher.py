@@ -1,0 +1,195 @@
+# K-FAC (Martens & Grosse, 2015), Sec. 3 (Kronecker factors), applied to truncation as in
+# Fisher-weighted / K-FAC-whitened SVD: the loss increase of a rank-r truncation, in nats.
+"""Loss-unit curves: the estimated increase of the mean calibration loss when ``W`` is truncated.
+
+Derivation and scale
+--------------------
+The calibration loss is the mean next-token cross-entropy ``L = (1/N_loss) sum_t l_t`` over the
+``N_loss`` predicted tokens. A linear module computes ``y_s = W x_s`` at every position ``s``.
+Let ``g_s = d(sum_t l_t)/d y_s``: the output gradient of the SUM of the per-token losses. (The
+model's loss is a mean over the batch's ``N_b`` predicted tokens, whose output gradient is
+``g_s / N_b``; we backpropagate the sum, so no 1/N_b factor is ever captured.)
+
+1. Second-order Taylor with the gradient term dropped (it vanishes at a trained minimum):
+   ``dL ~ 1/2 vec(dW)^T H vec(dW)``, ``H ~ F``, the empirical Fisher of ``L`` (equal to the
+   Hessian in expectation when the labels follow the model).
+2. Per position the gradient of ``l`` w.r.t. ``W`` is ``g_s x_s^T``; treating positions as samples
+   ("K-FAC expand"), ``F = (1/N_loss) sum_s (x_s x_s^T) (x) (g_s g_s^T)``.
+3. K-FAC: the mean of Kronecker products ~ the Kronecker product of means over the ``N_x``
+   positions, ``F ~ (G_x / N_x) (x) (G_g / N_loss)`` with the SUMMED Grams
+   ``G_x = sum_s x_s x_s^T`` (N_x positions, as the profile stores them) and
+   ``G_g = sum_s g_s g_s^T`` (positions with no loss have ``g_s = 0``).
+4. ``vec(dW)^T (A (x) B) vec(dW) = tr(dW^T B dW A)``, so
+   ``dL(dW) ~ ||G_g^{1/2} dW G_x^{1/2}||_F^2 / (2 N_x N_loss)``.
+5. Eckart-Young in the two-sided whitened basis: with ``M = G_g^{1/2} W G_x^{1/2}``, the best
+   rank-r ``W_r = G_g^{-1/2} [M]_r G_x^{-1/2}`` gives
+   ``fisher(r) = sum_{i>r} sigma_i(M)^2 / (2 N_x N_loss)``   (nats per predicted token).
+
+``fisher_svd_curve`` is the same estimate for the one-sided whitened truncation that SVD-LLM
+applies (``W S = U Sigma V^T``, ``W_r = U_r Sigma_r V_r^T S^{-1}``, ``S S^T = G_x``): there
+``dW S = U_{>r} Sigma_{>r} V_{>r}^T``, so ``fisher_svd(r) = sum_{i>r} sigma_i^2 u_i^T G_g u_i /
+(2 N_x N_loss)`` (>= fisher(r); non-increasing because every term is >= 0).
+Square roots of Grams are damped float64 eigen-roots (``numerics.psd_power``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from rankalloc.profiling.numerics import (PRECISION, Damping, check_finite, damped_cholesky, psd_power,
+                                          singular_values, svd, tail_sums)
+from rankalloc.profiling.probe import (check_calibration_ids, component_module, on_device, profile_damping,
+                                      read_weight, token_loss_sum)
+
+
+def loss_token_count(ids: torch.Tensor) -> int:
+    """Predicted tokens in ``ids`` (W, T): every position but the last of each sequence."""
+    return int(ids.shape[0] * (ids.shape[1] - 1))
+
+
+def output_gradient_grams(model: torch.nn.Module, ids: torch.Tensor, modules: Mapping[str, torch.nn.Module],
+                          device=None, batch_size: int = 4, progress: bool = True,
+                          gram_dtype: str = "float64") -> dict[str, torch.Tensor]:
+    """``G_g = sum_s g_s g_s^T`` (float64, m x m) of each module's output gradient on ``ids``.
+
+    ``g_s = d(sum_t l_t)/d y_s`` is the gradient of the SUM of the per-token next-token losses
+    (= ``N_b`` times the gradient of a batch's mean loss); see the module docstring. Weights get
+    no gradients: they are frozen for the backward passes and restored afterwards.
+    ``gram_dtype="float32"`` forms each batch's ``g^T g`` in float32 before adding it to the float64
+    accumulator (faster; ~1e-6 relative), as the profile's own ``gram_dtype`` setting does.
+    """
+    if gram_dtype not in ("float64", "float32"):
+        raise ValueError(f"gram_dtype: expected 'float64' or 'float32', received {gram_dtype!r}")
+    batch_dtype = PRECISION if gram_dtype == "float64" else torch.float32
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"expected calibration ids of shape (samples, seqlen >= 2), received {tuple(ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, received {batch_size!r}")
+    from tqdm.auto import tqdm
+
+    grams: dict[str, torch.Tensor] = {}
+
+    def capture(name):
+        def on_grad(g):
+            g = g.detach().reshape(-1, g.shape[-1]).to(batch_dtype)
+            gg = (g.T @ g).to(PRECISION)
+            grams[name] = grams[name] + gg if name in grams else gg
+        return on_grad
+
+    def forward_hook(name):
+        def hook(module, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if t.requires_grad:
+                t.register_hook(capture(name))
+        return hook
+
+    def start_graph(module, args, out):  # the graph starts at the embeddings, not at any weight
+        return out.detach().requires_grad_(True)
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+    with on_device(model, device) as dev:
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            handles.append(model.get_input_embeddings().register_forward_hook(start_graph))
+            handles += [m.register_forward_hook(forward_hook(n)) for n, m in modules.items()]
+            for b in tqdm(range(0, ids.shape[0], batch_size), desc="output-gradient Grams", disable=not progress):
+                loss_sum, _ = token_loss_sum(model, ids[b:b + batch_size].to(dev))
+                if not torch.isfinite(loss_sum):
+                    raise ValueError(f"calibration loss is not finite on sequences {b}..{b + batch_size - 1}")
+                loss_sum.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in flags.items():
+                p.requires_grad_(f)
+    missing = [n for n in modules if n not in grams]
+    if missing:
+        raise ValueError(f"no output gradient reached {missing[:3]}: expected every module to influence the loss")
+    return {n: check_finite(grams[n], f"output-gradient Gram of {n}") for n in modules}
+
+
+def _scale(n_tokens: int, n_loss_tokens: int | None) -> float:
+    n_loss = n_tokens if n_loss_tokens is None else n_loss_tokens
+    if n_tokens < 1 or n_loss < 1:
+        raise ValueError(f"expected positive token counts, received n_tokens={n_tokens!r}, "
+                         f"n_loss_tokens={n_loss_tokens!r}")
+    return 1.0 / (2.0 * n_tokens * n_loss)
+
+
+def fisher_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_tokens: int,
+                 n_loss_tokens: int | None = None, name: str = "W", damping: Damping = Damping()) -> np.ndarray:
+    """K-FAC loss increase of the best two-sided-whitened rank-r truncation, r = 0..min(m, n).
+
+    ``fisher(r) = sum_{i>r} sigma_i(G_g^{1/2} W G_x^{1/2})^2 / (2 n_tokens n_loss_tokens)`` in nats
+    per predicted token; ``n_tokens`` = positions summed in ``Gx``, ``n_loss_tokens`` = predicted
+    tokens summed in ``Gg`` (default ``n_tokens``).
+    """
+    W = W.to(PRECISION)
+    m, n = W.shape
+    if tuple(Gx.shape) != (n, n) or tuple(Gg.shape) != (m, m):
+        raise ValueError(f"component {name!r}: expected Grams {n}x{n} (input) and {m}x{m} (output gradient) "
+                         f"for a {m}x{n} weight, received {tuple(Gx.shape)} and {tuple(Gg.shape)}")
+    M = psd_power(Gg, f"output-gradient Gram of {name}", 0.5, damping) @ W @ \
+        psd_power(Gx, f"input Gram of {name}", 0.5, damping)
+    return (tail_sums(singular_values(M, f"K-FAC whitened weight of {name}")) * _scale(n_tokens, n_loss_tokens)).numpy()
+
+
+def fisher_svd_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_tokens: int,
+                     n_loss_tokens: int | None = None, name: str = "W", damping: Damping = Damping()) -> np.ndarray:
+    """K-FAC loss increase of the one-sided whitened (SVD-LLM) truncation, r = 0..min(m, n).
+
+    ``sum_{i>r} sigma_i^2 u_i^T G_g u_i / (2 n_tokens n_loss_tokens)`` with ``W S = U Sigma V^T``.
+    """
+    W = W.to(PRECISION)
+    m, n = W.shape
+    if tuple(Gx.shape) != (n, n) or tuple(Gg.shape) != (m, m):
+        raise ValueError(f"component {name!r}: expected Grams {n}x{n} (input) and {m}x{m} (output gradient) "
+                         f"for a {m}x{n} weight, received {tuple(Gx.shape)} and {tuple(Gg.shape)}")
+    S, _ = damped_cholesky(Gx, f"input Gram of {name}", damping)
+    U, s, _ = svd(W @ S, f"whitened weight of {name}")
+    Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
+    Gg = 0.5 * (Gg + Gg.T)
+    Gg = Gg + damping.damp * torch.diagonal(Gg).mean() * torch.eye(m, dtype=PRECISION)  # as psd_power damps it
+    terms = (s ** 2) * torch.einsum("ik,ij,jk->k", U, Gg, U).clamp_min(0.0)
+    tail = torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0])
+    return (torch.cat([tail, torch.zeros(1, dtype=PRECISION)]) * _scale(n_tokens, n_loss_tokens)).numpy()
+
+
+def add_fisher_curves(profile, model: torch.nn.Module, ids: torch.Tensor, device="cpu", batch_size: int = 4,
+                      progress: bool = True, kinds: tuple[str, ...] = ("fisher", "fisher_svd"),
+                      gram_dtype: str | None = None) -> dict[str, dict]:
+    """Compute output-gradient Grams on the calibration ``ids``, store them, and write the curve kinds.
+
+    ``ids`` must be the profile's calibration ids (its input Grams count ``profile.tokens`` positions).
+    ``kinds``: "fisher" (two-sided K-FAC truncation) and/or "fisher_svd" (one-sided SVD-LLM truncation).
+    ``gram_dtype``: default the profile's own setting. The whole model must fit on ``device``
+    (one full backward pass per batch).
+    """
+    unknown = set(kinds) - {"fisher", "fisher_svd"}
+    if unknown or not kinds:
+        raise ValueError(f"kinds: expected a non-empty subset of ('fisher', 'fisher_svd'), received {kinds!r}")
+    check_calibration_ids(profile, ids)
+    damping = profile_damping(profile)
+    comps = list(profile.components)
+    modules = {c.name: component_module(model, c.name) for c in comps}
+    gram_dtype = gram_dtype or profile.meta.get("settings", {}).get("gram_dtype", "float64")
+    grams = output_gradient_grams(model, ids, modules, device, batch_size, progress, gram_dtype)
+    profile.write_output_grams(grams)
+    n_loss = loss_token_count(ids)
+    curve_fn = {"fisher": fisher_curve, "fisher_svd": fisher_svd_curve}
+    out: dict[str, dict] = {k: {} for k in kinds}
+    from tqdm.auto import tqdm
+
+    for c in tqdm(comps, desc="fisher curves", disable=not progress):
+        W = read_weight(modules[c.name], c.name)
+        Gx = profile.input_gram(c.name)
+        for k in kinds:
+            out[k][c.name] = curve_fn[k](W, Gx, grams[c.name], profile.tokens, n_loss, c.name, damping)
+    for k in kinds:
+        profile.write_kind(k, out[k])
+    return out
