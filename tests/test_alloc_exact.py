@@ -1,0 +1,292 @@
+"""Exact MCKP solvers: Exact (fixing + core DP / CP-SAT), CPSat, DynamicProgram, against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import rankalloc  # noqa: F401  (loads OR-tools first)
+from rankalloc.allocators.allocation import Status
+from rankalloc.allocators.costs import Params
+from rankalloc.allocators.cpsat import CPSat
+from rankalloc.allocators.dp import DynamicProgram
+from rankalloc.allocators.exact import Exact
+from rankalloc.allocators.problem import DENSE, AllocationProblem, Budget, Component, Curve
+from rankalloc.allocators.synthetic import llama_like_problem, small_random_problem
+
+
+def brute_force(problem: AllocationProblem):
+    """Least objective over every combination that ``problem.is_feasible`` accepts (None if none)."""
+    best = None
+    for idx in itertools.product(*[range(len(cv)) for cv in problem.curves]):
+        obj, cost = problem.evaluate(idx)
+        if problem.is_feasible(cost) and (best is None or obj < best):
+            best = obj
+    return best
+
+
+def assert_optimal(alloc, optimum, what=""):
+    assert alloc.status == Status.OPTIMAL, (what, alloc.status, alloc.message)
+    assert alloc.problem.is_feasible(alloc.cost), what
+    assert alloc.objective == pytest.approx(optimum, rel=1e-9, abs=1e-9), what
+    assert alloc.lower_bound is not None and alloc.lower_bound <= alloc.objective + 1e-12, what
+
+
+def assert_infeasible(alloc, problem):
+    assert alloc.status == Status.INFEASIBLE, alloc.status
+    assert "infeasible" in alloc.message
+    for r in problem.resources:
+        assert f"{problem.min_costs[r]:.6g}" in alloc.message
+
+
+SOLVERS = {
+    "exact": Exact(),
+    "exact-cpsat-core": Exact(method="cpsat", workers=1),
+    "dp": DynamicProgram(max_cells=1e8),
+}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_single_budget_matches_brute_force(seed):
+    """Exact (both core solvers), plain CP-SAT and the DP reach the brute-force optimum on random
+    one-budget instances (weights, sparse candidates, params or FLOPs), with a certified bound."""
+    rng = np.random.default_rng(seed)
+    p = small_random_problem(rng, components=int(rng.integers(2, 6)), max_dim=10, sparse=bool(seed % 2),
+                             budgets=("params",) if seed % 3 else ("flops",))
+    opt = brute_force(p)
+    solvers = dict(SOLVERS, plain=CPSat(workers=1)) if seed % 4 == 0 else SOLVERS
+    for name, solver in solvers.items():
+        alloc = solver.solve(p)
+        if opt is None:
+            assert alloc.status == Status.INFEASIBLE, name
+        else:
+            assert_optimal(alloc, opt, name)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_two_budgets_match_brute_force(seed):
+    """With params and KV-cache budgets (or params and FLOPs) Exact and the 2-D DP reach the
+    brute-force optimum; infeasible instances are reported INFEASIBLE by both."""
+    rng = np.random.default_rng(1000 + seed)
+    budgets = ("params", "kv") if seed % 3 else ("params", "flops")
+    p = small_random_problem(rng, components=int(rng.integers(2, 6)), max_dim=8, sparse=bool(seed % 2),
+                             budgets=budgets, kinds=("k", "v", "q"))
+    opt = brute_force(p)
+    for name, solver in SOLVERS.items():
+        alloc = solver.solve(p)
+        if opt is None:
+            assert alloc.status == Status.INFEASIBLE, name
+            assert "infeasible" in alloc.message
+        else:
+            assert_optimal(alloc, opt, name)
+
+
+def medium_problem(budgets=("params",), removed=0.4, seed=0):
+    return llama_like_problem(layers=3, hidden=256, mlp=704, kv=64, grid=16, removed=removed, budgets=budgets,
+                              kv_removed=0.5, seed=seed)
+
+
+@pytest.mark.parametrize("removed", [0.1, 0.3, 0.6])
+def test_medium_instance_matches_dp(removed):
+    """On a 21-matrix LLaMA-shaped instance (too big for brute force), Exact's fixed core, solved by
+    the window DP or by CP-SAT, reaches the full DP's optimum, and the core is smaller than the problem."""
+    p = medium_problem(removed=removed)
+    ref = DynamicProgram(max_cells=1e8).solve(p)
+    for solver in (Exact(), Exact(method="cpsat")):
+        alloc = solver.solve(p)
+        assert_optimal(alloc, ref.objective, solver.method)
+        assert alloc.info["core"] < alloc.info["undominated"] <= alloc.info["candidates"]
+        assert alloc.info["lagrangian_bound"] <= alloc.objective + 1e-12 <= alloc.info["incumbent"] + 2e-12
+
+
+def test_core_dp_too_large_falls_back_to_cpsat():
+    """When the core DP table would exceed max_cells, method='dp' refuses with ValueError and 'auto'
+    solves the core with CP-SAT instead, still to the proven optimum."""
+    p = medium_problem(removed=0.3)
+    ref = DynamicProgram(max_cells=1e8).solve(p)
+    with pytest.raises(ValueError, match="max_cells"):
+        Exact(method="dp", max_cells=10).solve(p)
+    alloc = Exact(max_cells=10).solve(p)
+    assert alloc.info["method"] == "fixing+cpsat" and "dp_skipped" in alloc.info
+    assert_optimal(alloc, ref.objective)
+    auto = Exact().solve(p)
+    assert auto.info["method"] == "fixing+dp"
+    assert 0 <= auto.info["threshold"] <= auto.info["gap"] and auto.info["levels"]
+
+
+def test_medium_two_budget_instance_matches_2d_dp():
+    """Params + KV cache on the LLaMA-shaped instance: Exact equals the exact 2-D DP and the KV budget binds."""
+    p = medium_problem(budgets=("params", "kv"), removed=0.3)
+    ref = DynamicProgram(max_cells=2e8).solve(p)
+    alloc = Exact().solve(p)
+    assert_optimal(alloc, ref.objective)
+    single = Exact().solve(p.with_budgets(p.budgets[0]))
+    assert single.cost["params"] <= p.limits["params"]
+    assert single.objective <= alloc.objective + 1e-12  # a second budget can only cost error
+    assert alloc.cost["kv"] <= p.limits["kv"]
+
+
+def test_time_limit_returns_incumbent():
+    """A time limit too short to prove optimality gives TIME_LIMIT with a feasible incumbent and a
+    bound below it (or INFEASIBLE), never a false OPTIMAL."""
+    p = llama_like_problem(layers=6, hidden=512, mlp=1408, kv=128, grid=16, removed=0.35, seed=3)
+    for solver in (Exact(method="plain", time_limit=0.02, workers=1), CPSat(time_limit=0.02, workers=1)):
+        alloc = solver.solve(p)
+        assert alloc.status in (Status.TIME_LIMIT, Status.INFEASIBLE, Status.OPTIMAL)
+        if alloc.status == Status.TIME_LIMIT:
+            assert alloc.feasible and p.is_feasible(alloc.cost)
+            assert alloc.lower_bound is None or alloc.lower_bound <= alloc.objective + 1e-12
+        if alloc.status == Status.OPTIMAL:  # only acceptable if it really is
+            assert alloc.objective == pytest.approx(Exact().solve(p).objective, rel=1e-9)
+    assert CPSat(time_limit=0.02, workers=1).solve(p).status == Status.TIME_LIMIT
+
+
+def test_infeasible_budget_reports_minimum_cost():
+    """A limit below the cheapest allocation: every solver says INFEASIBLE and names the minimum cost."""
+    comps = [Component(f"model.layers.{i}.self_attn.q_proj", 8, 6, "q", i) for i in range(3)]
+    curves = [Curve(c, [2, 4, DENSE], [3.0, 1.0, 0.0]) for c in comps]
+    p = AllocationProblem(curves, Budget("params", limit=50), grid=2)
+    assert p.min_costs["params"] == 3 * 2 * 14
+    for solver in (Exact(), Exact(method="plain"), CPSat(), DynamicProgram()):
+        assert_infeasible(solver.solve(p), p)
+
+
+@dataclass(frozen=True)
+class Reversed:
+    """Test cost model that falls with rank (so the two budgets pull in opposite directions)."""
+
+    name: str = "reversed"
+    unit: str = "units"
+
+    def cost(self, component, ranks, sparsity):
+        r = np.asarray(ranks, dtype=np.float64)
+        return np.where(r == DENSE, 0.0, component.max_rank - r + 1.0)
+
+    def dense(self, component):
+        return 0.0
+
+
+def test_jointly_infeasible_budgets():
+    """Each budget can be met alone but not both at once: Exact and the DP report INFEASIBLE and say so."""
+    comps = [Component(f"model.layers.{i}.mlp.up_proj", 6, 4, "up", i) for i in range(3)]
+    curves = [Curve(c, [0, 2, 4, DENSE], [4.0, 2.0, 1.0, 0.0]) for c in comps]
+    p = AllocationProblem(curves, (Budget("params", limit=3 * 20), Budget("reversed", limit=3 * 1)),
+                          costs={"reversed": Reversed()}, grid=2)
+    assert p.infeasibility_message() is None
+    assert brute_force(p) is None
+    for solver in (Exact(), Exact(method="cpsat"), DynamicProgram()):
+        alloc = solver.solve(p)
+        assert alloc.status == Status.INFEASIBLE
+        assert "at once" in alloc.message
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nothing_removed_keeps_everything_dense(seed):
+    """removed=0: the only zero-error allocation that fits is all dense, and every exact solver finds it."""
+    rng = np.random.default_rng(seed)
+    p = small_random_problem(rng, components=5, max_dim=10, removed=0.0)
+    for solver in (Exact(), Exact(method="cpsat"), DynamicProgram()):
+        alloc = solver.solve(p)
+        assert alloc.status == Status.OPTIMAL
+        assert all(r == DENSE for r in alloc.ranks.values())
+        assert alloc.objective == 0.0
+    big = llama_like_problem(layers=2, hidden=256, mlp=704, kv=64, removed=0.0)
+    alloc = Exact().solve(big)
+    assert alloc.status == Status.OPTIMAL and alloc.objective == 0.0
+    assert alloc.cost["params"] == big.dense_costs["params"]
+
+
+def test_non_integer_costs_are_not_claimed_optimal():
+    """Fractional costs: the DP refuses them; Exact rounds costs up for CP-SAT, stays feasible and no
+    better than the optimum, and does not claim a proof it does not have."""
+
+    @dataclass(frozen=True)
+    class Fractional:
+        name: str = "params"
+        unit: str = "parameters"
+
+        def cost(self, component, ranks, sparsity):
+            return Params().cost(component, ranks, sparsity) * 0.37
+
+        def dense(self, component):
+            return Params().dense(component) * 0.37
+
+    rng = np.random.default_rng(5)
+    base = small_random_problem(rng, components=4, max_dim=9, removed=0.2)
+    p = AllocationProblem(base.curves, base.budgets, costs={"params": Fractional()}, weights=base.weights, grid=1)
+    assert p.infeasibility_message() is None
+    opt = brute_force(p)
+    with pytest.raises(ValueError, match="integer"):
+        DynamicProgram().solve(p)
+    alloc = Exact().solve(p)
+    assert alloc.status in (Status.FEASIBLE, Status.OPTIMAL)
+    assert p.is_feasible(alloc.cost) and alloc.objective >= opt - 1e-12
+    if alloc.status == Status.OPTIMAL:
+        assert alloc.objective == pytest.approx(opt, rel=1e-9)
+
+
+def test_dp_refuses_large_or_many_budgets():
+    """The ground-truth DP refuses tables over max_cells and three budgets with a ValueError."""
+    p = medium_problem()
+    with pytest.raises(ValueError, match="max_cells"):
+        DynamicProgram(max_cells=1e3).solve(p)
+    rng = np.random.default_rng(0)
+    p3 = small_random_problem(rng, budgets=("params", "flops", "kv"), removed=0.2, kinds=("k", "v", "q"))
+    with pytest.raises(ValueError, match="one or two budgets"):
+        DynamicProgram().solve(p3)
+    assert_optimal(Exact().solve(p3), brute_force(p3))
+
+
+def test_deterministic_and_config_validation():
+    """Two solves give the same choices; bad configs raise ValueError naming the field."""
+    p = medium_problem(budgets=("params", "kv"), removed=0.3)
+    a, b = Exact().solve(p), Exact().solve(p)
+    assert a.choice_index == b.choice_index
+    c, d = Exact(method="cpsat", workers=1).solve(p), Exact(method="cpsat", workers=1).solve(p)
+    assert c.choice_index == d.choice_index
+    for bad in (dict(time_limit=0), dict(workers=0), dict(method="fast"), dict(bits=70), dict(max_cells=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Exact(**bad)
+    with pytest.raises(ValueError, match="objective"):
+        llama_like_problem(layers=1, objective="raw")
+
+
+CHILD = r"""
+import json
+import numpy as np
+import cvxpy  # noqa: F401  first: its libhighs wins, so OR-tools cannot load in this process
+import rankalloc
+from rankalloc._ortools_first import ORTOOLS_IN_PROCESS
+from rankalloc.allocators.cpsat import CPSat
+from rankalloc.allocators.dp import DynamicProgram
+from rankalloc.allocators.exact import Exact
+from rankalloc.allocators.synthetic import small_random_problem
+
+rng = np.random.default_rng(11)
+rows = []
+for budgets in (("params",), ("params", "kv")):
+    p = small_random_problem(rng, components=5, max_dim=8, budgets=budgets, kinds=("k", "v", "q"))
+    core = Exact(method="cpsat").solve(p)  # CP-SAT on the fixed core, in a clean subprocess
+    rows.append([core.objective] + [s.solve(p).objective for s in (CPSat(), Exact(), DynamicProgram())]
+                + [str(core.status)])
+print(json.dumps({"in_process": ORTOOLS_IN_PROCESS, "rows": rows}))
+"""
+
+
+def test_cvxpy_imported_first_still_solves():
+    """In a process that imported cvxpy before rankalloc, OR-tools cannot load in-process; CP-SAT then
+    runs in a clean subprocess and returns the DP's optimum."""
+    pytest.importorskip("cvxpy")
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["in_process"] is False  # the trap is real in this environment
+    for *objs, status in out["rows"]:
+        assert status == "optimal"
+        assert objs[:3] == pytest.approx([objs[3]] * 3, rel=1e-9, abs=1e-12)
