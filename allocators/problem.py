@@ -127,8 +127,9 @@ class Curve:
         order = np.lexsort((np.where(ranks == DENSE, np.iinfo(np.int64).max, ranks), sparsity))
         ranks, errors, sparsity = ranks[order], errors[order], sparsity[order]
         tol = 1e-12 * max(1.0, float(errors.max()))
-        for k in np.unique(sparsity):
-            sel = np.flatnonzero(sparsity == k)
+        multi_sparsity = len(np.unique(sparsity)) > 1
+        for k in (np.unique(sparsity) if multi_sparsity else (0.0,)):
+            sel = np.flatnonzero(sparsity == k) if multi_sparsity else np.arange(len(errors))
             rise = np.flatnonzero(np.diff(errors[sel]) > tol)
             if len(rise):
                 a, b = sel[rise[0]], sel[rise[0] + 1]
@@ -136,7 +137,7 @@ class Curve:
                     f"component {c.name!r}: errors must be non-increasing in budget; expected error at "
                     f"{Choice(int(ranks[b]), float(k))} <= error at {Choice(int(ranks[a]), float(k))} "
                     f"= {float(errors[a])!r}, received {float(errors[b])!r}")
-        for r in np.unique(ranks[ranks != DENSE]):
+        for r in (np.unique(ranks[ranks != DENSE]) if multi_sparsity else ()):
             sel = np.flatnonzero(ranks == r)  # increasing sparsity
             rise = np.flatnonzero(np.diff(errors[sel]) > tol)
             if len(rise):
