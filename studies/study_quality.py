@@ -1,0 +1,140 @@
+"""Quality benchmark: perplexity of method x allocator x curve kind at several removed fractions.
+
+Reproduces the README's quality table on the default SmolLM2-135M + gensim Wikipedia text::
+
+    python -m rankalloc.studies.study_quality --samples 64 --ratios 0.2,0.3,0.4 --out runs/quality
+
+Protocol (printed with the table): calibration ``samples`` x 512 tokens (BOS + 511) from the
+calibration articles; perplexity on ``windows`` non-overlapping 512-token windows (BOS + 511) of
+the held-out evaluation articles; ratios are fractions of the 210 decoder linear matrices'
+parameters REMOVED. Not a timed test: it prints figures (solve/compression/eval time, peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+RECOMMENDED = ("svd", "fisher_svd", "exact")
+"""The library's recommended combination: whitened SVD, priced by the loss-unit curve of that truncation,
+solved exactly."""
+
+DEFAULT_COMBOS = (
+    # (method, curve kind, solver)
+    ("svd", "whitened", "uniform"),       # SVD-LLM baseline (kind unused)
+    ("svd", "epsilon", "epsilon"),        # PGSVD's uniform-epsilon rule
+    ("svd", "energy", "greedy"),          # SoLA-like greedy on normalized energy
+    ("svd", "whitened", "exact"),         # exact optimum of the raw whitened error
+    ("svd", "fisher_svd", "greedy"),
+    ("svd", "fisher_svd", "lagrangian"),
+    ("svd", "fisher_svd", "exact"),       # recommended
+    ("fisher_svd", "fisher", "exact"),    # two-sided Fisher whitening, its own curve
+    ("pgsvd", "fisher_svd", "exact"),
+    ("sola", "fisher_svd", "exact"),
+    ("flat", "whitened", "iprs"),
+)
+
+
+def markdown_table(df) -> str:
+    """A GitHub markdown table of ``df`` (floats to 4 significant digits)."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def parse_combo(text: str) -> tuple[str, str, str]:
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"combo {text!r}: expected method:kind:solver, e.g. svd:fisher_svd:exact")
+    return parts[0], parts[1], parts[2]
+
+
+def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True):
+    """Rows of (method, kind, solver, ratio, objective, removed, ppl, ...) as a DataFrame."""
+    import pandas as pd
+
+    from rankalloc.allocators.registry import get_solver
+    from rankalloc.decomposers.evaluate import model_params
+    from rankalloc.studies.pipeline import compress, evaluate, linear_params, problem_for
+
+    dense = evaluate(run.model, run, progress=progress)
+    total_linear = linear_params(prof)
+    total_model = model_params(run.model)
+    print(f"dense perplexity {dense.ppl:.3f}  ({dense.protocol})", flush=True)
+    rows = []
+    for ratio in ratios:
+        for method, kind, solver in combos:
+            t0 = time.perf_counter()
+            problem = problem_for(prof, method=method, kind=kind, removed=ratio, model=run.model)
+            allocation = get_solver(solver).solve(problem)
+            model, report = compress(run, prof, allocation, method=method, progress=False)
+            t1 = time.perf_counter()
+            res = evaluate(model, run, progress=False)
+            kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
+            row = dict(method=method, kind=kind, solver=solver, ratio=ratio, status=str(allocation.status),
+                       objective=allocation.objective, lower_bound=allocation.lower_bound,
+                       removed_linear=1 - kept_linear / total_linear,
+                       removed_model=1 - model_params(model) / total_model,
+                       ppl=res.ppl, dense_ppl=dense.ppl, ppl_vs_uniform=float("nan"),
+                       nonfinite=res.nonfinite_tokens, solve_s=allocation.solve_seconds,
+                       compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds)
+            rows.append(row)
+            print(f"{ratio:.0%} {method:6s} {kind:11s} {solver:10s} ppl {res.ppl:9.2f}  removed(linear) "
+                  f"{row['removed_linear']:.4f}  objective {allocation.objective:.4g} [{allocation.status}]",
+                  flush=True)
+            del model
+            if out is not None:
+                pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)
+    df = pd.DataFrame(rows)
+    for ratio in ratios:
+        base = df[(df.ratio == ratio) & (df.solver == "uniform") & (df.method == "svd")]
+        if len(base):
+            df.loc[df.ratio == ratio, "ppl_vs_uniform"] = df.loc[df.ratio == ratio, "ppl"] / float(base.ppl.iloc[0])
+    return df, dense
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="local HF folder or hub id (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--text", default=None, help="plain-text file (default: gensim Wikipedia excerpt)")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=60)
+    ap.add_argument("--ratios", default="0.2,0.3,0.4", help="fractions of linear-layer parameters REMOVED")
+    ap.add_argument("--combo", action="append", default=None, metavar="METHOD:KIND:SOLVER",
+                    help="repeatable; default: the README's set")
+    ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
+    ap.add_argument("--out", default="runs/quality")
+    args = ap.parse_args(argv)
+
+    import rankalloc  # noqa: F401
+    from rankalloc.studies.pipeline import prepare, profile
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    combos = [parse_combo(c) for c in args.combo] if args.combo else list(DEFAULT_COMBOS)
+    t0 = time.perf_counter()
+    run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
+    prof = profile(run, kinds=("whitened", "energy", "relative", "epsilon", "fisher"), out=args.profile)
+    print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    df, dense = run_quality(run, prof, ratios, combos, out=out)
+    df.to_csv(out / "quality.csv", index=False)
+    print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
+          f"decoder linear-layer parameters removed.")
+    cols = ["ratio", "method", "kind", "solver", "ppl", "ppl_vs_uniform", "removed_linear", "objective", "status",
+            "solve_s", "compress_s"]
+    print(markdown_table(df[cols]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s, peak RSS {peak:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
