@@ -21,7 +21,12 @@ import sys
 from typing import Sequence
 
 COMMANDS: dict[str, str] = {
+    "profile": "rankalloc.studies.cmd_profile",
     "allocate": "rankalloc.studies.cmd_allocate",
+    "compress": "rankalloc.studies.cmd_compress",
+    "evaluate": "rankalloc.studies.cmd_evaluate",
+    "compare": "rankalloc.studies.cmd_compare",
+    "pareto": "rankalloc.studies.cmd_pareto",
 }
 """Subcommand name -> module. Add a subcommand by adding its module here."""
 

@@ -1,0 +1,258 @@
+# Evaluation: windowed perplexity (the WikiText-2 protocol of SVD-LLM, Wang et al., 2024, Sec. 4) and throughput.
+"""Perplexity and generation throughput of a (compressed) causal LM.
+
+Perplexity protocol, stated with every figure (``PerplexityResult.protocol``): the text is cut into
+non-overlapping windows of ``T`` tokens (``ids`` of shape ``(W, T)``, usually BOS + ``T - 1`` text
+tokens, see ``profiling.text.evaluation_ids``). Each window is one forward pass with no context from
+other windows, and scores its ``T - 1`` next-token predictions: the targets are positions
+``1..T-1``; position 0 (the BOS) is never a target. The negative log-likelihood is accumulated in
+float64 from float64 log-softmax. Positions whose logits hold any NaN/Inf are COUNTED and enter
+the mean with the value float64 arithmetic gives them (NaN for NaN logits, +Inf for a -Inf target
+logit), so a model that breaks shows a non-finite perplexity: nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+LOGIT_CHUNK = 128
+"""Positions per float64 log-softmax chunk (bounds the float64 copy of the logits to 128 x vocab)."""
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """``ppl = exp(nll)``, ``nll`` the mean NLL per scored token (nats); see the module docstring."""
+
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    bos: bool
+    nonfinite_tokens: int
+    protocol: str
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Median over ``repeats`` timed runs (after one warm-up) of prefill and greedy decode speed."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_memory_bytes: int
+    memory_measure: str
+    prompt_len: int
+    gen_tokens: int
+    batch_size: int
+    repeats: int
+    device: str
+
+
+def _device_of(model: torch.nn.Module, device) -> torch.device:
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)
+        return device
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _check_ids(ids, model) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
+        got = f"{type(ids).__name__} {getattr(ids, 'dtype', '')} of shape {tuple(getattr(ids, 'shape', ()))}"
+        raise ValueError(f"perplexity: expected ids as a torch.LongTensor of shape (windows, seqlen), received {got}")
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ValueError(f"perplexity: expected at least 1 window of at least 2 tokens, received shape "
+                         f"{tuple(ids.shape)}")
+    vocab = _vocab_size(model)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"perplexity: token ids must lie in [0, {vocab}) (the model's vocabulary), received "
+                         f"[{lo}, {hi}]")
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True,
+               source: str = "") -> PerplexityResult:
+    """Perplexity of ``model`` on the windows ``ids`` (``(W, T)`` LongTensor); see the module docstring.
+
+    ``device``: where to run (the model is moved there in place); None uses the model's device.
+    ``source``: a description of the text (e.g. "held-out evaluation split of gensim wiki"), appended
+    to the protocol string.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"perplexity: expected batch_size >= 1, received {batch_size!r}")
+    _check_ids(ids, model)
+    device = _device_of(model, device)
+    W, T = ids.shape
+    bos_id = getattr(getattr(model, "config", None), "bos_token_id", None)
+    bos = bos_id is not None and bool((ids[:, 0] == bos_id).all())
+    was_training = model.training
+    model.eval()
+    total, nonfinite, scored = 0.0, 0, 0
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, W, batch_size), desc="perplexity", unit="batch", disable=not progress):
+                batch = ids[start:start + batch_size].to(device)
+                logits = _logits(model(input_ids=batch, use_cache=False))
+                targets = batch[:, 1:]
+                for b in range(batch.shape[0]):
+                    for c in range(0, T - 1, LOGIT_CHUNK):
+                        lg = logits[b, c:min(c + LOGIT_CHUNK, T - 1)].to(torch.float64)
+                        tg = targets[b, c:c + lg.shape[0]]
+                        nonfinite += int((~torch.isfinite(lg).all(dim=-1)).sum())
+                        nll = torch.logsumexp(lg, dim=-1) - lg.gather(-1, tg[:, None]).squeeze(-1)
+                        total += float(nll.sum())
+                        scored += lg.shape[0]
+    finally:
+        model.train(was_training)
+    nll = total / scored
+    ppl = math.exp(nll) if nll < 709.0 or math.isnan(nll) else math.inf
+    bos_text = f"BOS + {T - 1} text" if bos else "no BOS; position 0 is context only"
+    protocol = (f"{W} non-overlapping windows of {T} tokens ({bos_text}), {T - 1} next-token predictions scored "
+                f"per window, {scored:,} scored tokens, float64 NLL, {nonfinite} scored positions with non-finite "
+                f"logits (counted, never dropped)" + (f", {source}" if source else ""))
+    return PerplexityResult(ppl, nll, scored, W, T, bos, nonfinite, protocol, time.perf_counter() - t0)
+
+
+class _RSSPeak:
+    """Peak resident-set size of this process above its value at start, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self._proc, self._interval = psutil.Process(), interval
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def throughput(model: torch.nn.Module, prompt_len: int = 512, gen_tokens: int = 32, batch_size: int = 1, device=None,
+               repeats: int = 3, seed: int = 0, progress: bool = True) -> ThroughputResult:
+    """Prefill and greedy-decode speed on a random prompt, with the peak memory of the runs.
+
+    Prefill: one forward of ``batch_size x prompt_len`` tokens building the KV cache. Decode:
+    ``gen_tokens`` single-token steps reusing the cache. Figures are medians over ``repeats`` runs
+    after one warm-up run. Memory on CUDA: ``torch.cuda.max_memory_allocated`` over all runs (weights
+    included). On CPU: the peak RSS of the process above its RSS before the warm-up run, sampled with
+    psutil during that run only (weights already resident are NOT included); ``memory_measure`` says
+    which.
+    """
+    for what, v in (("prompt_len", prompt_len), ("gen_tokens", gen_tokens), ("batch_size", batch_size),
+                    ("repeats", repeats)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"throughput: expected {what} >= 1, received {v!r}")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and prompt_len + gen_tokens > max_pos:
+        raise ValueError(f"throughput: prompt_len + gen_tokens = {prompt_len + gen_tokens} exceeds the model's "
+                         f"max_position_embeddings ({max_pos})")
+    device = _device_of(model, device)
+    cuda = device.type == "cuda"
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, _vocab_size(model), (batch_size, prompt_len), generator=g).to(device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def run() -> tuple[float, float]:
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        sync()
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, _logits(out)[:, -1:].argmax(-1)
+        for _ in range(gen_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, _logits(out)[:, -1:].argmax(-1)
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    was_training = model.training
+    model.eval()
+    watch = None
+    try:
+        with torch.inference_mode():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                with contextlib.suppress(ImportError):
+                    watch = _RSSPeak()
+            # the warm-up run is the memory run; the timed runs are not perturbed by the RSS sampler
+            with watch if watch is not None else contextlib.nullcontext():
+                run()
+            times = [run() for _ in tqdm(range(repeats), desc="throughput", unit="run", disable=not progress)]
+    finally:
+        model.train(was_training)
+    if cuda:
+        peak = int(torch.cuda.max_memory_allocated(device))
+        measure = "CUDA torch.cuda.max_memory_allocated over the runs (weights + activations + KV cache)"
+    elif watch is not None:
+        peak = int(watch.peak - watch.base)
+        measure = ("CPU peak RSS above the pre-run RSS during the warm-up run, sampled every 2 ms with psutil "
+                   "(excludes resident weights)")
+    else:
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        measure = "CPU process lifetime peak RSS from resource.getrusage (psutil not installed; includes weights)"
+    prefill = statistics.median(t[0] for t in times)
+    decode = statistics.median(t[1] for t in times)
+    return ThroughputResult(batch_size * prompt_len / prefill, batch_size * gen_tokens / decode, peak, measure,
+                            prompt_len, gen_tokens, batch_size, repeats, str(device))
+
+
+def model_params(model: torch.nn.Module) -> int:
+    """Parameters of the whole model (shared tensors, e.g. tied embeddings, counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def compare_dense(dense_model: torch.nn.Module, compressed_model: torch.nn.Module, ids: torch.Tensor,
+                  batch_size: int = 4, device=None, progress: bool = True, source: str = ""):
+    """A two-row ``pandas.DataFrame`` (dense, compressed): ppl, nll, tokens, nonfinite_tokens, params,
+    params_removed (whole-model fraction) and ppl_vs_dense, on the same windows. ``attrs['protocol']``
+    holds the protocol string."""
+    import pandas as pd
+
+    rows = {}
+    dense_params = model_params(dense_model)
+    for label, model in (("dense", dense_model), ("compressed", compressed_model)):
+        res = perplexity(model, ids, batch_size=batch_size, device=device, progress=progress, source=source)
+        params = model_params(model)
+        rows[label] = dict(ppl=res.ppl, nll=res.nll, tokens=res.tokens, nonfinite_tokens=res.nonfinite_tokens,
+                           params=params, params_removed=1.0 - params / dense_params, protocol=res.protocol)
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df["ppl_vs_dense"] = df["ppl"] / df.loc["dense", "ppl"]
+    df.attrs["protocol"] = df.loc["dense", "protocol"]
+    return df.drop(columns="protocol")

@@ -1,0 +1,86 @@
+# Fisher-whitened SVD: the Kronecker-factored Fisher (K-FAC, Martens & Grosse, 2015, Sec. 3) applied on both sides,
+# generalising the row-weighted FWSVD (Hsu et al., 2022).
+"""Two-sided Fisher whitening: the rank-r ``W_hat`` minimising ``tr(G_g (W - W_hat) G_x (W - W_hat)^T)``.
+
+Notation: ``W`` is ``m x n``; ``G_x = sum_t x_t x_t^T`` (``n x n``) is the input Gram and
+``G_g = sum_t g_t g_t^T`` (``m x m``) the output-gradient Gram, ``g = dL/dy``. Under K-FAC the Fisher
+of ``vec(W)`` is ``G_x (x) G_g`` (up to scale), so ``tr(G_g E G_x E^T)`` estimates the loss increase of
+the error ``E = W - W_hat``. Both Grams are damped (relative damping) and in float64. With the SVD
+
+    G_g^{1/2} W G_x^{1/2} = U Sigma V^T,
+
+    A = G_g^{-1/2} U_r Sigma_r     (m x r)
+    B = V_r^T G_x^{-1/2}           (r x n)
+
+is the exact minimiser (Eckart-Young in the whitened coordinates), with error
+``sum_{i>r} sigma_i^2`` under the damped Grams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankalloc.decomposers.base import (Factors, allocation_items, apply_targets, check_matrix, check_profile_component,
+                                        input_gram, linear_target, low_rank_module, weight_matrix)
+from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, psd_power, svd, tail_sums
+
+
+@dataclass(frozen=True)
+class FisherSVDConfig:
+    """Relative damping of the input Gram (``damp``) and of the output-gradient Gram (``output_damp``)."""
+
+    damp: float = 1e-6
+    output_damp: float = 1e-6
+
+    def __post_init__(self):
+        for f in ("damp", "output_damp"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"FisherSVDConfig: expected {f} > 0, received {v!r}")
+
+
+def fisher_svd(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, damp: float = 1e-6,
+               output_damp: float = 1e-6, name: str = "matrix") -> Factors:
+    """Rank-``rank`` factors ``A = G_g^{-1/2} U_r Sigma_r``, ``B = V_r^T G_x^{-1/2}`` (see module docstring).
+
+    ``Factors.error`` is ``sum_{i>r} sigma_i^2``: the predicted Fisher-weighted error under the damped Grams.
+    """
+    m, n = check_matrix(W, Gx, rank, name)
+    if tuple(Gg.shape) != (m, m):
+        raise ValueError(f"{name} ({m}x{n}): expected an output-gradient Gram of shape ({m}, {m}), "
+                         f"received {tuple(Gg.shape)}")
+    W = W.detach().to(PRECISION)
+    Gx = Gx.to(device=W.device, dtype=PRECISION)
+    Gg = check_finite(Gg.to(device=W.device, dtype=PRECISION), f"output-gradient Gram of {name}")
+    Gx_half = psd_power(Gx, f"input Gram of {name}", 0.5, Damping(damp))
+    Gx_ihalf = psd_power(Gx, f"input Gram of {name}", -0.5, Damping(damp))
+    Gg_half = psd_power(Gg, f"output-gradient Gram of {name}", 0.5, Damping(output_damp))
+    Gg_ihalf = psd_power(Gg, f"output-gradient Gram of {name}", -0.5, Damping(output_damp))
+    U, sigma, Vh = svd(Gg_half @ W @ Gx_half, f"G_g^1/2 W G_x^1/2 of {name}")
+    A = Gg_ihalf @ (U[:, :rank] * sigma[:rank])
+    B = Vh[:rank] @ Gx_ihalf
+    return Factors(A, B, float(tail_sums(sigma)[rank]))
+
+
+def fisher_weighted_error(E: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor) -> float:
+    """``tr(G_g E G_x E^T)`` in float64 (the K-FAC estimate of the loss increase, up to a factor 1/2)."""
+    E = E.detach().to(PRECISION)
+    return float(((Gg.to(E.device, PRECISION) @ E @ Gx.to(E.device, PRECISION)) * E).sum())
+
+
+def compress_fisher_svd(model, allocation, config: FisherSVDConfig, profile, progress: bool = True):
+    """Model-level handler: every low-rank choice by :func:`fisher_svd` with the profile's two Grams."""
+    targets = [linear_target(model, c, ch, method="fisher_svd") for c, ch in allocation_items(allocation)]
+    for t in targets:
+        if not t.choice.is_dense:
+            check_profile_component(profile, t.component)
+
+    def make(t):
+        Gg = profile.output_gram(t.name)
+        f = fisher_svd(weight_matrix(t.module).detach(), input_gram(profile, t), Gg, int(t.choice.rank),
+                       config.damp, config.output_damp, t.name)
+        return low_rank_module(t.module, f)
+
+    return apply_targets(model, targets, make, progress, "fisher_svd")

@@ -1,0 +1,377 @@
+# Profile store: one directory per profiling run (layout below); read without a model, written atomically.
+"""The on-disk profile that allocators and decomposers read.
+
+Layout of a profile directory::
+
+    meta.json                        model id + fingerprint, calibration hash, settings, layer scores,
+                                     components, finished layers, cache key (see KEY_FIELDS)
+    layers/layer_XXX.npz             per layer: sigma:<name> (of W S), sigma_w:<name> (of W),
+                                     delta:<name> (damping), <kind>:<name> curves, neuron_norms,
+                                     value_cov (kv_heads, head_dim, head_dim), t (= t_l), tokens
+    grams/layer_XXX.safetensors      float64 input Grams sum_t x x^T, one per input group (q/k/v share
+                                     one, gate/up another), keyed by the group's first member
+    output_grams/layer_XXX.safetensors   float64 output-gradient Grams (Fisher), keyed by component
+    kinds/<kind>.npz                 curve kinds added after profiling (write_kind), keyed by component
+    extra/<name>.csv                 other curve sets (write_extra): sola, flat, sslc ...
+    curves.csv                       long-format curves of every kind; written once all layers are done
+
+Every file is written to a temporary name and moved into place with ``os.replace``, so an
+interrupted run never leaves a half-written file. Reading curves needs numpy and pandas only;
+torch is imported lazily by the Gram and covariance accessors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from rankalloc.allocators.problem import Component, Curve
+
+FORMAT = 1
+KEY_FIELDS = ("fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen", "seed", "settings")
+"""Meta fields that must agree for a run to resume into an existing profile directory."""
+
+BASE_CURVE_KINDS = ("whitened", "energy", "relative", "epsilon")
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_savez(path: Path, arrays: dict) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(path: Path, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = _tmp(path)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+class Profile:
+    """A profile directory. Open one with :meth:`Profile.load`; ``profile_model`` creates them."""
+
+    def __init__(self, path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        self._frame = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def load(cls, path) -> "Profile":
+        """Open an existing profile directory (no model needed)."""
+        path = Path(path)
+        meta = path / "meta.json"
+        if not meta.exists():
+            raise FileNotFoundError(f"{path} is not a profile directory ({meta.name} is missing); create one with "
+                                    f"`rankalloc profile --out {path}` or rankalloc.profiling.profile_model(...)")
+        return cls(path, json.loads(meta.read_text()))
+
+    @classmethod
+    def start(cls, path, meta: dict, resume: bool = True) -> "Profile":
+        """Open ``path`` for a run described by ``meta``: resume a matching run, or start a new one.
+
+        A directory holding a profile with another cache key (model fingerprint, calibration ids,
+        settings ...) is refused with ``ValueError``, so a cache is never reused for another model.
+        With ``resume=False`` the profile's own files are removed first.
+        """
+        path = Path(path)
+        if (path / "meta.json").exists():
+            old = cls.load(path)
+            if resume:
+                diff = [k for k in KEY_FIELDS if old.meta.get(k) != meta.get(k)]
+                if diff:
+                    detail = "; ".join(f"{k}: existing {old.meta.get(k)!r}, this run {meta.get(k)!r}" for k in diff)
+                    raise ValueError(f"{path} holds a profile of a different run ({detail}). Use another --out "
+                                     f"directory, or resume=False to overwrite it.")
+                return old
+            old.clear()
+        path.mkdir(parents=True, exist_ok=True)
+        for sub in ("layers", "grams"):
+            (path / sub).mkdir(exist_ok=True)
+        prof = cls(path, dict(meta, format=FORMAT, finished_layers=[], layer_scores={}, timings={}))
+        prof._write_meta()
+        return prof
+
+    def clear(self) -> None:
+        """Delete this profile's own files (nothing else in the directory)."""
+        for sub in ("layers", "grams", "output_grams", "kinds", "extra"):
+            d = self.path / sub
+            if d.is_dir():
+                for f in d.iterdir():
+                    if re.fullmatch(r"\.?[\w.-]+\.(npz|safetensors|csv)(\.tmp\d+)?", f.name):
+                        f.unlink()
+        for f in ("curves.csv", "meta.json"):
+            (self.path / f).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def components(self) -> tuple[Component, ...]:
+        return tuple(Component(n, int(m), int(k), kind, int(l)) for n, m, k, kind, l in self.meta["components"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["config"]["num_layers"])
+
+    @property
+    def finished_layers(self) -> list[int]:
+        return list(self.meta.get("finished_layers", []))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.finished_layers) == self.num_layers and (self.path / "curves.csv").exists()
+
+    @property
+    def layer_scores(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in self.meta.get("layer_scores", {}).items()}
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.meta.get("kinds", ()))
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise ValueError(f"component {name!r} is not in the profile at {self.path} "
+                         f"(it has {len(self.meta['components'])} components, e.g. {self.meta['components'][0][0]!r})")
+
+    def _write_meta(self) -> None:
+        atomic_write_bytes(self.path / "meta.json", json.dumps(self.meta, indent=1, sort_keys=True).encode())
+
+    def _layer_file(self, sub: str, layer: int, ext: str) -> Path:
+        return self.path / sub / f"layer_{layer:03d}.{ext}"
+
+    # ------------------------------------------------------------------ curves
+    def to_frame(self):
+        """The long-format curves table (``curves.csv``) as a pandas DataFrame."""
+        if self._frame is None:
+            csv = self.path / "curves.csv"
+            if not csv.exists():
+                raise FileNotFoundError(
+                    f"{self.path} is an unfinished profile ({len(self.finished_layers)}/{self.num_layers} layers "
+                    f"done; curves.csv is missing); finish it with `rankalloc profile --out {self.path}`")
+            import pandas as pd
+
+            self._frame = pd.read_csv(csv)
+        return self._frame
+
+    def curve_set(self, kinds=None):
+        """A :class:`~rankalloc.allocators.curveset.CurveSet` with ranks 0..min(m, n) (no dense row)."""
+        from rankalloc.allocators.curveset import CurveSet
+
+        df = self.to_frame()
+        if kinds is not None:
+            kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+            missing = [k for k in kinds if k not in df.columns]
+            if missing:
+                raise ValueError(f"curve kinds {missing} are not in the profile at {self.path}; "
+                                 f"it has {list(self.kinds)}")
+        return CurveSet.from_frame(df, name=self.path.name, error_columns=kinds, layer_scores=self.layer_scores)
+
+    def _layer_arrays(self, layer: int) -> dict:
+        f = self._layer_file("layers", layer, "npz")
+        if not f.exists():
+            raise ValueError(f"layer {layer} is not in the profile at {self.path} "
+                             f"(finished layers: {self.finished_layers})")
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+
+    def spectrum(self, name: str, whitened: bool = True) -> np.ndarray:
+        """Singular values of ``W S`` (``whitened=True``) or of ``W``, descending, float64."""
+        c = self.component(name)
+        key = f"{'sigma' if whitened else 'sigma_w'}:{name}"
+        arrays = self._layer_arrays(c.layer)
+        if key not in arrays:
+            raise ValueError(f"{name}: the weight spectrum was not profiled (epsilon curves were not requested)")
+        return arrays[key]
+
+    def damping_delta(self, name: str) -> float:
+        """The absolute damping ``delta`` added to the input Gram of ``name`` before its Cholesky."""
+        return float(self._layer_arrays(self.component(name).layer)[f"delta:{name}"])
+
+    def _base_curves(self) -> dict[str, dict[str, np.ndarray]]:
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for layer in range(self.num_layers):
+            for key, arr in self._layer_arrays(layer).items():
+                kind, _, name = key.partition(":")
+                if name and kind in BASE_CURVE_KINDS:
+                    out.setdefault(kind, {})[name] = arr
+        return out
+
+    def _write_curves(self) -> None:
+        from rankalloc.allocators.curveset import CurveSet
+
+        comps = self.components
+        errors = self._base_curves()
+        kinds_dir = self.path / "kinds"
+        if kinds_dir.is_dir():
+            for f in sorted(kinds_dir.glob("*.npz")):
+                with np.load(f) as z:
+                    errors[f.stem] = {k: z[k] for k in z.files}
+        ranks = {c.name: np.arange(c.max_rank + 1) for c in comps}
+        cs = CurveSet(comps, ranks, errors, layer_scores=self.layer_scores, name=self.path.name)
+        cs.write_csv(self.path / "curves.csv")
+        self.meta["kinds"] = list(errors)
+        self._write_meta()
+        self._frame = None
+
+    # ------------------------------------------------------------------ statistics (torch)
+    def input_gram(self, name: str):
+        """``sum_t x_t x_t^T`` over the calibration tokens of the input of ``name`` (torch float64, n x n)."""
+        import torch
+
+        c = self.component(name)
+        key = self.meta["gram_keys"][name]
+        f = self._layer_file("grams", c.layer, "safetensors")
+        if not f.exists():
+            raise ValueError(f"{name}: input Grams were not stored (save_grams=False, or layer {c.layer} unfinished)")
+        return torch.from_numpy(_load_tensors(f)[key])
+
+    def output_gram(self, name: str):
+        """``sum_t g_t g_t^T``, ``g = dL/d(output)`` of ``name`` (torch float64, m x m), if profiled."""
+        import torch
+
+        c = self.component(name)
+        f = self._layer_file("output_grams", c.layer, "safetensors")
+        grams = _load_tensors(f) if f.exists() else {}
+        if name not in grams:
+            raise ValueError(f"{name}: no output-gradient Gram in the profile at {self.path}; profile with "
+                             f"kinds including 'fisher' to compute them")
+        return torch.from_numpy(grams[name])
+
+    def neuron_norms(self, layer: int) -> np.ndarray:
+        """``a_i = ||h_{:,i}||_2`` over the calibration tokens, ``h`` the input of down_proj of ``layer``."""
+        arrays = self._layer_arrays(layer)
+        if "neuron_norms" not in arrays:
+            raise ValueError(f"layer {layer} has no down projection; no FFN neuron norms")
+        return arrays["neuron_norms"]
+
+    def prime_neurons(self, layer: int, gamma: float = 0.15) -> np.ndarray:
+        """Sorted indices of the top ``ceil(gamma * d)`` FFN neurons by norm (SoLA's prime neurons)."""
+        from rankalloc.profiling.architectures import prime_count
+
+        a = self.neuron_norms(layer)
+        k = prime_count(len(a), gamma)
+        top = np.argsort(-a, kind="stable")[:k]
+        return np.sort(top)
+
+    def value_covariance(self, layer: int):
+        """``sum_t y_{t,h} y_{t,h}^T`` per KV head ``h`` of the value projection output (torch float64)."""
+        import torch
+
+        arrays = self._layer_arrays(layer)
+        if "value_cov" not in arrays:
+            raise ValueError(f"layer {layer}: no value-output covariance (no v projection found, or the config "
+                             f"lacks num_key_value_heads/head_dim)")
+        return torch.from_numpy(arrays["value_cov"])
+
+    # ------------------------------------------------------------------ writers
+    def _write_layer(self, layer: int, arrays: dict, grams: dict | None, score: float) -> None:
+        """Store one finished layer, then record it in meta (so a crash never marks a layer half-written)."""
+        atomic_savez(self._layer_file("layers", layer, "npz"), arrays)
+        if grams is not None:
+            atomic_save_tensors(self._layer_file("grams", layer, "safetensors"), grams)
+        self.meta["finished_layers"] = sorted(set(self.finished_layers) | {layer})
+        self.meta["layer_scores"][str(layer)] = float(score)
+        self._write_meta()
+
+    def _check_complete(self, what: str) -> None:
+        if len(self.finished_layers) != self.num_layers:
+            raise ValueError(f"{what}: the profile at {self.path} is unfinished "
+                             f"({len(self.finished_layers)}/{self.num_layers} layers)")
+
+    def write_kind(self, kind: str, errors: dict) -> None:
+        """Add or replace curve kind ``kind``: ``errors[name]`` over ranks 0..min(m, n) for every component."""
+        if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z][\w-]*", kind) or kind in (
+                "component", "m", "n", "kind", "layer", "rank", "sparsity", "weight"):
+            raise ValueError(f"curve kind: expected an identifier that is not a column name, received {kind!r}")
+        self._check_complete(f"write_kind({kind!r})")
+        comps = self.components
+        missing = [c.name for c in comps if c.name not in errors]
+        unknown = sorted(set(errors) - {c.name for c in comps})
+        if missing or unknown:
+            raise ValueError(f"write_kind({kind!r}): expected one curve per component; missing {missing[:5]} "
+                             f"({len(missing)}), unknown {unknown[:5]} ({len(unknown)})")
+        arrays = {}
+        for c in comps:
+            e = np.asarray(errors[c.name], dtype=np.float64).reshape(-1)
+            if len(e) != c.max_rank + 1:
+                raise ValueError(f"write_kind({kind!r}): component {c.name!r} ({c.m}x{c.n}) expected "
+                                 f"{c.max_rank + 1} errors (ranks 0..{c.max_rank}), received {len(e)}")
+            Curve(c, np.arange(c.max_rank + 1), e)  # validates: finite, >= 0, non-increasing in rank
+            arrays[c.name] = e
+        (self.path / "kinds").mkdir(exist_ok=True)
+        atomic_savez(self.path / "kinds" / f"{kind}.npz", arrays)
+        self._write_curves()
+
+    def write_output_grams(self, grams: dict) -> None:
+        """Store output-gradient Grams ``sum_t g g^T`` (``m x m``) for some components (float64)."""
+        by_layer: dict[int, dict] = {}
+        for name, G in grams.items():
+            c = self.component(name)
+            a = G.detach().to("cpu").double().numpy() if hasattr(G, "detach") else np.asarray(G, dtype=np.float64)
+            if a.shape != (c.m, c.m):
+                raise ValueError(f"output Gram of {name}: expected shape ({c.m}, {c.m}), received {a.shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"output Gram of {name}: {int((~np.isfinite(a)).sum())} non-finite values")
+            by_layer.setdefault(c.layer, {})[name] = a
+        (self.path / "output_grams").mkdir(exist_ok=True)
+        for layer, new in sorted(by_layer.items()):
+            f = self._layer_file("output_grams", layer, "safetensors")
+            merged = _load_tensors(f) if f.exists() else {}
+            merged.update(new)
+            atomic_save_tensors(f, merged)
+
+    def write_extra(self, name: str, curve_set) -> None:
+        """Store another curve set (e.g. ``"sola"``, ``"flat"``, ``"sslc"``) as ``extra/<name>.csv``."""
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][\w-]*", name):
+            raise ValueError(f"extra curve set name: expected an identifier, received {name!r}")
+        (self.path / "extra").mkdir(exist_ok=True)
+        curve_set.write_csv(self.path / "extra" / f"{name}.csv")
+
+    def extra(self, name: str):
+        """The curve set stored by :meth:`write_extra` under ``name``."""
+        import pandas as pd
+
+        from rankalloc.allocators.curveset import CurveSet
+
+        f = self.path / "extra" / f"{name}.csv"
+        if not f.exists():
+            have = sorted(p.stem for p in (self.path / "extra").glob("*.csv")) if (self.path / "extra").is_dir() else []
+            raise ValueError(f"no extra curve set {name!r} in the profile at {self.path}; it has {have}")
+        return CurveSet.from_frame(pd.read_csv(f), name=name, layer_scores=self.layer_scores)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"{len(self.finished_layers)}/{self.num_layers} layers"
+        return (f"Profile({str(self.path)!r}, model={self.meta.get('model_id')!r}, {len(self.meta['components'])} "
+                f"components, {self.tokens} tokens, {state})")
+

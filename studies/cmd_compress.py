@@ -1,0 +1,77 @@
+"""Build the compressed model of an allocation and save it (safetensors + a JSON of its structure).
+
+``add_arguments``/``run`` wire :func:`rankalloc.studies.pipeline.load_allocation`,
+:func:`rankalloc.studies.pipeline.compress` and ``decomposers.save_compressed`` to ``rankalloc compress``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "Build the compressed model of an allocation (from `rankalloc allocate --out`) and save it"
+
+EPILOG = """\
+The allocation JSON names a rank per matrix of the profile; --method builds each matrix's factors
+(svd: SVD-LLM whitened SVD; fisher_svd: two-sided Fisher whitening, needs a profile with fisher;
+pgsvd: SVD + alternating least squares; sola, sslc, flat: allocations made on their own curves).
+The model defaults to the one recorded in the profile and must be that model (checked by fingerprint).
+The output folder holds model.safetensors and compressed.json; `rankalloc evaluate --compressed DIR`
+reads it back.
+
+examples:
+  rankalloc profile --out runs/smollm2
+  rankalloc allocate --curves runs/smollm2 --kind fisher --solver exact --budget 0.3 --out alloc.json
+  rankalloc compress --profile runs/smollm2 --allocation alloc.json --method svd --out runs/svd-30
+  rankalloc evaluate --compressed runs/svd-30
+
+exit codes: 0 success, 1 error, 2 usage error.
+"""
+
+
+def add_arguments(parser) -> None:
+    from rankalloc.studies.options import add_plugin_option
+
+    parser.epilog = EPILOG
+    parser.add_argument("--profile", required=True, metavar="DIR", help="profile directory (from `rankalloc profile`)")
+    parser.add_argument("--allocation", required=True, metavar="JSON",
+                        help="allocation JSON (from `rankalloc allocate --out` or `rankalloc compare --out`)")
+    parser.add_argument("--method", default="svd", metavar="NAME",
+                        help="svd, fisher_svd, pgsvd, sola, sslc, flat (default svd)")
+    parser.add_argument("--model", default=None, metavar="M",
+                        help="the profiled model (default: the folder or hub id recorded in the profile)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the compressed model to")
+    parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
+    add_plugin_option(parser)
+
+
+def run(args) -> int:
+    from rankalloc.decomposers import save_compressed
+    from rankalloc.decomposers.evaluate import model_params
+    from rankalloc.profiling.data import load_model
+    from rankalloc.profiling.store import Profile
+    from rankalloc.studies import pipeline as pl
+    from rankalloc.studies.options import load_plugins
+
+    load_plugins(args.plugin)
+    if args.method not in pl.METHOD_NAMES:
+        raise ValueError(f"--method: unknown method {args.method!r}; expected one of {list(pl.METHOD_NAMES)}")
+    prof = Profile.load(args.profile)
+    if not Path(args.allocation).is_file():
+        raise FileNotFoundError(f"--allocation {args.allocation} does not exist; create it with `rankalloc allocate "
+                                f"--curves {args.profile} --budget 0.3 --out {args.allocation}`")
+    loaded = load_model(pl.profiled_model(prof, args.model), device=args.device)
+    pl.check_same_model(loaded, prof)
+    allocation = pl.load_allocation(prof, args.allocation, args.method, loaded.model)
+    dense_params = model_params(loaded.model)
+    linear = pl.linear_params(prof)
+    model, report = pl.compress(loaded.model, prof, allocation, args.method, inplace=True)
+    kept = model_params(model)
+    save_compressed(model, args.out, report)
+    print(report.summary())
+    print(f"realized parameters removed: {(dense_params - kept) / linear:.2%} of the linear matrices "
+          f"({dense_params - kept:,} of {linear:,}); {1 - kept / dense_params:.2%} of the whole model "
+          f"({kept:,} of {dense_params:,} kept)")
+    print(f"allocation: {allocation.solver} ({allocation.status}), objective {allocation.objective:.6g} "
+          f"({allocation.problem.objective})")
+    print(f"wrote {args.out}")
+    return 0

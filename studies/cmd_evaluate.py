@@ -1,0 +1,108 @@
+"""Perplexity of a dense or compressed model on held-out text, with its protocol and the dense baseline.
+
+Library function :func:`evaluate_models` (explicit arguments); ``add_arguments``/``run`` wire it to
+``rankalloc evaluate``.
+"""
+
+from __future__ import annotations
+
+HELP = "Perplexity of a dense or compressed model on held-out text (protocol and dense baseline printed)"
+
+EPILOG = """\
+The text is split into calibration and held-out evaluation articles by a fixed rule; only the
+held-out side is scored, in non-overlapping windows of --seqlen tokens (BOS + seqlen-1 text tokens),
+at most --windows of them. With --compressed the dense model it was built from (recorded in the
+folder, or --model) is scored on the same windows, beside it.
+
+examples:
+  rankalloc evaluate                                   # dense SmolLM2 on gensim Wikipedia
+  rankalloc evaluate --compressed runs/svd-30 --windows 60
+  rankalloc evaluate --model ./my-llama --text corpus.txt --seqlen 256
+
+exit codes: 0 success, 1 error, 2 usage error.
+"""
+
+
+def dense_model_of(compressed) -> str | None:
+    """The ``--model`` of the dense model a compressed folder was built from (None: default SmolLM2)."""
+    from rankalloc.decomposers.io import read_manifest
+    from rankalloc.profiling.data import SMOLLM2_ID
+
+    recorded = read_manifest(compressed).get("profile", {}).get("model_id")
+    return None if not recorded or recorded == SMOLLM2_ID else recorded
+
+
+def evaluate_models(model: str | None = None, compressed=None, text=None, *, seqlen: int = 512, windows: int = 60,
+                    batch_size: int = 4, device: str = "auto", baseline: bool = True, progress: bool = True) -> dict:
+    """Perplexity of the dense ``model`` and/or the ``compressed`` folder on the same evaluation windows.
+
+    Returns ``{"dense": PerplexityResult | None, "compressed": PerplexityResult | None, "params": {...}}``.
+    With ``compressed``, the dense model (``model``, default: the one recorded in the folder) provides
+    the tokenizer and, when ``baseline``, the dense figure. Raises ``ValueError`` if the two models do
+    not share a vocabulary.
+    """
+    from rankalloc.decomposers.evaluate import model_params
+    from rankalloc.decomposers.io import load_compressed
+    from rankalloc.studies import pipeline as pl
+
+    if compressed is not None and model is None:
+        model = dense_model_of(compressed)
+    run = pl.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
+                     progress=progress)
+    ids = pl.evaluation_ids(run)
+    out = {"dense": None, "compressed": None, "params": {}}
+    comp = None
+    if compressed is not None:
+        comp = load_compressed(compressed)
+        vd, vc = run.model.config.vocab_size, comp.config.vocab_size
+        if vd != vc:
+            raise ValueError(f"--compressed {compressed}: vocabulary of {vc} tokens, but the dense model "
+                             f"{run.loaded.model_id!r} has {vd}; pass the model it was built from with --model")
+    if compressed is None or baseline:
+        out["dense"] = pl.evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
+        out["params"]["dense"] = model_params(run.model)
+    if comp is not None:
+        out["params"].setdefault("dense", model_params(run.model))
+        run.loaded.model.to("cpu")
+        out["compressed"] = pl.evaluate(comp, run, batch_size=batch_size, progress=progress, ids=ids)
+        out["params"]["compressed"] = model_params(comp)
+    out["model_id"] = run.loaded.model_id
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("--model", default=None, metavar="M",
+                        help="dense model: a local HF folder or hub id (default SmolLM2-135M-Instruct; with "
+                             "--compressed: the model recorded in the folder)")
+    parser.add_argument("--compressed", default=None, metavar="DIR",
+                        help="a folder written by `rankalloc compress`")
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="plain-text file or corpus name (wiki, news); default gensim Wikipedia")
+    parser.add_argument("--seqlen", type=int, default=512, metavar="T", help="tokens per window, BOS included (512)")
+    parser.add_argument("--windows", type=int, default=60, metavar="W", help="evaluation windows at most (60)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="windows per forward pass (4)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
+    parser.add_argument("--no-baseline", action="store_true", help="with --compressed: skip the dense model")
+
+
+def run(args) -> int:
+    res = evaluate_models(args.model, args.compressed, args.text, seqlen=args.seqlen, windows=args.windows,
+                          batch_size=args.batch_size, device=args.device, baseline=not args.no_baseline)
+    first = res["dense"] or res["compressed"]
+    print(f"protocol: {first.protocol}")
+    params = res["params"]
+    if res["dense"] is not None:
+        print(f"dense       {res['model_id']}: perplexity {res['dense'].ppl:.4f} (NLL {res['dense'].nll:.5f} "
+              f"nats/token), {params['dense']:,} parameters")
+    if res["compressed"] is not None:
+        c = res["compressed"]
+        removed = 1 - params["compressed"] / params["dense"]
+        line = (f"compressed  {args.compressed}: perplexity {c.ppl:.4f} (NLL {c.nll:.5f} nats/token), "
+                f"{params['compressed']:,} parameters ({removed:.2%} of the whole model removed)")
+        if res["dense"] is not None:
+            line += f", {c.ppl / res['dense'].ppl:.3f}x the dense perplexity"
+        print(line)
+        if c.nonfinite_tokens:
+            print(f"warning: {c.nonfinite_tokens} scored positions had non-finite logits (counted in the mean)")
+    return 0

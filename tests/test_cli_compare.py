@@ -1,0 +1,143 @@
+"""``rankalloc compare`` end to end on a tiny random-weight model saved as a local HF folder.
+
+The command runs through the real entry point in a subprocess: it profiles, solves with two
+solvers at one budget, compresses with SVD-LLM and evaluates. The printed table and the CSV are
+checked against the allocations' own JSON, re-priced here from the model's shapes alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import TINY_SIZES, save_tiny_model_dir, write_text_file
+
+H, I = TINY_SIZES["hidden_size"], TINY_SIZES["intermediate_size"]
+KV = TINY_SIZES["num_key_value_heads"] * (H // TINY_SIZES["num_attention_heads"])
+SHAPES = {"q_proj": (H, H), "k_proj": (KV, H), "v_proj": (KV, H), "o_proj": (H, H),
+          "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+"""(out, in) of each linear matrix of the tiny llama, from its config."""
+DENSE_LINEAR = TINY_SIZES["num_hidden_layers"] * sum(m * n for m, n in SHAPES.values())
+
+
+def rankalloc(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rankalloc.studies.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def repriced_params(choices: dict) -> int:
+    """Parameters of an allocation's choices: r(m+n) per low-rank matrix, m*n dense (shapes from the config)."""
+    total = 0
+    for name, choice in choices.items():
+        m, n = SHAPES[name.rsplit(".", 1)[1]]
+        total += m * n if choice == "dense" else int(choice) * (m + n)
+    return total
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    model_dir = save_tiny_model_dir(root / "model")
+    text = write_text_file(root / "text.txt")
+    out = root / "out"
+    proc = rankalloc("compare", "--model", str(model_dir), "--text", str(text), "--ratios", "0.3",
+                     "--solvers", "uniform,exact", "--methods", "svd", "--kinds", "whitened", "--samples", "8",
+                     "--seqlen", "64", "--windows", "4", "--device", "cpu", "--out", str(out),
+                     env={"RANKALLOC_CACHE": str(root / "cache")})
+    return proc, out, model_dir
+
+
+def test_compare_runs_and_writes_its_files(compared):
+    """Exit 0; compare.csv has one row per solver at the one budget; every row names its allocation JSON."""
+    proc, out, _ = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(out / "compare.csv")
+    assert sorted(frame["solver"]) == ["exact", "uniform"]
+    assert set(frame["method"]) == {"svd"} and set(frame["kind"]) == {"whitened"}
+    assert frame["budget_removed"].tolist() == [0.3, 0.3]
+    for name in frame["allocation"]:
+        assert (out / "allocations" / name).is_file()
+    settings = json.loads((out / "compare.json").read_text())
+    assert settings["ratios"] == [0.3] and settings["solvers"] == ["uniform", "exact"]
+
+
+def test_compare_realized_params_match_the_allocations(compared):
+    """Realized params removed (counted on the built model) = 1 - (allocation cost re-priced from the shapes)
+    / dense linear params, and = the JSON's own cost; every budget is met; exact's predicted objective is no
+    larger than uniform's on the same problem; dense perplexity is one number on every row; perplexity finite."""
+    proc, out, _ = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(out / "compare.csv")
+    for row in frame.itertuples():
+        data = json.loads((out / "allocations" / row.allocation).read_text())
+        params = repriced_params(data["choices"])
+        assert params == pytest.approx(data["cost"]["params"], abs=0)
+        assert row.removed_linear_params == pytest.approx(1 - params / DENSE_LINEAR, abs=1e-9)
+        assert row.removed_budgeted == pytest.approx(data["removed"]["params"], abs=1e-9)
+        assert row.predicted_objective == pytest.approx(data["objective"], rel=1e-9)
+        assert params <= 0.7 * DENSE_LINEAR
+        assert 0 < row.removed_model_params < row.removed_linear_params
+        assert math.isfinite(row.ppl) and row.ppl > 1
+        assert row.status in ("optimal", "feasible")
+    by = frame.set_index("solver")
+    assert by.loc["exact", "predicted_objective"] <= by.loc["uniform", "predicted_objective"] * (1 + 1e-12)
+    assert by.loc["exact", "status"] == "optimal"
+    assert frame["dense_ppl"].nunique() == 1 and math.isfinite(frame["dense_ppl"].iloc[0])
+
+
+def test_compare_whole_model_fraction_is_consistent(compared):
+    """Removed (whole model) x whole-model params = removed (linear) x linear params: the same parameters."""
+    proc, out, model_dir = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(Path(model_dir) / "model.safetensors"))
+    total = sum(v.size for v in weights.values())  # tied lm_head is stored once
+    frame = pd.read_csv(out / "compare.csv")
+    for row in frame.itertuples():
+        assert row.removed_model_params * total == pytest.approx(row.removed_linear_params * DENSE_LINEAR, rel=1e-9)
+
+
+def test_compare_prints_one_table_matching_the_csv(compared):
+    """stdout holds the protocol, the dense perplexity, and one table whose rows show the CSV's figures."""
+    proc, out, _ = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(out / "compare.csv")
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("perplexity protocol: 4 non-overlapping windows of 64 tokens") for line in lines)
+    assert f"dense perplexity {frame['dense_ppl'].iloc[0]:.4f}" in proc.stdout
+    header = [i for i, line in enumerate(lines) if line.startswith("method")]
+    assert len(header) == 1
+    for c in ("predicted objective", "params removed (linear)", "params removed (model)", "perplexity", "dense ppl",
+              "solve s", "compress s"):
+        assert c in lines[header[0]]
+    for row in frame.itertuples():
+        printed = next(line for line in lines if line.split()[:3] == ["svd", row.solver, "whitened"])
+        for figure in (f"{row.removed_linear_params:.2%}", f"{row.removed_model_params:.2%}", f"{row.ppl:.4f}",
+                       f"{row.dense_ppl:.4f}", f"{row.predicted_objective:.6g}", "30.00%"):
+            assert figure in printed, (figure, printed)
+
+
+def test_compare_bad_input_is_one_line_naming_what_is_known(tmp_path, capsys):
+    """An unknown solver, method or cost, and a budget outside [0, 1), exit 1 before any model is loaded,
+    with one line listing what is accepted; a missing --profile names `rankalloc profile`."""
+    from rankalloc.studies.cli import main
+
+    cases = [(["--solvers", "uniform,simplex"], ["simplex", "uniform", "greedy", "exact", "iprs"]),
+             (["--methods", "svd,qr"], ["qr", "fisher_svd", "sola", "flat"]),
+             (["--cost", "watts"], ["watts", "params", "flops", "kv"]),
+             (["--ratios", "0.2,1.2"], ["[0, 1)"]),
+             (["--profile", str(tmp_path / "missing")], ["rankalloc profile"])]
+    for extra, expected in cases:
+        assert main(["compare", "--out", str(tmp_path / "o"), *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        for word in expected:
+            assert word in err, (word, err)
