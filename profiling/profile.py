@@ -31,6 +31,7 @@ from rankalloc.profiling.store import Profile
 
 LOSS_KINDS = {
     "fisher": ("rankalloc.profiling.fisher", "add_fisher_curves"),
+    "fisher_svd": ("rankalloc.profiling.fisher", "add_fisher_curves"),  # written together with "fisher"
     "probe": ("rankalloc.profiling.probe", "add_probe_curves"),
 }
 """Curve kinds computed after the streaming pass: kind -> (module, function(profile, model, ids, device=,
@@ -107,7 +108,7 @@ def resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed) -> tupl
 def _settings(stream: StreamConfig, spec: SpectrumConfig, patterns, save_grams: bool) -> dict:
     d = spec.damping
     return {"batch_size": stream.batch_size, "gram_dtype": stream.gram_dtype, "spectrum": spec.method,
-            "kinds": list(spec.kinds), "damping": {"damp": d.damp, "retries": d.retries, "growth": d.growth},
+            "damping": {"damp": d.damp, "retries": d.retries, "growth": d.growth},
             "patterns": (patterns or ModulePatterns()).to_dict(), "save_grams": save_grams}
 
 
@@ -212,8 +213,10 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
             ``rankalloc.profiling.text.calibration_ids`` (default 128 x 512).
         out: the profile directory. An unfinished run with the same cache key resumes there;
             another key raises ``ValueError`` (``resume=False`` overwrites instead).
-        kinds: curve kinds: any of ``whitened, energy, relative, epsilon`` (from spectra; the whitened
-            curve is always stored) and the loss-aware ``fisher``, ``probe`` (computed afterwards).
+        kinds: curve kinds wanted. The four spectral kinds ``whitened, energy, relative, epsilon`` are
+            always stored (one pass of SVDs; they are not part of the cache key, so runs asking for
+            different kinds share a profile); the loss-aware ``fisher``, ``probe`` are computed
+            afterwards when asked for and missing.
         gamma: SoLA's prime-neuron fraction, recorded for ``Profile.prime_neurons``.
         batch_size: sequences per forward batch. gram_dtype: ``"float64"`` or ``"float32"`` (see
             :mod:`~rankalloc.profiling.calibration`). spectrum: ``"svd"`` or ``"gram-eigh"`` (see
@@ -226,11 +229,10 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
     unknown = [k for k in kinds if k not in BASE_KINDS and k not in LOSS_KINDS]
     if unknown:
         raise ValueError(f"kinds: unknown curve kinds {unknown}; expected some of {BASE_KINDS + tuple(LOSS_KINDS)}")
-    base = tuple(k for k in BASE_KINDS if k in kinds or k == "whitened")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma: expected a fraction in [0, 1], received {gamma!r}")
     stream = StreamConfig(batch_size=batch_size, gram_dtype=gram_dtype)
-    spec = SpectrumConfig(kinds=base, method=spectrum, damping=damping)
+    spec = SpectrumConfig(kinds=BASE_KINDS, method=spectrum, damping=damping)
     dev = resolve_device(device)
     ids, source_id = resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed)
 

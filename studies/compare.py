@@ -54,6 +54,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     IPRS without layer scores) gets a row with its status and NaN measurements, and ``log`` says why.
     """
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from rankalloc.allocators.registry import SOLVERS, get_solver, solver_options
     from rankalloc.decomposers.evaluate import model_params
@@ -85,42 +86,47 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     dense = pl.evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
     dense_model_params = model_params(run.model)
     dense_linear = pl.linear_params(prof)
+
+    def one(m: str, k: str, r: float, problem, s: str) -> dict:
+        row = dict(method=m, solver=s, kind=k, budget_removed=float(r), cost_model=cost, status="",
+                   predicted_objective=math.nan, removed_budgeted=math.nan, removed_linear_params=math.nan,
+                   removed_model_params=math.nan, ppl=math.nan, dense_ppl=dense.ppl, solve_s=math.nan,
+                   compress_s=math.nan, allocation="")
+        try:
+            alloc = built[s].solve(problem)
+        except ValueError as exc:
+            say(f"{m}/{k} at {r:.2%} removed: solver {s} failed: {' '.join(str(exc).split())}")
+            return dict(row, status="error")
+        row.update(status=str(alloc.status), solve_s=alloc.solve_seconds)
+        if not alloc.feasible:
+            say(f"{m}/{k} at {r:.2%} removed: solver {s} found no allocation ({alloc.status}): {alloc.message}")
+            return row
+        fixed = curves[m].fixed_params if cost == "params" else 0  # SoLA's prime neurons count as kept
+        dense_cost = problem.dense_costs[cost] + fixed
+        row.update(predicted_objective=alloc.objective,
+                   removed_budgeted=1.0 - (alloc.cost[cost] + fixed) / dense_cost if dense_cost else 0.0)
+        if outdir is not None:
+            row["allocation"] = _name(m, k, s, r)
+            record = pl.allocation_record(alloc, prof, m, cost, r)
+            (outdir / row["allocation"]).write_text(json.dumps(record, indent=1) + "\n")
+        t0 = time.perf_counter()
+        model, _ = pl.compress(run.model, prof, alloc, m, progress=False)
+        row["compress_s"] = time.perf_counter() - t0
+        kept = model_params(model)
+        row["removed_linear_params"] = (dense_model_params - kept) / dense_linear
+        row["removed_model_params"] = 1.0 - kept / dense_model_params
+        row["ppl"] = pl.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
+        return row
+
     rows = []
+    bar = tqdm(total=len(problems) * len(solvers), desc="compare", unit="solve", disable=not progress)
     for (m, k, r), problem in problems.items():
         for s in solvers:
-            row = dict(method=m, solver=s, kind=k, budget_removed=float(r), cost_model=cost, status="",
-                       predicted_objective=math.nan, removed_budgeted=math.nan, removed_linear_params=math.nan,
-                       removed_model_params=math.nan, ppl=math.nan, dense_ppl=dense.ppl, solve_s=math.nan,
-                       compress_s=math.nan, allocation="")
-            rows.append(row)
-            try:
-                alloc = built[s].solve(problem)
-            except ValueError as exc:
-                row["status"] = "error"
-                say(f"{m}/{k} at {r:.2%} removed: solver {s} failed: {' '.join(str(exc).split())}")
-                continue
-            row.update(status=str(alloc.status), solve_s=alloc.solve_seconds)
-            if not alloc.feasible:
-                say(f"{m}/{k} at {r:.2%} removed: solver {s} found no allocation ({alloc.status}): {alloc.message}")
-                continue
-            fixed = curves[m].fixed_params if cost == "params" else 0  # SoLA's prime neurons count as kept
-            dense_cost = problem.dense_costs[cost] + fixed
-            row.update(predicted_objective=alloc.objective,
-                       removed_budgeted=1.0 - (alloc.cost[cost] + fixed) / dense_cost if dense_cost else 0.0)
-            if outdir is not None:
-                name = _name(m, k, s, r)
-                record = pl.allocation_record(alloc, prof, m, cost, r)
-                (outdir / name).write_text(json.dumps(record, indent=1) + "\n")
-                row["allocation"] = name
-            t0 = time.perf_counter()
-            model, _ = pl.compress(run.model, prof, alloc, m, progress=False)
-            row["compress_s"] = time.perf_counter() - t0
-            kept = model_params(model)
-            row["removed_linear_params"] = (dense_model_params - kept) / dense_linear
-            row["removed_model_params"] = 1.0 - kept / dense_model_params
-            row["ppl"] = pl.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
-            del model
-            gc.collect()
+            bar.set_postfix_str(f"{m}/{k} {s} at {r:.0%} removed")
+            rows.append(one(m, k, r, problem, s))
+            gc.collect()  # the compressed copy is gone; give its memory back before the next one
+            bar.update(1)
+    bar.close()
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame.attrs.update(dense_ppl=dense.ppl, protocol=dense.protocol, dense_model_params=dense_model_params,
                        dense_linear_params=dense_linear, profile=str(prof.path))

@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--combo", action="append", default=None, metavar="METHOD:KIND:SOLVER",
                     help="repeatable; default: the README's set")
     ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
+    ap.add_argument("--kinds", default="whitened,energy,relative,epsilon,fisher",
+                    help="curve kinds the profile must hold (missing ones are computed)")
     ap.add_argument("--out", default="runs/quality")
     args = ap.parse_args(argv)
 
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     combos = [parse_combo(c) for c in args.combo] if args.combo else list(DEFAULT_COMBOS)
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
-    prof = profile(run, kinds=("whitened", "energy", "relative", "epsilon", "fisher"), out=args.profile)
+    prof = profile(run, kinds=tuple(args.kinds.split(",")), out=args.profile)
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
     df, dense = run_quality(run, prof, ratios, combos, out=out)
     df.to_csv(out / "quality.csv", index=False)

@@ -152,7 +152,7 @@ def test_streaming_equals_full_forward(arch, tmp_path):
         cfg.sliding_window = 8
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     ids = rand_ids(6, 24)
-    prof = run(model, ids, tmp_path, kinds=("whitened",))
+    prof = run(model, ids, tmp_path)
     assert not any(m._forward_hooks for m in model.modules())  # our hooks and recorders are gone
     assert not any("forward" in layer.__dict__ for layer in find_structure(model).layers)
     names = [c.name for c in prof.components]
@@ -280,8 +280,8 @@ def test_store_writers_roundtrip(tmp_path):
     malformed inputs raise ValueError naming the component."""
     from rankalloc.allocators.curveset import CurveSet
 
-    prof = run(tiny_model("llama"), rand_ids(4, 16), tmp_path, kinds=("whitened", "energy"))
-    assert prof.kinds == ("whitened", "energy")
+    prof = run(tiny_model("llama"), rand_ids(4, 16), tmp_path, kinds=("whitened",))
+    assert prof.kinds == ("whitened", "energy", "relative", "epsilon")  # spectral kinds always come together
     fake = {c.name: np.linspace(c.max_rank, 0, c.max_rank + 1) ** 2 for c in prof.components}
     prof.write_kind("fisher", fake)
     cs = Profile.load(tmp_path).curve_set(kinds="fisher")
