@@ -270,6 +270,7 @@ REAL_CASES = ("model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj",
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_real_smollm2_sslc_against_whitened_svd_at_equal_params():
     """On real SmolLM2 matrices with Grams of 16 x 256 calibration tokens, 40% of each matrix's parameters
     removed: SSLC with the whitened low-rank step at k = 5% has an activation error <= the whitened SVD at
