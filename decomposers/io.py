@@ -138,6 +138,8 @@ def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
     for alias, stored in manifest["aliases"].items():
         state[alias] = state[stored]
     model.load_state_dict(state, strict=True)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.tie_weights()  # no_init_weights() skips tying in transformers 5; the saved copies are equal
     model.to(device)
     model.eval()
     model.compression_report = CompressionReport.from_dict(manifest["report"])

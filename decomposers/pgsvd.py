@@ -6,9 +6,10 @@ profile's input Gram, summed over tokens). The objective is
 
     f(A, B) = ||W X - A B X||_F^2 = tr((W - A B) M (W - A B)^T).
 
-Starting from a truncated SVD ``A_0 B_0`` (``init="whitened"``: SVD-LLM's whitened SVD; ``init="svd"``:
-the plain SVD of ``W``, as in the paper, whose rank comes from the weight-space tolerance
-``||W - W_r||_F / ||W||_F <= epsilon``), each iteration takes the two exact partial minimisers
+Starting from a truncated SVD ``A_0 B_0`` (``init="svd"``, the default: the plain SVD of ``W``, as in the
+paper, whose rank comes from the weight-space tolerance ``||W - W_r||_F / ||W||_F <= epsilon``;
+``init="whitened"``: SVD-LLM's whitened SVD, which already minimises ``f`` up to the damping, so ALS
+barely moves it), each iteration takes the two exact partial minimisers
 
     A <- W M B^T (B M B^T)^+        (argmin over A for fixed B)
     B <- (A^T A)^+ A^T W            (argmin over B for fixed A: it solves A^T A B M = A^T W M)
@@ -28,17 +29,17 @@ from rankalloc.decomposers.base import Factors, activation_error, check_matrix, 
 from rankalloc.decomposers.svd import whitened_svd
 from rankalloc.profiling.numerics import PRECISION, svd
 
-INITS = ("whitened", "svd")
+INITS = ("svd", "whitened")
 
 
 @dataclass(frozen=True)
 class PGSVDConfig:
     """ALS settings: iterations ``max_iter``, relative-improvement stop ``tol``, the start ``init``
-    (``"whitened"`` or ``"svd"``), and the relative Cholesky damping ``damp`` of the whitened start."""
+    (``"svd"`` or ``"whitened"``), and the relative Cholesky damping ``damp`` of the whitened start."""
 
     max_iter: int = 10
     tol: float = 1e-6
-    init: str = "whitened"
+    init: str = "svd"
     damp: float = 1e-6
 
     def __post_init__(self):

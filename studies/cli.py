@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     try:
         return int(args._run(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, missing file, unreachable hub id
         text = " ".join(str(exc).split())  # one line
         print(f"rankalloc {args.command}: error: {text}", file=sys.stderr)
         return EXIT_FAILURE

@@ -15,7 +15,7 @@ EPILOG = """\
 The profile directory holds the curves (curves.csv), the float64 input Grams the decomposers need,
 and meta.json (model fingerprint, calibration hash, settings). Without --out it goes to the cache
 ($RANKALLOC_CACHE or ~/.cache/rankalloc)/profiles, keyed by model, text, samples, seqlen and seed;
-running the same command again reuses it.
+running the same command again reuses it, and asking for a loss-aware kind it lacks adds it there.
 
 Ctrl-C leaves every finished layer on disk: rerun the same command to resume.
 
@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
     add_model_options(parser)
     parser.add_argument("--kinds", default="whitened,energy,relative,epsilon,fisher", metavar="K1,K2",
                         help="curve kinds (default whitened,energy,relative,epsilon,fisher)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="sequences per forward pass (default 8; when resuming, the interrupted run's)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="profile directory (default: a cache path keyed by model, text and settings)")
     parser.add_argument("--restart", action="store_true",
@@ -66,7 +67,7 @@ def run(args) -> int:
     kinds = pl.profile_kinds(comma_list(args.kinds))
     run_ = pl.prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                       device=args.device)
-    out = Path(args.out) if args.out else pl.profile_dir(run_, kinds)
+    out = Path(args.out) if args.out else pl.profile_dir(run_)
     try:
         prof = pl.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart)
     except KeyboardInterrupt:

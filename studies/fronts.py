@@ -9,10 +9,8 @@ their perplexity; :func:`plot_solver_fronts` and :func:`plot_cost_model_fronts` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
-
-import numpy as np
 
 KIND_UNITS = {
     "whitened": "dropped squared singular values of W S\n(squared activation error summed over calibration tokens)",

@@ -92,43 +92,49 @@ def profile_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(k for k in PROFILE_KINDS if k in need)
 
 
-def profile_dir(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, root: str | Path | None = None) -> Path:
-    """The cached profile directory of ``run``: keyed by model fingerprint, text, samples, seqlen, seed and
-    the spectral kinds (loss-aware kinds such as ``fisher`` are added to the same directory later)."""
+def profile_dir(run: Run, root: str | Path | None = None) -> Path:
+    """The cached profile directory of ``run``: keyed by model fingerprint, text, samples, seqlen and seed.
+
+    Every curve kind of the run lives there: the spectral kinds are always stored, and loss-aware
+    kinds (``fisher``, ``probe``) are added to the same directory when first asked for.
+    """
     from rankalloc.profiling.data import cache_dir
     from rankalloc.profiling.text import text_fingerprint
 
-    spectral = sorted(k for k in profile_kinds(kinds) if k in ("whitened", "energy", "relative", "epsilon"))
     key = json.dumps({"model": run.loaded.fingerprint, "text": text_fingerprint(run.text), "samples": run.samples,
-                      "seqlen": run.seqlen, "seed": run.seed, "kinds": spectral}, sort_keys=True)
+                      "seqlen": run.seqlen, "seed": run.seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = Path(root) if root is not None else cache_dir() / "profiles"
     return base / f"{Path(str(run.loaded.model_id)).name}-{run.samples}x{run.seqlen}-{digest}"
 
 
 def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | None = None, *,
-            batch_size: int = 8, resume: bool = True, progress: bool = True):
+            batch_size: int | None = None, resume: bool = True, progress: bool = True):
     """Profile ``run`` into ``out`` (default :func:`profile_dir`), or open the finished profile there.
 
     An interrupted run resumes from its first unfinished layer when called again with the same
-    arguments; missing loss-aware kinds are added to a finished profile.
+    arguments; loss-aware kinds missing from a finished profile are added to it. ``batch_size``
+    (sequences per forward pass) defaults to the existing profile's, else 8.
     """
     from rankalloc.profiling.profile import profile_model
     from rankalloc.profiling.store import Profile
 
     want = profile_kinds(kinds)
-    path = Path(out) if out is not None else profile_dir(run, want)
-    if resume and (path / "curves.csv").exists():
+    path = Path(out) if out is not None else profile_dir(run)
+    meta = path / "meta.json"
+    if resume and meta.exists():
         prof = Profile.load(path)
         if prof.meta.get("fingerprint") != run.loaded.fingerprint:
             raise ValueError(f"{path} holds a profile of another model (fingerprint {prof.meta.get('fingerprint')}, "
                              f"this model {run.loaded.fingerprint}); use another --out directory")
-        if all(k in prof.kinds for k in want):
+        if prof.complete and all(k in prof.kinds for k in want):
             return prof
+        if batch_size is None:
+            batch_size = prof.meta.get("settings", {}).get("batch_size")
     return profile_model(run.model, run.text, out=path, tokenizer=run.tokenizer, n_samples=run.samples,
                          seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
                          model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
-                         batch_size=batch_size, resume=resume, progress=progress)
+                         batch_size=batch_size or 8, resume=resume, progress=progress)
 
 
 def linear_params(prof) -> int:

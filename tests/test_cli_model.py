@@ -121,9 +121,6 @@ def test_evaluate_round_trip_matches_the_in_memory_model(workdir, compressed):
     assert pl.evaluate(run.model, run, progress=False).ppl == pytest.approx(dense_ppl, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="decomposers/io.py load_compressed builds the model under "
-                                       "no_init_weights(), which in transformers 5 skips tie_weights(): "
-                                       "the loaded lm_head is an untied copy of the embeddings")
 def test_evaluate_counts_the_parameters_compress_kept(compressed):
     """The compressed parameter count printed by evaluate equals the count compress reported as kept."""
     kept = int(re.search(r"\(([\d,]+) of [\d,]+ kept\)", compressed["compress"]).group(1).replace(",", ""))
