@@ -144,6 +144,16 @@ def solve_arrays_anywhere(errors, costs, offsets, limits, time_limit: float = 60
                     "wall": float(out["wall"])}
 
 
+def check_cpsat_settings(owner: str, time_limit, workers, bits) -> None:
+    """Validate the CP-SAT settings shared by :class:`CPSat` and ``Exact`` (ValueError naming ``owner``)."""
+    if not (time_limit > 0 and math.isfinite(time_limit)):
+        raise ValueError(f"{owner}: expected a finite time_limit > 0 seconds, received {time_limit!r}")
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"{owner}: expected an integer workers >= 1, received {workers!r}")
+    if not (isinstance(bits, int) and 10 <= bits <= 52):
+        raise ValueError(f"{owner}: expected bits in [10, 52], received {bits!r}")
+
+
 @dataclass(frozen=True)
 class CPSat:
     """Plain CP-SAT on every candidate (no fixing), hinted with the Lagrangian greedy incumbent.
@@ -161,12 +171,7 @@ class CPSat:
     max_budgets = None
 
     def __post_init__(self):
-        if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
-            raise ValueError(f"CPSat: expected a finite time_limit > 0 seconds, received {self.time_limit!r}")
-        if not (isinstance(self.workers, int) and self.workers >= 1):
-            raise ValueError(f"CPSat: expected workers >= 1, received {self.workers!r}")
-        if not (isinstance(self.bits, int) and 10 <= self.bits <= 52):
-            raise ValueError(f"CPSat: expected bits in [10, 52], received {self.bits!r}")
+        check_cpsat_settings("CPSat", self.time_limit, self.workers, self.bits)
 
     def solve(self, problem: AllocationProblem) -> Allocation:
         t0 = time.perf_counter()

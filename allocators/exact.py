@@ -59,7 +59,7 @@ import numpy as np
 
 from rankalloc.allocators import _mckp
 from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible
-from rankalloc.allocators.cpsat import CPSat, from_result, solve_arrays_anywhere
+from rankalloc.allocators.cpsat import CPSat, check_cpsat_settings, from_result, solve_arrays_anywhere
 from rankalloc.allocators.problem import AllocationProblem
 
 DEEPEN = 8.0
@@ -93,16 +93,11 @@ class Exact:
     max_budgets = None
 
     def __post_init__(self):
-        if not (self.time_limit > 0 and math.isfinite(self.time_limit)):
-            raise ValueError(f"Exact: expected a finite time_limit > 0 seconds, received {self.time_limit!r}")
-        if not (isinstance(self.workers, int) and self.workers >= 1):
-            raise ValueError(f"Exact: expected an integer workers >= 1, received {self.workers!r}")
+        check_cpsat_settings("Exact", self.time_limit, self.workers, self.bits)
         if self.method not in METHODS:
             raise ValueError(f"Exact: expected method in {METHODS}, received {self.method!r}")
         if not self.max_cells > 0:
             raise ValueError(f"Exact: expected max_cells > 0, received {self.max_cells!r}")
-        if not (isinstance(self.bits, int) and 10 <= self.bits <= 52):
-            raise ValueError(f"Exact: expected bits in [10, 52], received {self.bits!r}")
 
     def solve(self, problem: AllocationProblem) -> Allocation:
         t0 = time.perf_counter()
