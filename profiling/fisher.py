@@ -29,7 +29,8 @@ model's loss is a mean over the batch's ``N_b`` predicted tokens, whose output g
 applies (``W S = U Sigma V^T``, ``W_r = U_r Sigma_r V_r^T S^{-1}``, ``S S^T = G_x``): there
 ``dW S = U_{>r} Sigma_{>r} V_{>r}^T``, so ``fisher_svd(r) = sum_{i>r} sigma_i^2 u_i^T G_g u_i /
 (2 N_x N_loss)`` (>= fisher(r); non-increasing because every term is >= 0).
-Square roots of Grams are damped float64 eigen-roots (``numerics.psd_power``).
+The curves use damped float64 Cholesky factors of the Grams (same singular values as the symmetric
+square roots ``numerics.psd_power`` that the fisher_svd decomposer applies, at a fraction of the cost).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from rankalloc.profiling.numerics import (PRECISION, Damping, check_finite, damped_cholesky, psd_power,
-                                          singular_values, svd, tail_sums)
+from rankalloc.profiling.numerics import (PRECISION, Damping, check_finite, damped_cholesky, singular_values, svd,
+                                          tail_sums)
 from rankalloc.profiling.probe import (check_calibration_ids, component_module, on_device, profile_damping,
                                       read_weight, token_loss_sum)
 
@@ -121,6 +122,37 @@ def _scale(n_tokens: int, n_loss_tokens: int | None) -> float:
     return 1.0 / (2.0 * n_tokens * n_loss)
 
 
+def _check_shapes(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, name: str) -> None:
+    m, n = W.shape
+    if tuple(Gx.shape) != (n, n) or tuple(Gg.shape) != (m, m):
+        raise ValueError(f"component {name!r}: expected Grams {n}x{n} (input) and {m}x{m} (output gradient) "
+                         f"for a {m}x{n} weight, received {tuple(Gx.shape)} and {tuple(Gg.shape)}")
+
+
+def _fisher_tail(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, name: str, damping: Damping) -> torch.Tensor:
+    """``sum_{i>r} sigma_i^2`` of ``S_g^T W S_x`` with Cholesky factors ``S S^T`` of the damped Grams.
+
+    Its singular values equal those of ``G_g^{1/2} W G_x^{1/2}`` (symmetric roots, as the decomposer
+    uses): ``M M^T`` is similar to ``W G_x W^T G_g`` for any factors of the two Grams. Cholesky costs
+    n^3/3 against ~9n^3 for an eigh root, and ``S_x`` is shared by the matrices reading one input.
+    """
+    Sg, _ = damped_cholesky(Gg, f"output-gradient Gram of {name}", damping)
+    return tail_sums(singular_values(Sg.T @ W @ Sx, f"K-FAC whitened weight of {name}"))
+
+
+def _fisher_svd_tail(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, name: str,
+                     damping: Damping) -> torch.Tensor:
+    """``sum_{i>r} sigma_i^2 u_i^T G_g u_i`` with ``W S_x = U Sigma V^T`` (the one-sided truncation)."""
+    m = W.shape[0]
+    U, s, _ = svd(W @ Sx, f"whitened weight of {name}")
+    Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
+    Gg = 0.5 * (Gg + Gg.T)
+    Gg = Gg + damping.damp * torch.diagonal(Gg).mean() * torch.eye(m, dtype=PRECISION)  # as psd_power damps it
+    terms = (s ** 2) * torch.einsum("ik,ij,jk->k", U, Gg, U).clamp_min(0.0)
+    tail = torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0])
+    return torch.cat([tail, torch.zeros(1, dtype=PRECISION)])
+
+
 def fisher_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_tokens: int,
                  n_loss_tokens: int | None = None, name: str = "W", damping: Damping = Damping()) -> np.ndarray:
     """K-FAC loss increase of the best two-sided-whitened rank-r truncation, r = 0..min(m, n).
@@ -130,13 +162,9 @@ def fisher_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_tokens: 
     tokens summed in ``Gg`` (default ``n_tokens``).
     """
     W = W.to(PRECISION)
-    m, n = W.shape
-    if tuple(Gx.shape) != (n, n) or tuple(Gg.shape) != (m, m):
-        raise ValueError(f"component {name!r}: expected Grams {n}x{n} (input) and {m}x{m} (output gradient) "
-                         f"for a {m}x{n} weight, received {tuple(Gx.shape)} and {tuple(Gg.shape)}")
-    M = psd_power(Gg, f"output-gradient Gram of {name}", 0.5, damping) @ W @ \
-        psd_power(Gx, f"input Gram of {name}", 0.5, damping)
-    return (tail_sums(singular_values(M, f"K-FAC whitened weight of {name}")) * _scale(n_tokens, n_loss_tokens)).numpy()
+    _check_shapes(W, Gx, Gg, name)
+    Sx, _ = damped_cholesky(Gx, f"input Gram of {name}", damping)
+    return (_fisher_tail(W, Sx, Gg, name, damping) * _scale(n_tokens, n_loss_tokens)).numpy()
 
 
 def fisher_svd_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_tokens: int,
@@ -146,29 +174,22 @@ def fisher_svd_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_toke
     ``sum_{i>r} sigma_i^2 u_i^T G_g u_i / (2 n_tokens n_loss_tokens)`` with ``W S = U Sigma V^T``.
     """
     W = W.to(PRECISION)
-    m, n = W.shape
-    if tuple(Gx.shape) != (n, n) or tuple(Gg.shape) != (m, m):
-        raise ValueError(f"component {name!r}: expected Grams {n}x{n} (input) and {m}x{m} (output gradient) "
-                         f"for a {m}x{n} weight, received {tuple(Gx.shape)} and {tuple(Gg.shape)}")
-    S, _ = damped_cholesky(Gx, f"input Gram of {name}", damping)
-    U, s, _ = svd(W @ S, f"whitened weight of {name}")
-    Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
-    Gg = 0.5 * (Gg + Gg.T)
-    Gg = Gg + damping.damp * torch.diagonal(Gg).mean() * torch.eye(m, dtype=PRECISION)  # as psd_power damps it
-    terms = (s ** 2) * torch.einsum("ik,ij,jk->k", U, Gg, U).clamp_min(0.0)
-    tail = torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0])
-    return (torch.cat([tail, torch.zeros(1, dtype=PRECISION)]) * _scale(n_tokens, n_loss_tokens)).numpy()
+    _check_shapes(W, Gx, Gg, name)
+    Sx, _ = damped_cholesky(Gx, f"input Gram of {name}", damping)
+    return (_fisher_svd_tail(W, Sx, Gg, name, damping) * _scale(n_tokens, n_loss_tokens)).numpy()
 
 
 def add_fisher_curves(profile, model: torch.nn.Module, ids: torch.Tensor, device="cpu", batch_size: int = 4,
                       progress: bool = True, kinds: tuple[str, ...] = ("fisher", "fisher_svd"),
-                      gram_dtype: str | None = None) -> dict[str, dict]:
+                      gram_dtype: str | None = None, reuse_grams: bool = True) -> dict[str, dict]:
     """Compute output-gradient Grams on the calibration ``ids``, store them, and write the curve kinds.
 
     ``ids`` must be the profile's calibration ids (its input Grams count ``profile.tokens`` positions).
     ``kinds``: "fisher" (two-sided K-FAC truncation) and/or "fisher_svd" (one-sided SVD-LLM truncation).
     ``gram_dtype``: default the profile's own setting. The whole model must fit on ``device``
-    (one full backward pass per batch).
+    (one full backward pass per batch). ``reuse_grams``: when the profile already stores every
+    output-gradient Gram (an earlier run, or an interrupted one that got past the backward passes),
+    the curves are computed from them without another backward pass.
     """
     unknown = set(kinds) - {"fisher", "fisher_svd"}
     if unknown or not kinds:
@@ -177,19 +198,29 @@ def add_fisher_curves(profile, model: torch.nn.Module, ids: torch.Tensor, device
     damping = profile_damping(profile)
     comps = list(profile.components)
     modules = {c.name: component_module(model, c.name) for c in comps}
-    gram_dtype = gram_dtype or profile.meta.get("settings", {}).get("gram_dtype", "float64")
-    grams = output_gradient_grams(model, ids, modules, device, batch_size, progress, gram_dtype)
-    profile.write_output_grams(grams)
-    n_loss = loss_token_count(ids)
-    curve_fn = {"fisher": fisher_curve, "fisher_svd": fisher_svd_curve}
+    if reuse_grams and profile.has_output_grams():
+        output_gram = profile.output_gram
+    else:
+        gram_dtype = gram_dtype or profile.meta.get("settings", {}).get("gram_dtype", "float64")
+        grams = output_gradient_grams(model, ids, modules, device, batch_size, progress, gram_dtype)
+        profile.write_output_grams(grams)
+        output_gram = grams.__getitem__
+    scale = _scale(profile.tokens, loss_token_count(ids))
+    tail_fn = {"fisher": _fisher_tail, "fisher_svd": _fisher_svd_tail}
     out: dict[str, dict] = {k: {} for k in kinds}
     from tqdm.auto import tqdm
 
+    keys = profile.meta["gram_keys"]
+    shared_key, Sx = None, None  # matrices reading one input (q/k/v, gate/up) share its Cholesky factor
     for c in tqdm(comps, desc="fisher curves", disable=not progress):
-        W = read_weight(modules[c.name], c.name)
-        Gx = profile.input_gram(c.name)
+        W = read_weight(modules[c.name], c.name).to(PRECISION)
+        Gg = output_gram(c.name)
+        if keys[c.name] != shared_key:
+            Sx, _ = damped_cholesky(profile.input_gram(c.name), f"input Gram of {c.name}", damping)
+            shared_key = keys[c.name]
+        _check_shapes(W, Sx, Gg, c.name)
         for k in kinds:
-            out[k][c.name] = curve_fn[k](W, Gx, grams[c.name], profile.tokens, n_loss, c.name, damping)
+            out[k][c.name] = (tail_fn[k](W, Sx, Gg, c.name, damping) * scale).numpy()
     for k in kinds:
         profile.write_kind(k, out[k])
     return out

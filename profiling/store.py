@@ -72,6 +72,14 @@ def _load_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def _load_tensor(path: Path, key: str):
+    """One tensor of a safetensors file, read alone (the file holds a whole layer's Grams); None if absent."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return f.get_tensor(key) if key in f.keys() else None
+
+
 class Profile:
     """A profile directory. Open one with :meth:`Profile.load`; ``profile_model`` creates them."""
 
@@ -254,7 +262,10 @@ class Profile:
         f = self._layer_file("grams", c.layer, "safetensors")
         if not f.exists():
             raise ValueError(f"{name}: input Grams were not stored (save_grams=False, or layer {c.layer} unfinished)")
-        return torch.from_numpy(_load_tensors(f)[key])
+        G = _load_tensor(f, key)
+        if G is None:
+            raise ValueError(f"{name}: its input Gram {key!r} is missing from {f}")
+        return torch.from_numpy(G)
 
     def output_gram(self, name: str):
         """``sum_t g_t g_t^T``, ``g = dL/d(output)`` of ``name`` (torch float64, m x m), if profiled."""
@@ -262,11 +273,28 @@ class Profile:
 
         c = self.component(name)
         f = self._layer_file("output_grams", c.layer, "safetensors")
-        grams = _load_tensors(f) if f.exists() else {}
-        if name not in grams:
+        G = _load_tensor(f, name) if f.exists() else None
+        if G is None:
             raise ValueError(f"{name}: no output-gradient Gram in the profile at {self.path}; profile with "
                              f"kinds including 'fisher' to compute them")
-        return torch.from_numpy(grams[name])
+        return torch.from_numpy(G)
+
+    def has_output_grams(self) -> bool:
+        """True when every component's output-gradient Gram is stored (``fisher`` kinds can be recomputed
+        from the profile alone, without another backward pass)."""
+        from safetensors import safe_open
+
+        by_layer: dict[int, set] = {}
+        for c in self.components:
+            by_layer.setdefault(c.layer, set()).add(c.name)
+        for layer, names in by_layer.items():
+            f = self._layer_file("output_grams", layer, "safetensors")
+            if not f.exists():
+                return False
+            with safe_open(str(f), framework="numpy") as h:
+                if not names <= set(h.keys()):
+                    return False
+        return True
 
     def neuron_norms(self, layer: int) -> np.ndarray:
         """``a_i = ||h_{:,i}||_2`` over the calibration tokens, ``h`` the input of down_proj of ``layer``."""

@@ -13,6 +13,7 @@ parameters REMOVED. Not a timed test: it prints figures (solve/compression/eval 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -24,7 +25,8 @@ solved exactly."""
 
 DEFAULT_COMBOS = (
     # (method, curve kind, solver)
-    ("svd", "whitened", "uniform"),       # SVD-LLM baseline (kind unused)
+    ("svd", "whitened", "uniform"),       # SVD-LLM baseline (kind unused), ranks snapped down to 16
+    ("svd", "whitened", "uniform", 1),    # the same rule on grid 1: removes the nominal fraction
     ("svd", "epsilon", "epsilon"),        # PGSVD's uniform-epsilon rule
     ("svd", "energy", "greedy"),          # SoLA-like greedy on normalized energy
     ("svd", "whitened", "exact"),         # exact optimum of the raw whitened error
@@ -48,42 +50,82 @@ def markdown_table(df) -> str:
     return "\n".join(lines)
 
 
-def parse_combo(text: str) -> tuple[str, str, str]:
+def parse_combo(text: str) -> tuple[str, str, str, int]:
+    """``method:kind:solver[:grid]`` -> ``(method, kind, solver, grid)``; the rank grid defaults to 16."""
     parts = text.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"combo {text!r}: expected method:kind:solver, e.g. svd:fisher_svd:exact")
-    return parts[0], parts[1], parts[2]
+    if len(parts) not in (3, 4):
+        raise ValueError(f"combo {text!r}: expected method:kind:solver[:grid], e.g. svd:fisher_svd:exact or "
+                         f"svd:whitened:uniform:1")
+    grid = 16
+    if len(parts) == 4:
+        if not parts[3].isdigit() or int(parts[3]) < 1:
+            raise ValueError(f"combo {text!r}: the grid must be a positive integer, received {parts[3]!r}")
+        grid = int(parts[3])
+    return parts[0], parts[1], parts[2], grid
 
 
-def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True):
-    """Rows of (method, kind, solver, ratio, objective, removed, ppl, ...) as a DataFrame."""
+def _rss_watch():
+    """A context that records the peak RSS above its start (psutil sampler), or None without psutil."""
+    try:
+        from rankalloc.decomposers.evaluate import _RSSPeak
+
+        return _RSSPeak(0.01)
+    except ImportError:
+        return None
+
+
+def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True,
+                throughput: bool = False):
+    """Rows of (method, kind, solver, grid, ratio, objective, removed, ppl, ...) as a DataFrame.
+
+    ``combos``: ``(method, kind, solver[, grid])`` tuples. Per row: solve and compression time, and the
+    peak RSS of the process above its pre-row value while solving and compressing (``compress_peak_mib``,
+    the deep copy of the model included). ``throughput``: prefill/decode tokens per second of the dense
+    model and of every compressed one (:func:`decomposers.evaluate.throughput`, eval_seqlen-token prompt, 32
+    generated tokens, batch 1).
+    """
     import pandas as pd
 
     from rankalloc.allocators.registry import get_solver
     from rankalloc.decomposers.evaluate import model_params
     from rankalloc.studies.pipeline import compress, evaluate, linear_params, problem_for
 
+    from rankalloc.decomposers.evaluate import throughput as measure_speed
+
     dense = evaluate(run.model, run, progress=progress)
+    speed = measure_speed(run.model, prompt_len=run.eval_seqlen, progress=False) if throughput else None
+    if speed is not None:
+        print(f"dense throughput: prefill {speed.prefill_tokens_per_s:.0f} tok/s, decode "
+              f"{speed.decode_tokens_per_s:.1f} tok/s", flush=True)
     total_linear = linear_params(prof)
     total_model = model_params(run.model)
     print(f"dense perplexity {dense.ppl:.3f}  ({dense.protocol})", flush=True)
     rows = []
     for ratio in ratios:
-        for method, kind, solver in combos:
+        for combo in combos:
+            method, kind, solver = combo[:3]
+            grid = combo[3] if len(combo) > 3 else 16
+            watch = _rss_watch()
             t0 = time.perf_counter()
-            problem = problem_for(prof, method=method, kind=kind, removed=ratio, model=run.model)
-            allocation = get_solver(solver).solve(problem)
-            model, report = compress(run, prof, allocation, method=method, progress=False)
+            with watch if watch is not None else contextlib.nullcontext():
+                problem = problem_for(prof, method=method, kind=kind, removed=ratio, model=run.model, grid=grid)
+                allocation = get_solver(solver).solve(problem)
+                model, report = compress(run, prof, allocation, method=method, progress=False)
             t1 = time.perf_counter()
             res = evaluate(model, run, progress=False)
             kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
-            row = dict(method=method, kind=kind, solver=solver, ratio=ratio, status=str(allocation.status),
+            row = dict(method=method, kind=kind, solver=solver, grid=grid, ratio=ratio, status=str(allocation.status),
                        objective=allocation.objective, lower_bound=allocation.lower_bound,
                        removed_linear=1 - kept_linear / total_linear,
                        removed_model=1 - model_params(model) / total_model,
                        ppl=res.ppl, dense_ppl=dense.ppl, ppl_vs_uniform=float("nan"),
                        nonfinite=res.nonfinite_tokens, solve_s=allocation.solve_seconds,
-                       compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds)
+                       compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds,
+                       compress_peak_mib=(watch.peak - watch.base) / 2**20 if watch is not None else float("nan"))
+            if speed is not None:
+                sp = measure_speed(model, prompt_len=run.eval_seqlen, progress=False)
+                row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s,
+                           dense_prefill_tok_s=speed.prefill_tokens_per_s, dense_decode_tok_s=speed.decode_tokens_per_s)
             rows.append(row)
             print(f"{ratio:.0%} {method:6s} {kind:11s} {solver:10s} ppl {res.ppl:9.2f}  removed(linear) "
                   f"{row['removed_linear']:.4f}  objective {allocation.objective:.4g} [{allocation.status}]",
@@ -93,7 +135,7 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
                 pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)
     df = pd.DataFrame(rows)
     for ratio in ratios:
-        base = df[(df.ratio == ratio) & (df.solver == "uniform") & (df.method == "svd")]
+        base = df[(df.ratio == ratio) & (df.solver == "uniform") & (df.method == "svd") & (df.grid == 16)]
         if len(base):
             df.loc[df.ratio == ratio, "ppl_vs_uniform"] = df.loc[df.ratio == ratio, "ppl"] / float(base.ppl.iloc[0])
     return df, dense
@@ -112,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
     ap.add_argument("--kinds", default="whitened,energy,relative,epsilon,fisher",
                     help="curve kinds the profile must hold (missing ones are computed)")
+    ap.add_argument("--throughput", action="store_true",
+                    help="also measure prefill/decode tokens per second of the dense and every compressed model")
     ap.add_argument("--out", default="runs/quality")
     args = ap.parse_args(argv)
 
@@ -126,12 +170,13 @@ def main(argv=None) -> int:
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     prof = profile(run, kinds=tuple(args.kinds.split(",")), out=args.profile)
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
-    df, dense = run_quality(run, prof, ratios, combos, out=out)
+    df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput)
     df.to_csv(out / "quality.csv", index=False)
     print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
           f"decoder linear-layer parameters removed.")
-    cols = ["ratio", "method", "kind", "solver", "ppl", "ppl_vs_uniform", "removed_linear", "objective", "status",
-            "solve_s", "compress_s"]
+    cols = ["ratio", "method", "kind", "solver", "grid", "ppl", "ppl_vs_uniform", "removed_linear", "objective",
+            "status", "solve_s", "compress_s", "compress_peak_mib"]
+    cols += [c for c in ("prefill_tok_s", "decode_tok_s") if c in df.columns]
     print(markdown_table(df[cols]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\ntotal {time.perf_counter() - t0:.0f} s, peak RSS {peak:.0f} MiB")

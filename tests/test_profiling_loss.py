@@ -184,6 +184,42 @@ def test_fisher_kinds_in_profile(profiled):
         assert torch.linalg.eigvalsh(G).min() > -1e-9 * G.diagonal().max()
 
 
+def test_fisher_curve_cholesky_route_equals_symmetric_roots():
+    """fisher_curve (Cholesky factors S_g^T W S_x) gives the singular values of G_g^1/2 W G_x^1/2 (the damped
+    symmetric roots the fisher_svd decomposer uses) to 1e-9 relative, on ill-conditioned Grams."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    X = torch.randn(50, 6, generator=g, dtype=torch.float64) * torch.tensor([1e3, 1, 1, 1e-2, 1, 5.0],
+                                                                             dtype=torch.float64)
+    Y = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    Gx, Gg = X.T @ X, Y.T @ Y
+    curve = fisher_curve(W, Gx, Gg, 50, 40)
+    s = torch.linalg.svdvals(psd_power(Gg, "g", 0.5) @ W @ psd_power(Gx, "x", 0.5))
+    want = torch.cat([torch.flip(torch.cumsum(torch.flip(s ** 2, [0]), 0), [0]), torch.zeros(1, dtype=s.dtype)])
+    np.testing.assert_allclose(curve, (want / (2 * 50 * 40)).numpy(), rtol=1e-9, atol=1e-12 * float(want[0]))
+
+
+def test_fisher_curves_reuse_stored_output_grams(profiled, monkeypatch):
+    """add_fisher_curves on a profile that already stores every output Gram runs no backward pass and writes
+    the same curves (to 1e-12) as the run that computed the Grams."""
+    import rankalloc.profiling.fisher as fisher
+
+    model, ids, prof = profiled
+    assert prof.has_output_grams()
+    before = prof.curve_set(["fisher", "fisher_svd"])
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("output-gradient Grams recomputed")
+
+    monkeypatch.setattr(fisher, "output_gradient_grams", no_backward)
+    again = fisher.add_fisher_curves(prof, model, ids, progress=False)
+    for k in ("fisher", "fisher_svd"):
+        for c in prof.components:
+            np.testing.assert_allclose(again[k][c.name], before.errors[k][c.name], rtol=1e-12, atol=0)
+    with pytest.raises(AssertionError, match="recomputed"):
+        fisher.add_fisher_curves(prof, model, ids, progress=False, reuse_grams=False)
+
+
 def test_fisher_svd_curve_equals_kfac_of_svd_truncation():
     """fisher_svd(r) = ||G_g^1/2 (W - W_r) S||^2 / (2 N N_loss) for the SVD-LLM truncation W_r = U_r S_r V_r^T S^-1."""
     g = torch.Generator().manual_seed(0)
