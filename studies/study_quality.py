@@ -74,6 +74,29 @@ def _rss_watch():
         return None
 
 
+def solver_gaps(prof, kind: str, ratios, solvers=("exact", "lagrangian", "greedy", "epsilon", "uniform"),
+                grid: int = 16):
+    """How each solver does on ONE objective (curve kind ``kind``, method svd) at each ratio: objective,
+    certified lower bound where it has one, and the objective relative to the exact optimum. Solving
+    only; nothing is compressed."""
+    import pandas as pd
+
+    from rankalloc.allocators.registry import get_solver
+    from rankalloc.studies.pipeline import method_curves, problem_for
+
+    curves = method_curves(prof, "svd", grid=grid)
+    rows = []
+    for ratio in ratios:
+        problem = problem_for(prof, "svd", kind, ratio, grid=grid, curves=curves)
+        found = {name: get_solver(name).solve(problem) for name in solvers}
+        best = found["exact"].objective if "exact" in found else float("nan")
+        for name, a in found.items():
+            rows.append(dict(ratio=ratio, kind=kind, solver=name, status=str(a.status), objective=a.objective,
+                             lower_bound=a.lower_bound, vs_exact=a.objective / best,
+                             removed_linear=a.removed(), solve_s=a.solve_seconds))
+    return pd.DataFrame(rows)
+
+
 def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True,
                 throughput: bool = False):
     """Rows of (method, kind, solver, grid, ratio, objective, removed, ppl, ...) as a DataFrame.
@@ -170,6 +193,10 @@ def main(argv=None) -> int:
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     prof = profile(run, kinds=tuple(args.kinds.split(",")), out=args.profile)
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    gaps = solver_gaps(prof, RECOMMENDED[1], ratios)
+    gaps.to_csv(out / "solvers.csv", index=False)
+    print(f"solvers on the recommended objective ({RECOMMENDED[1]} curves, grid 16):")
+    print(markdown_table(gaps), flush=True)
     df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput)
     df.to_csv(out / "quality.csv", index=False)
     print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
