@@ -230,7 +230,9 @@ def repair_and_fill(E: np.ndarray, C: np.ndarray, offsets: np.ndarray, limits: n
             fits = (delta <= room[:, None]).all(axis=0)
             gain = np.where(fits, E[pos][owner] - E, 0.0)
             if by_ratio:
-                spend = np.maximum(delta, 0.0).T @ (1.0 / np.maximum(room, 1e-300))
+                # a resource with no room left admits no positive spend (``fits`` is False), so it weighs 0
+                inv = np.divide(1.0, room, out=np.zeros_like(room), where=room > 0)
+                spend = np.maximum(delta, 0.0).T @ inv
                 gain = np.where(gain > 0, gain / np.maximum(spend, 1e-300), 0.0)
             k = int(np.argmax(gain))
             if gain[k] <= 0:
