@@ -233,7 +233,11 @@ def repair_and_fill(E: np.ndarray, C: np.ndarray, offsets: np.ndarray, limits: n
                 # a resource with no room left admits no positive spend (``fits`` is False), so it weighs 0
                 inv = np.divide(1.0, room, out=np.zeros_like(room), where=room > 0)
                 spend = np.maximum(delta, 0.0).T @ inv
-                gain = np.where(gain > 0, gain / np.maximum(spend, 1e-300), 0.0)
+                free = (gain > 0) & (spend <= 0)  # an error drop that spends nothing comes first, largest first
+                if free.any():
+                    gain = np.where(free, gain, 0.0)
+                else:
+                    gain = np.divide(gain, spend, out=np.zeros_like(gain), where=(gain > 0) & (spend > 0))
             k = int(np.argmax(gain))
             if gain[k] <= 0:
                 break
