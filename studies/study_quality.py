@@ -40,6 +40,64 @@ DEFAULT_COMBOS = (
 )
 
 
+LABELS = {
+    # (method, kind, solver, grid) -> what the row is, in the README's words
+    ("svd", "whitened", "uniform", 16): "whitened SVD, uniform ratio (SVD-LLM rule, ranks snapped down to 16)",
+    ("svd", "whitened", "uniform", 1): "whitened SVD, uniform ratio on grid 1 (removes the nominal fraction)",
+    ("svd", "epsilon", "epsilon", 16): "whitened SVD, one weight-space tolerance ε (PGSVD rule)",
+    ("svd", "energy", "greedy", 16): "whitened SVD, greedy on normalized energy (SoLA rule)",
+    ("svd", "whitened", "exact", 16): "whitened SVD, exact optimum of the raw whitened error",
+    ("svd", "fisher_svd", "greedy", 16): "whitened SVD, greedy on `fisher_svd`",
+    ("svd", "fisher_svd", "lagrangian", 16): "whitened SVD, Lagrangian on `fisher_svd`",
+    ("svd", "fisher_svd", "exact", 16): "**recommended: whitened SVD, exact optimum of `fisher_svd`**",
+    ("fisher_svd", "fisher", "exact", 16): "two-sided Fisher SVD, exact optimum of `fisher`",
+    ("pgsvd", "fisher_svd", "exact", 16): "PGSVD (SVD start + ALS), exact optimum of `fisher_svd`",
+    ("sola", "fisher_svd", "exact", 16): "SoLA split FFN, exact optimum of `fisher_svd`",
+    ("sola", "energy", "greedy", 16): "SoLA split FFN, greedy on normalized energy (paper)",
+    ("flat", "whitened", "iprs", 16): "FLAT head-wise PCA, IPRS (paper)",
+    ("flat", "fisher", "exact", 16): "FLAT head-wise PCA, exact optimum of `fisher`",
+    ("sslc", "whitened", "uniform", 16): "SSLC sparse + low-rank, uniform ratio",
+    ("sslc", "energy", "greedy", 16): "SSLC sparse + low-rank, greedy on normalized energy",
+}
+
+
+def readme_table(df, baseline=("svd", "whitened", "uniform", 1)) -> str:
+    """The README's quality table from one or more runs' rows: one line per (method, kind, solver, grid),
+    one column per ratio with ppl, x ``baseline`` at that ratio and the fraction actually removed, plus
+    the line's mean compression time (solve excluded). Cells never run say so."""
+    df = df.copy()
+    if "grid" not in df.columns:
+        df["grid"] = 16
+    df["grid"] = df["grid"].fillna(16).astype(int)
+    key_cols = ["method", "kind", "solver", "grid"]
+    ratios = sorted(df.ratio.unique())
+    base = df[(df[key_cols] == pd_row(baseline, key_cols)).all(axis=1)].groupby("ratio").ppl.last()
+    keys = list(dict.fromkeys(tuple(r) for r in df[key_cols].itertuples(index=False)))
+    keys.sort(key=lambda k: list(LABELS).index(k) if k in LABELS else len(LABELS))
+    head = ["method and allocation", "curve kind", "solver"] + [f"ppl at {r:.0%} removed" for r in ratios] + \
+        ["compress s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(ratios) + 1)]
+    for key in keys:
+        sub = df[(df[key_cols] == pd_row(key, key_cols)).all(axis=1)].groupby("ratio").last()
+        cells = []
+        for r in ratios:
+            if r not in sub.index:
+                cells.append("not run")
+                continue
+            p, rm = sub.loc[r, "ppl"], sub.loc[r, "removed_linear"]
+            times = f" ×{p / base[r]:.2f}" if r in base.index and key != tuple(baseline) else ""
+            cells.append(f"{p:.1f}{times} ({rm:.1%})")
+        label = LABELS.get(key, f"{key[0]}, {key[2]} on `{key[1]}` (grid {key[3]})")
+        lines.append(f"| {label} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {sub.compress_s.mean():.0f} |")
+    return "\n".join(lines)
+
+
+def pd_row(key, cols):
+    import pandas as pd
+
+    return pd.Series(dict(zip(cols, key)))
+
+
 def markdown_table(df) -> str:
     """A GitHub markdown table of ``df`` (floats to 4 significant digits)."""
     def cell(v):
@@ -102,8 +160,8 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     """Rows of (method, kind, solver, grid, ratio, objective, removed, ppl, ...) as a DataFrame.
 
     ``combos``: ``(method, kind, solver[, grid])`` tuples. Per row: solve and compression time, and the
-    peak RSS of the process above its pre-row value while solving and compressing (``compress_peak_mib``,
-    the deep copy of the model included). ``throughput``: prefill/decode tokens per second of the dense
+    peak RSS of the whole process while solving and compressing (``compress_rss_mib``: the dense model,
+    its deep copy and the method's working set; run one combo per fresh process to compare methods). ``throughput``: prefill/decode tokens per second of the dense
     model and of every compressed one (:func:`decomposers.evaluate.throughput`, eval_seqlen-token prompt, 32
     generated tokens, batch 1).
     """
@@ -144,7 +202,7 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
                        ppl=res.ppl, dense_ppl=dense.ppl, ppl_vs_uniform=float("nan"),
                        nonfinite=res.nonfinite_tokens, solve_s=allocation.solve_seconds,
                        compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds,
-                       compress_peak_mib=(watch.peak - watch.base) / 2**20 if watch is not None else float("nan"))
+                       compress_rss_mib=watch.peak / 2**20 if watch is not None else float("nan"))
             if speed is not None:
                 sp = measure_speed(model, prompt_len=run.eval_seqlen, progress=False)
                 row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s,
@@ -180,7 +238,17 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput", action="store_true",
                     help="also measure prefill/decode tokens per second of the dense and every compressed model")
     ap.add_argument("--out", default="runs/quality")
+    ap.add_argument("--table", nargs="+", default=None, metavar="QUALITY_CSV",
+                    help="only print the README table from the quality.csv files of earlier runs, and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        import pandas as pd
+
+        df = pd.concat([pd.read_csv(f) for f in args.table], ignore_index=True)
+        print(f"dense perplexity {df.dense_ppl.iloc[0]:.2f}; ×: perplexity over the grid-1 uniform row's at that ratio; "
+              f"(%): linear parameters actually removed")
+        print(readme_table(df))
+        return 0
 
     import rankalloc  # noqa: F401
     from rankalloc.studies.pipeline import prepare, profile
@@ -202,7 +270,7 @@ def main(argv=None) -> int:
     print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
           f"decoder linear-layer parameters removed.")
     cols = ["ratio", "method", "kind", "solver", "grid", "ppl", "ppl_vs_uniform", "removed_linear", "objective",
-            "status", "solve_s", "compress_s", "compress_peak_mib"]
+            "status", "solve_s", "compress_s", "compress_rss_mib"]
     cols += [c for c in ("prefill_tok_s", "decode_tok_s") if c in df.columns]
     print(markdown_table(df[cols]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -25,7 +25,7 @@ def test_parse_combo_grid_and_errors():
 def test_run_quality_grid_memory_and_throughput(tmp_path):
     """On a tiny model at 30% removed: uniform on grid 1 removes at least the nominal 30% and no more than
     uniform snapped to grid 16 does; greedy on grid 4 lands within 5 points of 30%; every row has a finite
-    perplexity, a non-negative compression peak RSS and positive prefill/decode speeds; ppl_vs_uniform is
+    perplexity, a positive process peak RSS while compressing and positive prefill/decode speeds; ppl_vs_uniform is
     relative to the grid-16 uniform row (1 there, ppl/uniform elsewhere)."""
     from rankalloc.studies.pipeline import prepare, profile
 
@@ -39,8 +39,27 @@ def test_run_quality_grid_memory_and_throughput(tmp_path):
     fine, coarse = df.removed_linear.iloc[1], df.removed_linear.iloc[0]
     assert 0.3 <= fine <= coarse + 1e-12
     assert math.isclose(df.removed_linear.iloc[2], 0.3, abs_tol=0.05)
-    assert df.ppl.map(math.isfinite).all() and (df.compress_peak_mib >= 0).all()
+    assert df.ppl.map(math.isfinite).all() and (df.compress_rss_mib > 0).all()
     assert (df.prefill_tok_s > 0).all() and (df.decode_tok_s > 0).all() and (df.dense_prefill_tok_s > 0).all()
     assert df.ppl_vs_uniform.iloc[0] == 1.0
     assert math.isclose(df.ppl_vs_uniform.iloc[1], df.ppl.iloc[1] / df.ppl.iloc[0])
     assert math.isfinite(dense.ppl)
+
+
+def test_readme_table_cells():
+    """The README table: one line per (method, kind, solver, grid), known lines in LABELS order, ppl x the
+    grid-1 uniform row at the same ratio, the removed fraction, and "not run" for a missing ratio."""
+    import pandas as pd
+
+    from rankalloc.studies.study_quality import readme_table
+
+    rows = [dict(method="svd", kind="fisher_svd", solver="exact", grid=16, ratio=0.2, ppl=30.0, removed_linear=0.2,
+                 compress_s=10.0),
+            dict(method="svd", kind="whitened", solver="uniform", grid=1, ratio=0.2, ppl=60.0, removed_linear=0.201,
+                 compress_s=20.0),
+            dict(method="svd", kind="whitened", solver="uniform", grid=1, ratio=0.4, ppl=200.0, removed_linear=0.401,
+                 compress_s=30.0)]
+    lines = readme_table(pd.DataFrame(rows)).splitlines()
+    assert len(lines) == 4 and "grid 1" in lines[2] and "recommended" in lines[3]
+    assert "| 60.0 (20.1%) | 200.0 (40.1%) | 25 |" in lines[2]
+    assert "| 30.0 ×0.50 (20.0%) | not run | 10 |" in lines[3]
