@@ -28,6 +28,7 @@ about 1.8x faster for the Gram products on CPU, and accurate to about 1e-6 of th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,24 @@ class _Deduper:
         return u
 
 
+@contextlib.contextmanager
+def replaced_forwards(layers, make_forward):
+    """Give each of ``layers`` the instance ``forward`` ``make_forward(i)`` inside the block; afterwards every
+    layer gets back exactly what it had (its own instance attribute, or none: the class forward)."""
+    layers = list(layers)
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = make_forward(i)
+        yield
+    finally:
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = fwd
+
+
 def batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)]
 
@@ -133,7 +152,6 @@ def capture_inputs(model, structure: DecoderStructure, ids: torch.Tensor, batch_
     in_device = embed.weight.device if embed is not None else next(model.parameters()).device
     hidden, calls = [], [[] for _ in layers]
     current: dict = {}
-    saved = [layer.__dict__.get("forward") for layer in layers]
 
     def recorder(i):
         def forward(*args, **kwargs):
@@ -150,9 +168,7 @@ def capture_inputs(model, structure: DecoderStructure, ids: torch.Tensor, batch_
         return forward
 
     move = _Deduper(device)
-    try:
-        for i, layer in enumerate(layers):
-            layer.forward = recorder(i)
+    with replaced_forwards(layers, recorder):
         for b in batches(ids, batch_size):
             current.clear()
             try:
@@ -169,12 +185,6 @@ def capture_inputs(model, structure: DecoderStructure, ids: torch.Tensor, batch_
             for i in range(len(layers)):
                 calls[i].append(_map_tensors(current[i], move))
             move.seen.clear()
-    finally:
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = fwd
     check_finite(torch.stack([h.abs().amax() for h in hidden]),
                  f"input of decoder layer 0 ({structure.layers_path}.0, the embedding output)")
     return Captured(hidden, calls)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rankalloc.profiling.architectures import find_structure, weight_of
+from rankalloc.profiling.calibration import replaced_forwards
 from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, damped_cholesky, svd
 
 # ----------------------------------------------------------------------------- model helpers
@@ -166,23 +167,13 @@ class LayerCache:
     @torch.no_grad()
     def loss(self, start: int) -> float:
         """Mean probe loss, running only layers ``start..L-1`` (and everything after the layers)."""
-        stubbed = list(self.layers)[:start]
-        saved = [layer.__dict__.get("forward") for layer in stubbed]
-        for j, layer in enumerate(stubbed):
-            layer.forward = self._stub(j)
-        try:
+        with replaced_forwards(list(self.layers)[:start], self._stub):
             total, count = 0.0, 0
             for b, batch in enumerate(self.batches):
                 self._batch = b
                 loss, n = token_loss_sum(self.model, batch)
                 total += float(loss.double())
                 count += n
-        finally:
-            for layer, fwd in zip(stubbed, saved):
-                if fwd is None:
-                    layer.__dict__.pop("forward", None)
-                else:
-                    layer.forward = fwd
         if not math.isfinite(total):
             raise ValueError(f"probe loss is not finite ({total}) when rerunning from layer {start}")
         return total / count

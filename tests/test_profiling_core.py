@@ -416,3 +416,20 @@ def test_too_short_text_is_refused(tmp_path):
     with pytest.raises(ValueError, match="tokens"):
         run(tiny_model("llama"), ["A short article.", "Another short article."], tmp_path, tokenizer=tok,
             n_samples=64, seqlen=128)
+
+
+def test_replaced_forwards_restores_on_error():
+    """replaced_forwards: inside, every layer runs the given forward; after the block, even when it raised,
+    a layer without an instance forward uses its class forward again and one with its own keeps it."""
+    from rankalloc.profiling.calibration import replaced_forwards
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    own = lambda x: x * 0  # noqa: E731
+    b.forward = own
+    x = torch.ones(1, 2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with replaced_forwards([a, b], lambda i: (lambda x: x + i)):
+            assert torch.equal(a(x), x) and torch.equal(b(x), x + 1)
+            raise RuntimeError("boom")
+    assert "forward" not in a.__dict__ and torch.allclose(a(x), torch.nn.functional.linear(x, a.weight, a.bias))
+    assert b.__dict__["forward"] is own
