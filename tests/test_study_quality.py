@@ -63,3 +63,19 @@ def test_readme_table_cells():
     assert len(lines) == 4 and "grid 1" in lines[2] and "recommended" in lines[3]
     assert "| 60.0 (20.1%) | 200.0 (40.1%) | 25 |" in lines[2]
     assert "| 30.0 ×0.50 (20.0%) | not run | 10 |" in lines[3]
+
+
+def test_within_ratio_spearman_groups_by_budget():
+    """within_ratio_spearman ranks predictions against measurements inside each ratio and averages: a kind
+    that orders each budget's allocations perfectly scores 1 even when its values are far apart across
+    budgets, and one that inverts them scores -1; pooled Spearman of the latter would not say so."""
+    import pandas as pd
+
+    from rankalloc.studies.study_agreement import within_ratio_spearman
+
+    per = pd.DataFrame({"allocation": [f"{r}:s{i}:k" for r in ("0.20", "0.40") for i in range(3)],
+                        "measured_increase": [1.0, 2.0, 3.0, 10.0, 20.0, 30.0],
+                        "pred_good": [5.0, 6.0, 7.0, 0.1, 0.2, 0.3],
+                        "pred_bad": [3.0, 2.0, 1.0, 30.0, 20.0, 10.0]})
+    got = within_ratio_spearman(per, ["good", "bad"])
+    assert got["good"] == pytest.approx(1.0) and got["bad"] == pytest.approx(-1.0)
