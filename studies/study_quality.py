@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-RECOMMENDED = ("svd", "fisher_svd", "exact")
-"""The library's recommended combination: whitened SVD, priced by the loss-unit curve of that truncation,
-solved exactly."""
+RECOMMENDED = ("fisher_svd", "fisher", "exact")
+"""The library's recommended combination: two-sided Fisher-whitened SVD, allocated by the exact optimum of the
+``fisher`` curves, which price exactly that truncation."""
+
+RECOMMENDED_SVD = ("svd", "fisher_svd", "exact")
+"""Recommended when plain SVD-LLM factors are wanted: whitened SVD priced by its own loss-unit curve."""
 
 DEFAULT_COMBOS = (
     # (method, curve kind, solver)
@@ -32,8 +35,8 @@ DEFAULT_COMBOS = (
     ("svd", "whitened", "exact"),         # exact optimum of the raw whitened error
     ("svd", "fisher_svd", "greedy"),
     ("svd", "fisher_svd", "lagrangian"),
-    ("svd", "fisher_svd", "exact"),       # recommended
-    ("fisher_svd", "fisher", "exact"),    # two-sided Fisher whitening, its own curve
+    ("svd", "fisher_svd", "exact"),       # RECOMMENDED_SVD
+    ("fisher_svd", "fisher", "exact"),    # RECOMMENDED: two-sided Fisher whitening, its own curve
     ("pgsvd", "fisher_svd", "exact"),
     ("sola", "fisher_svd", "exact"),
     ("flat", "whitened", "iprs"),
@@ -49,8 +52,9 @@ LABELS = {
     ("svd", "whitened", "exact", 16): "whitened SVD, exact optimum of the raw whitened error",
     ("svd", "fisher_svd", "greedy", 16): "whitened SVD, greedy on `fisher_svd`",
     ("svd", "fisher_svd", "lagrangian", 16): "whitened SVD, Lagrangian on `fisher_svd`",
-    ("svd", "fisher_svd", "exact", 16): "**recommended: whitened SVD, exact optimum of `fisher_svd`**",
-    ("fisher_svd", "fisher", "exact", 16): "two-sided Fisher SVD, exact optimum of `fisher`",
+    ("svd", "fisher_svd", "exact", 16): "**recommended for plain SVD factors: whitened SVD, exact optimum of "
+                                         "`fisher_svd`**",
+    ("fisher_svd", "fisher", "exact", 16): "**recommended: two-sided Fisher SVD, exact optimum of `fisher`**",
     ("pgsvd", "fisher_svd", "exact", 16): "PGSVD (SVD start + ALS), exact optimum of `fisher_svd`",
     ("sola", "fisher_svd", "exact", 16): "SoLA split FFN, exact optimum of `fisher_svd`",
     ("sola", "energy", "greedy", 16): "SoLA split FFN, greedy on normalized energy (paper)",

@@ -60,7 +60,7 @@ def test_readme_table_cells():
             dict(method="svd", kind="whitened", solver="uniform", grid=1, ratio=0.4, ppl=200.0, removed_linear=0.401,
                  compress_s=30.0)]
     lines = readme_table(pd.DataFrame(rows)).splitlines()
-    assert len(lines) == 4 and "grid 1" in lines[2] and "recommended" in lines[3]
+    assert len(lines) == 4 and "grid 1" in lines[2] and "recommended for plain SVD factors" in lines[3]
     assert "| 60.0 (20.1%) | 200.0 (40.1%) | 25 |" in lines[2]
     assert "| 30.0 ×0.50 (20.0%) | not run | 10 |" in lines[3]
 
