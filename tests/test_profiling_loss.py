@@ -375,7 +375,7 @@ def test_flat_curve_set_components_and_pricing(profiled):
     hd, heads, kv = cfg["head_dim"], cfg["heads"], cfg["kv_heads"]
     cost = FlatParams(hd, heads, kv)
     kinds = {c.kind for c in cs.components}
-    assert kinds == {"q", "k", "gate", "up", "down", "vo"} and "fisher" in cs.kinds
+    assert kinds == {"q", "k", "gate", "up", "down", "vo"} and {"fisher", "fisher_svd"} <= set(cs.kinds)
     for layer in range(2):
         vo = cs.component(f"model.layers.{layer}.self_attn.vo")
         v = prof.component(f"model.layers.{layer}.self_attn.v_proj")
@@ -393,6 +393,10 @@ def test_flat_curve_set_components_and_pricing(profiled):
         assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-9 * float(D.abs().max()))
         for kind in cs.kinds:
             Curve(vo, np.arange(hd + 1), cs.errors[kind][vo.name])
+        # fisher_svd prices what the FLAT decomposer builds: the vo curve, plus one-sided curves elsewhere
+        np.testing.assert_array_equal(cs.errors["fisher_svd"][vo.name], cs.errors["fisher"][vo.name])
+        for name in (f"model.layers.{layer}.mlp.up_proj", f"model.layers.{layer}.self_attn.q_proj"):
+            np.testing.assert_array_equal(cs.errors["fisher_svd"][name], prof.curve_set().errors["fisher_svd"][name])
 
 
 # ------------------------------------------------------------------------------------------- SSLC
