@@ -159,6 +159,17 @@ def solver_gaps(prof, kind: str, ratios, solvers=("exact", "lagrangian", "greedy
     return pd.DataFrame(rows)
 
 
+def gap_table(gaps) -> str:
+    """Markdown: one line per solver, one column per (kind, ratio), cells objective / exact optimum."""
+    cols = list(dict.fromkeys(zip(gaps.kind, gaps.ratio)))
+    head = "| solver | " + " | ".join(f"`{k}` {r:.0%}" for k, r in cols) + " |"
+    lines = [head, "|---|" + "---:|" * len(cols)]
+    for solver in dict.fromkeys(gaps.solver):
+        sub = gaps[gaps.solver == solver].set_index(["kind", "ratio"]).vs_exact
+        lines.append(f"| {solver} | " + " | ".join(f"×{sub[c]:.4f}" if c in sub.index else "–" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True,
                 throughput: bool = False):
     """Rows of (method, kind, solver, grid, ratio, objective, removed, ppl, ...) as a DataFrame.
@@ -276,6 +287,8 @@ def main(argv=None) -> int:
     print(f"solvers on the objectives {gap_kinds} (method svd, grid 16; vs_exact = objective / exact optimum):")
     print(markdown_table(gaps[["kind", "ratio", "solver", "status", "objective", "lower_bound", "vs_exact",
                                "removed_linear", "solve_s"]]), flush=True)
+    print()
+    print(gap_table(gaps), flush=True)
     if args.gaps:
         return 0
     df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput)
