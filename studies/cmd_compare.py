@@ -21,7 +21,8 @@ The table is written to OUT/compare.csv, each allocation to OUT/allocations/*.js
 The profile is computed once and cached (or give one with --profile); later runs reuse it.
 
 examples:
-  rankalloc compare --ratios 0.2,0.3,0.4 --solvers uniform,greedy,exact --kinds fisher --out runs/compare
+  rankalloc compare --ratios 0.2,0.3,0.4 --solvers uniform,greedy,exact --out runs/compare
+  rankalloc compare --methods svd,sola --kinds fisher_svd --ratios 0.3
   rankalloc compare --model ./my-llama --text corpus.txt --samples 32 --seqlen 256 --methods svd,pgsvd
   rankalloc compare --profile runs/smollm2 --kinds whitened,fisher --ratios 0.3 --windows 20
   rankalloc compare --plugin studies/examples/bandwidth_cost.py --cost bandwidth --ratios 0.2
@@ -41,10 +42,12 @@ def add_arguments(parser) -> None:
                         help="budgets: fractions of the dense cost REMOVED (default 0.2,0.3,0.4)")
     parser.add_argument("--solvers", default="uniform,greedy,lagrangian,exact", metavar="S1,S2",
                         help="solvers (default uniform,greedy,lagrangian,exact)")
-    parser.add_argument("--methods", default="svd", metavar="M1,M2",
-                        help="decomposition methods: svd, fisher_svd, pgsvd, sola, sslc, flat (default svd)")
+    parser.add_argument("--methods", default="fisher_svd", metavar="M1,M2",
+                        help="decomposition methods: svd, fisher_svd, pgsvd, sola, sslc, flat (default fisher_svd: "
+                             "with the default kind fisher, the README's recommended combination)")
     parser.add_argument("--kinds", default="fisher", metavar="K1,K2",
-                        help="curve kinds the allocators minimise (default fisher)")
+                        help="curve kinds the allocators minimise (default fisher; with --methods svd, sola, pgsvd or "
+                             "flat use fisher_svd, which prices their one-sided truncation)")
     parser.add_argument("--cost", default="params", metavar="MODEL",
                         help="budgeted resource: params, flops, kv, bytes, or a plugin's (default params)")
     parser.add_argument("--grid", type=int, default=16, metavar="G", help="rank grid (default 16)")

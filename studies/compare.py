@@ -32,7 +32,7 @@ def _name(method: str, kind: str, solver: str, removed: float) -> str:
 
 
 def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("uniform", "exact"),
-            methods: Sequence[str] = ("svd",), kinds: Sequence[str] = ("fisher",), *, cost: str = "params",
+            methods: Sequence[str] = ("fisher_svd",), kinds: Sequence[str] = ("fisher",), *, cost: str = "params",
             grid: int = 16, time_limit: float | None = None, out: str | Path | None = None, batch_size: int = 4,
             progress: bool = True, log: Callable[[str], None] | None = None):
     """Solve, compress and evaluate every (method, kind, budget, solver); returns a ``pandas.DataFrame``.
