@@ -21,9 +21,9 @@ per-head diagonal blocks of ``C`` (the covariance is stored per head) gives
 ``fisher_svd`` prices what the FLAT decomposer builds: that ``vo`` curve, plus the one-sided
 (whitened SVD) ``fisher_svd`` curves of q, k, gate, up and down, which the decomposer factorizes by
 whitened SVD. ``fisher`` pairs the same ``vo`` curve with the two-sided curves of the others, which
-underprice their whitened-SVD truncation. Even ``fisher_svd`` is a second-order estimate: on SmolLM2
-its exact optimum cuts q_proj to ranks 16-96 of 576 at 40% removed, where the estimate is far off
-(perplexity 297 against 130 for IPRS); see the README's quality table.
+underprice their whitened-SVD truncation. Even with ``fisher_svd``, the exact optimum did worse than
+IPRS on SmolLM2 at 30-40% removed (perplexity 297 against 130 at 40%; cause not established), so
+FLAT's allocator is IPRS; see the README's quality table.
 """
 
 from __future__ import annotations
