@@ -24,7 +24,7 @@ import torch
 
 from rankalloc.decomposers.base import (Factors, allocation_items, apply_targets, check_matrix, check_profile_component,
                                         input_gram, linear_target, low_rank_module, weight_matrix)
-from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, psd_power, svd, tail_sums
+from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, psd_roots, svd, tail_sums
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,10 @@ class FisherSVDConfig:
 
 
 def fisher_svd(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, damp: float = 1e-6,
-               output_damp: float = 1e-6, name: str = "matrix") -> Factors:
+               output_damp: float = 1e-6, name: str = "matrix", x_roots=None) -> Factors:
     """Rank-``rank`` factors ``A = G_g^{-1/2} U_r Sigma_r``, ``B = V_r^T G_x^{-1/2}`` (see module docstring).
+
+    ``x_roots``: ``psd_roots(Gx, ..., Damping(damp))`` when already computed (matrices sharing an input).
 
     ``Factors.error`` is ``sum_{i>r} sigma_i^2``: the predicted Fisher-weighted error under the damped Grams.
     """
@@ -52,12 +54,11 @@ def fisher_svd(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, d
         raise ValueError(f"{name} ({m}x{n}): expected an output-gradient Gram of shape ({m}, {m}), "
                          f"received {tuple(Gg.shape)}")
     W = W.detach().to(PRECISION)
-    Gx = Gx.to(device=W.device, dtype=PRECISION)
     Gg = check_finite(Gg.to(device=W.device, dtype=PRECISION), f"output-gradient Gram of {name}")
-    Gx_half = psd_power(Gx, f"input Gram of {name}", 0.5, Damping(damp))
-    Gx_ihalf = psd_power(Gx, f"input Gram of {name}", -0.5, Damping(damp))
-    Gg_half = psd_power(Gg, f"output-gradient Gram of {name}", 0.5, Damping(output_damp))
-    Gg_ihalf = psd_power(Gg, f"output-gradient Gram of {name}", -0.5, Damping(output_damp))
+    if x_roots is None:
+        x_roots = psd_roots(Gx.to(device=W.device, dtype=PRECISION), f"input Gram of {name}", Damping(damp))
+    Gx_half, Gx_ihalf = x_roots
+    Gg_half, Gg_ihalf = psd_roots(Gg, f"output-gradient Gram of {name}", Damping(output_damp))
     U, sigma, Vh = svd(Gg_half @ W @ Gx_half, f"G_g^1/2 W G_x^1/2 of {name}")
     A = Gg_ihalf @ (U[:, :rank] * sigma[:rank])
     B = Vh[:rank] @ Gx_ihalf
@@ -77,10 +78,17 @@ def compress_fisher_svd(model, allocation, config: FisherSVDConfig, profile, pro
         if not t.choice.is_dense:
             check_profile_component(profile, t.component)
 
+    keys = profile.meta.get("gram_keys", {})
+    shared: dict = {}  # the input roots of the last Gram seen: q/k/v and gate/up read one input
+
     def make(t):
         Gg = profile.output_gram(t.name)
-        f = fisher_svd(weight_matrix(t.module).detach(), input_gram(profile, t), Gg, int(t.choice.rank),
-                       config.damp, config.output_damp, t.name)
+        Gx = input_gram(profile, t)
+        key = keys.get(t.name, t.name)
+        if shared.get("key") != key:
+            shared.update(key=key, roots=psd_roots(Gx, f"input Gram of {t.name}", Damping(config.damp)))
+        f = fisher_svd(weight_matrix(t.module).detach(), Gx, Gg, int(t.choice.rank), config.damp,
+                       config.output_damp, t.name, x_roots=shared["roots"])
         return low_rank_module(t.module, f)
 
     return apply_targets(model, targets, make, progress, "fisher_svd")

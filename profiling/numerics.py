@@ -90,8 +90,8 @@ def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping()) ->
         f"Increase damping or use more calibration samples.")
 
 
-def psd_power(G: torch.Tensor, name: str, power: float, damping: Damping = Damping()) -> torch.Tensor:
-    """``(G + delta I)^power`` for a symmetric PSD ``G`` via float64 eigh (power 1/2 or -1/2).
+def psd_roots(G: torch.Tensor, name: str, damping: Damping = Damping()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((G + delta I)^{1/2}, (G + delta I)^{-1/2})`` for a symmetric PSD ``G`` from one float64 eigh.
 
     Eigenvalues are clamped at ``delta`` after damping, so negative round-off never gives NaNs.
     """
@@ -108,13 +108,21 @@ def psd_power(G: torch.Tensor, name: str, power: float, damping: Damping = Dampi
         except RuntimeError:
             damp *= damping.growth
             continue
-        lam = lam.clamp_min(delta)
-        out = (Q * lam.pow(power)) @ Q.T
-        if torch.isfinite(out).all():
-            return out
+        root = lam.clamp_min(delta).sqrt()
+        half, ihalf = (Q * root) @ Q.T, (Q / root) @ Q.T
+        if torch.isfinite(half).all() and torch.isfinite(ihalf).all():
+            return half, ihalf
         damp *= damping.growth
     raise NumericalError(f"eigh of the Gram matrix of {name} failed after {damping.retries} damping retries; "
                          f"increase damping or use more calibration samples")
+
+
+def psd_power(G: torch.Tensor, name: str, power: float, damping: Damping = Damping()) -> torch.Tensor:
+    """``(G + delta I)^power`` for a symmetric PSD ``G`` (power 1/2 or -1/2), via :func:`psd_roots`."""
+    if power not in (0.5, -0.5):
+        raise ValueError(f"psd_power: expected power 0.5 or -0.5, received {power!r}")
+    half, ihalf = psd_roots(G, name, damping)
+    return half if power == 0.5 else ihalf
 
 
 def singular_values(A: torch.Tensor, name: str) -> torch.Tensor:

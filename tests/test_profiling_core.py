@@ -433,3 +433,23 @@ def test_replaced_forwards_restores_on_error():
             raise RuntimeError("boom")
     assert "forward" not in a.__dict__ and torch.allclose(a(x), torch.nn.functional.linear(x, a.weight, a.bias))
     assert b.__dict__["forward"] is own
+
+
+def test_psd_roots_are_inverse_square_roots_of_the_damped_gram():
+    """psd_roots(G) = ((G + dI)^1/2, (G + dI)^-1/2) from one eigh, d = 1e-6 mean diag: the first squares to the
+    damped Gram, the two multiply to I, both are symmetric, and a rank-deficient Gram (a dead channel) stays
+    finite; psd_power returns the same matrices and refuses other powers."""
+    from rankalloc.profiling.numerics import psd_power, psd_roots
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    X[:, 2] = 0.0
+    G = X.T @ X
+    Gd = G + 1e-6 * G.diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    half, ihalf = psd_roots(G, "G")
+    assert torch.allclose(half @ half, Gd, rtol=1e-9, atol=1e-9 * float(Gd.abs().max()))
+    assert torch.allclose(half @ ihalf, torch.eye(6, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(half, half.T) and torch.isfinite(ihalf).all()
+    assert torch.equal(psd_power(G, "G", 0.5), half) and torch.equal(psd_power(G, "G", -0.5), ihalf)
+    with pytest.raises(ValueError, match="power 0.5 or -0.5"):
+        psd_power(G, "G", 2.0)
