@@ -272,8 +272,11 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
             profile._write_curves()
         for kind in kinds:
             if kind in LOSS_KINDS and kind not in profile.kinds:
+                t0 = time.perf_counter()
                 _loss_kind(kind)(profile, model, ids, device=dev, batch_size=batch_size, progress=progress)
                 profile = Profile.load(profile.path)
+                _add_timings(profile, {kind: time.perf_counter() - t0})  # e.g. "fisher": backward Grams + curves
+                profile._write_meta()
     finally:
         model.train(was_training)
     return profile
