@@ -49,6 +49,7 @@ priced separately by the ``Bytes`` cost model.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -223,9 +224,10 @@ class SparseLowRankLinear(LowRankLinear):
 
     ``S`` is stored as ``sparse_values`` (a parameter, ``nnz`` entries) and ``sparse_index`` (a persistent
     buffer of ascending flat indices ``i * in_features + j``; int32 when they fit), so it saves and loads
-    with safetensors. The forward scatters ``S`` into a dense scratch matrix and applies it: correct on
-    every dtype and device; it favours simplicity over speed (a CSR kernel can replace it later).
-    Weight entries stored: ``r (m + n) + nnz``.
+    with safetensors. Without autograd (inference, ``torch.no_grad``) in float32/float64, the forward
+    multiplies by a CSR copy of ``S`` built once and rebuilt only when the values or indices change;
+    otherwise (training, half precision) it scatters ``S`` into a dense scratch matrix, which is
+    differentiable and works on every dtype. Weight entries stored: ``r (m + n) + nnz``.
     """
 
     spec_type = "sslc"
@@ -244,8 +246,32 @@ class SparseLowRankLinear(LowRankLinear):
         flat = flat.index_put((self.sparse_index.long(),), self.sparse_values)
         return flat.view(self.out_features, self.in_features)
 
+    def sparse_csr(self) -> torch.Tensor:
+        """``S`` as a CSR tensor (values detached), cached until ``sparse_values``/``sparse_index`` change."""
+        v, idx = self.sparse_values, self.sparse_index
+        key = (v._version, idx._version, v.data_ptr(), idx.data_ptr(), v.dtype, v.device)
+        if self.__dict__.get("_csr_key") != key:
+            flat = idx.long()
+            crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
+            crow[1:] = torch.bincount(flat // self.in_features, minlength=self.out_features).cumsum(0)
+            try:
+                with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                    csr = torch.sparse_csr_tensor(crow, flat % self.in_features, v.detach(),
+                                                  (self.out_features, self.in_features), check_invariants=True)
+            except RuntimeError as exc:
+                raise ValueError(f"SparseLowRankLinear ({self.out_features}x{self.in_features}): sparse_index must "
+                                 f"hold ascending, distinct flat indices ({exc})") from None
+            self.__dict__["_csr"], self.__dict__["_csr_key"] = csr, key
+        return self.__dict__["_csr"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + F.linear(x, self.sparse_weight())
+        out = super().forward(x)
+        if (torch.is_grad_enabled() and self.sparse_values.requires_grad) or \
+                x.dtype not in (torch.float32, torch.float64) or x.dtype != self.sparse_values.dtype:
+            return out + F.linear(x, self.sparse_weight())
+        x2 = x.reshape(-1, self.in_features)
+        return out + torch.sparse.mm(self.sparse_csr(), x2.T).T.reshape(*x.shape[:-1], self.out_features)
 
     @classmethod
     def from_result(cls, result: SSLCResult, bias: torch.Tensor | None, dtype, device) -> "SparseLowRankLinear":

@@ -136,6 +136,29 @@ def test_module_roundtrips_through_safetensors(tmp_path):
     assert new.sparse_index.dtype == torch.int32 and torch.equal(new(x), mod(x))
 
 
+def test_module_csr_inference_path_matches_the_dense_path():
+    """Under no_grad the forward uses a cached CSR copy of S: it equals the differentiable dense path (1e-5), is
+    rebuilt after an in-place change of the sparse values, gradients still reach sparse_values with autograd
+    on, and indices that are not ascending are refused with the module's shape named."""
+    W, G = structured(24, 40, 8)
+    mod, _ = sslc_handler(nn.Linear(40, 24), Choice(3, 0.05), W.float(), G, SSLCConfig(iterations=2))
+    x = torch.randn(2, 5, 40)
+    dense = mod(x)  # autograd on: dense scatter path
+    with torch.no_grad():
+        fast = mod(x)
+        assert torch.allclose(fast, dense, atol=1e-5)
+        mod.sparse_values.mul_(2.0)
+        doubled = mod(x)
+    S = mod.sparse_weight().detach()
+    assert torch.allclose(doubled - fast, x @ (S / 2).T, atol=1e-5)
+    mod(x).sum().backward()
+    assert mod.sparse_values.grad is not None and torch.isfinite(mod.sparse_values.grad).all()
+    with torch.no_grad():
+        mod.sparse_index.copy_(mod.sparse_index.flip(0))
+        with pytest.raises(ValueError, match="24x40"):
+            mod(x)
+
+
 def test_rank_above_the_matrix_rank_is_guarded():
     """When r exceeds the rank of W, the BRP pseudo-inverse drops the empty directions: the factors are finite,
     still r wide (exact parameter count), and reproduce W exactly."""
