@@ -181,7 +181,8 @@ def fisher_svd_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_toke
 
 def add_fisher_curves(profile, model: torch.nn.Module, ids: torch.Tensor, device="cpu", batch_size: int = 4,
                       progress: bool = True, kinds: tuple[str, ...] = ("fisher", "fisher_svd"),
-                      gram_dtype: str | None = None, reuse_grams: bool = True) -> dict[str, dict]:
+                      gram_dtype: str | None = None, reuse_grams: bool = True,
+                      samples: int | None = None) -> dict[str, dict]:
     """Compute output-gradient Grams on the calibration ``ids``, store them, and write the curve kinds.
 
     ``ids`` must be the profile's calibration ids (its input Grams count ``profile.tokens`` positions).
@@ -190,22 +191,35 @@ def add_fisher_curves(profile, model: torch.nn.Module, ids: torch.Tensor, device
     (one full backward pass per batch). ``reuse_grams``: when the profile already stores every
     output-gradient Gram (an earlier run, or an interrupted one that got past the backward passes),
     the curves are computed from them without another backward pass.
+    ``samples``: accumulate the output-gradient Grams on the first ``samples`` calibration sequences
+    only (default all). The backward passes dominate profiling time on a CPU, and ``G_g`` is
+    normalised by its own predicted-token count, so a subset keeps the scale; the count is
+    recorded as ``meta["fisher_loss_tokens"]`` (:attr:`Profile.fisher_loss_tokens`).
     """
     unknown = set(kinds) - {"fisher", "fisher_svd"}
     if unknown or not kinds:
         raise ValueError(f"kinds: expected a non-empty subset of ('fisher', 'fisher_svd'), received {kinds!r}")
     check_calibration_ids(profile, ids)
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
+                                or not 1 <= samples <= ids.shape[0]):
+        raise ValueError(f"samples: expected an integer in 1..{ids.shape[0]} (the calibration sequences), "
+                         f"received {samples!r}")
+    gids = ids if samples is None else ids[:samples]
+    n_loss = loss_token_count(gids)
     damping = profile_damping(profile)
     comps = list(profile.components)
     modules = {c.name: component_module(model, c.name) for c in comps}
-    if reuse_grams and profile.has_output_grams():
+    if reuse_grams and profile.has_output_grams() and profile.fisher_loss_tokens == n_loss:
         output_gram = profile.output_gram
     else:
         gram_dtype = gram_dtype or profile.meta.get("settings", {}).get("gram_dtype", "float64")
-        grams = output_gradient_grams(model, ids, modules, device, batch_size, progress, gram_dtype)
+        grams = output_gradient_grams(model, gids, modules, device, batch_size, progress, gram_dtype)
         profile.write_output_grams(grams)
+        profile.meta["fisher_loss_tokens"] = n_loss
+        profile.meta["fisher_samples"] = int(gids.shape[0])
+        profile._write_meta()
         output_gram = grams.__getitem__
-    scale = _scale(profile.tokens, loss_token_count(ids))
+    scale = _scale(profile.tokens, n_loss)
     tail_fn = {"fisher": _fisher_tail, "fisher_svd": _fisher_svd_tail}
     out: dict[str, dict] = {k: {} for k in kinds}
     from tqdm.auto import tqdm

@@ -109,7 +109,7 @@ def flat_curve_set(profile, kinds=None) -> CurveSet:
     by_layer: dict[int, dict[str, Component]] = {}
     for c in base.components:
         by_layer.setdefault(c.layer, {})[c.kind] = c
-    n_loss = profile.meta["n_samples"] * (profile.meta["seqlen"] - 1)
+    n_loss = profile.fisher_loss_tokens
     comps, ranks, errors = [], {}, {k: {} for k in kinds}
     for layer in sorted(by_layer):
         found = by_layer[layer]

@@ -201,7 +201,8 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
                   gamma: float = 0.15, patterns: ModulePatterns | None = None, batch_size: int = 8,
                   resume: bool = True, progress: bool = True, model_id: str | None = None,
                   fingerprint: str | None = None, gram_dtype: str = "float64", spectrum: str = "svd",
-                  damping: Damping = Damping(), save_grams: bool = True) -> Profile:
+                  damping: Damping = Damping(), save_grams: bool = True,
+                  fisher_samples: int | None = None) -> Profile:
     """Profile ``model`` on calibration tokens and write the profile directory ``out``.
 
     Args:
@@ -224,6 +225,9 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
         save_grams: store the float64 input Grams (decomposers need them; 8 n^2 bytes each).
         model_id, fingerprint: recorded in the meta; the fingerprint (computed from the config and
             weights when not given) is part of the cache key.
+        fisher_samples: accumulate the Fisher output-gradient Grams on the first ``fisher_samples``
+            calibration sequences only (default all; the backward passes dominate CPU time). Recorded
+            in the settings when given.
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     unknown = [k for k in kinds if k not in BASE_KINDS and k not in LOSS_KINDS]
@@ -252,7 +256,8 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
         "calibration_hash": calibration_hash(ids),
         "n_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": int(seed),
         "tokens": int(ids.numel()),
-        "settings": _settings(stream, spec, patterns, save_grams),
+        "settings": dict(_settings(stream, spec, patterns, save_grams),
+                         **({"fisher_samples": int(fisher_samples)} if fisher_samples is not None else {})),
         "gamma": float(gamma),
         "version": _version(),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
@@ -273,7 +278,8 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
         for kind in kinds:
             if kind in LOSS_KINDS and kind not in profile.kinds:
                 t0 = time.perf_counter()
-                _loss_kind(kind)(profile, model, ids, device=dev, batch_size=batch_size, progress=progress)
+                extra = {"samples": fisher_samples} if kind in ("fisher", "fisher_svd") and fisher_samples else {}
+                _loss_kind(kind)(profile, model, ids, device=dev, batch_size=batch_size, progress=progress, **extra)
                 profile = Profile.load(profile.path)
                 _add_timings(profile, {kind: time.perf_counter() - t0})  # e.g. "fisher": backward Grams + curves
                 profile._write_meta()

@@ -140,7 +140,7 @@ def sola_curve_set(profile, model_or_weights, gamma: float = 0.15, kinds=None, p
     base = profile.curve_set(kinds)
     d = int(profile.meta["config"]["intermediate"])
     damping = profile_damping(profile)
-    n_loss = profile.meta["n_samples"] * (profile.meta["seqlen"] - 1)
+    n_loss = profile.fisher_loss_tokens
     comps, ranks, errors = [], {}, {k: {} for k in kinds}
     prime, prime_counts = {}, {}
     from tqdm.auto import tqdm

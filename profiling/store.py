@@ -146,6 +146,12 @@ class Profile:
         return int(self.meta["tokens"])
 
     @property
+    def fisher_loss_tokens(self) -> int:
+        """Predicted tokens the output-gradient Grams sum over (all calibration sequences unless the Fisher
+        step used a subset; see ``add_fisher_curves(samples=)``)."""
+        return int(self.meta.get("fisher_loss_tokens", self.meta["n_samples"] * (self.meta["seqlen"] - 1)))
+
+    @property
     def num_layers(self) -> int:
         return int(self.meta["config"]["num_layers"])
 

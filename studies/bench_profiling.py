@@ -60,7 +60,8 @@ def peak_rss_gib() -> float:
 def bench(*, model: str | None = None, shape: str | None = None, random: bool = False, layers: int | None = None,
           samples: int = 128, seqlen: int | None = None, device: str = "auto", batch_size: int | None = None,
           gram_dtype: str = "float64", spectrum: str = "svd", dtype: str = "float32", kinds=None,
-          save_grams: bool = True, out: str | None = None, progress: bool = True) -> dict:
+          save_grams: bool = True, out: str | None = None, progress: bool = True,
+          fisher_samples: int | None = None) -> dict:
     """Run one profile and return its figures (seconds, GiB)."""
     import torch
 
@@ -96,13 +97,14 @@ def bench(*, model: str | None = None, shape: str | None = None, random: bool = 
         t1, cpu1 = time.perf_counter(), cpu_seconds()
         prof = profile_model(net, ids, out=out or tmp, device=dev, batch_size=bs, kinds=kinds or BASE_KINDS,
                              gram_dtype=gram_dtype, spectrum=spectrum, save_grams=save_grams, resume=False,
+                             fisher_samples=fisher_samples,
                              progress=progress, model_id=model_id, fingerprint=fp)
         wall, cpu = time.perf_counter() - t1, cpu_seconds() - cpu1
         n_comp, timings = len(prof.components), dict(prof.meta["timings"])
     res = {"model": model_id, "text": source, "device": prof.meta["device"], "samples": int(ids.shape[0]),
            "seqlen": int(ids.shape[1]), "tokens": int(ids.numel()), "layers": prof.meta["config"]["num_layers"],
            "components": n_comp, "batch_size": bs, "dtype": dtype, "gram_dtype": gram_dtype, "spectrum": spectrum,
-           "load_s": round(load_s, 2), "profile_wall_s": round(wall, 2),
+           "fisher_samples": fisher_samples, "load_s": round(load_s, 2), "profile_wall_s": round(wall, 2),
            "profile_cpu_s": round(cpu, 2), "peak_rss_gib": round(peak_rss_gib(), 2)}
     if dev.type == "cuda":
         res["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights/activations dtype")
     ap.add_argument("--kinds", default=None, help="comma-separated curve kinds (default the four spectral kinds)")
     ap.add_argument("--no-save-grams", action="store_true", help="skip writing Grams (7B: ~44 GB of float64)")
+    ap.add_argument("--fisher-samples", type=int, default=None,
+                    help="Fisher output-gradient Grams on the first N calibration sequences only (default all)")
     ap.add_argument("--out", default=None, help="keep the profile here (default: a temporary directory)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice; 1 is fastest on a busy shared machine)")
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
     res = bench(model=a.model, shape=a.shape, random=a.random, layers=a.layers, samples=a.samples, seqlen=a.seqlen,
                 device=a.device, batch_size=a.batch_size, gram_dtype=a.gram_dtype, spectrum=a.spectrum,
                 dtype=a.dtype, kinds=tuple(a.kinds.split(",")) if a.kinds else None,
-                save_grams=not a.no_save_grams, out=a.out, progress=not a.json)
+                save_grams=not a.no_save_grams, out=a.out, progress=not a.json, fisher_samples=a.fisher_samples)
     if a.json:
         print(json.dumps(res))
         return 0

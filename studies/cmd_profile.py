@@ -42,6 +42,9 @@ def add_arguments(parser) -> None:
                         help="curve kinds (default whitened,energy,relative,epsilon,fisher)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="sequences per forward pass (default 8; when resuming, the interrupted run's)")
+    parser.add_argument("--fisher-samples", type=int, default=None, metavar="N",
+                        help="Fisher output-gradient Grams on the first N calibration sequences only (default all; "
+                             "the backward passes dominate profiling time on a CPU)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="profile directory (default: a cache path keyed by model, text and settings)")
     parser.add_argument("--restart", action="store_true",
@@ -69,7 +72,8 @@ def run(args) -> int:
                       device=args.device)
     out = Path(args.out) if args.out else pl.profile_dir(run_)
     try:
-        prof = pl.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart)
+        prof = pl.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart,
+                          fisher_samples=args.fisher_samples)
     except KeyboardInterrupt:
         print(f"rankalloc profile: {interrupted_message(out)}", file=sys.stderr)
         return 130

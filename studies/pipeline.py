@@ -109,12 +109,14 @@ def profile_dir(run: Run, root: str | Path | None = None) -> Path:
 
 
 def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | None = None, *,
-            batch_size: int | None = None, resume: bool = True, progress: bool = True):
+            batch_size: int | None = None, resume: bool = True, progress: bool = True,
+            fisher_samples: int | None = None):
     """Profile ``run`` into ``out`` (default :func:`profile_dir`), or open the finished profile there.
 
     An interrupted run resumes from its first unfinished layer when called again with the same
     arguments; loss-aware kinds missing from a finished profile are added to it. ``batch_size``
-    (sequences per forward pass) defaults to the existing profile's, else 8.
+    (sequences per forward pass) defaults to the existing profile's, else 8. ``fisher_samples``: Fisher
+    output-gradient Grams on the first N calibration sequences only (default all).
     """
     from rankalloc.profiling.profile import profile_model
     from rankalloc.profiling.store import Profile
@@ -134,7 +136,8 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
     return profile_model(run.model, run.text, out=path, tokenizer=run.tokenizer, n_samples=run.samples,
                          seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
                          model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
-                         batch_size=batch_size or 8, resume=resume, progress=progress)
+                         batch_size=batch_size or 8, resume=resume, progress=progress,
+                         fisher_samples=fisher_samples)
 
 
 def linear_params(prof) -> int:

@@ -220,6 +220,34 @@ def test_fisher_curves_reuse_stored_output_grams(profiled, monkeypatch):
         fisher.add_fisher_curves(prof, model, ids, progress=False, reuse_grams=False)
 
 
+def test_fisher_on_a_calibration_subset(sampled, tmp_path):
+    """profile_model(fisher_samples=k): the output Grams are those of the first k sequences, the meta records
+    k (settings) and k (T - 1) predicted tokens, and the curves use that count: fisher_svd(r) equals
+    fisher_svd_curve(W, Gx, Gg_k, N_x, k (T - 1)). A later call over all sequences recomputes the Grams
+    instead of reusing the subset's; a subset size outside 1..n is refused."""
+    from rankalloc.profiling.fisher import add_fisher_curves
+
+    model, ids = sampled
+    ids = ids[:8]
+    prof = profile_model(model, ids, out=tmp_path / "p", batch_size=4, progress=False,
+                         kinds=("whitened", "fisher"), fisher_samples=3)
+    T = ids.shape[1]
+    assert prof.meta["settings"]["fisher_samples"] == 3 and prof.fisher_loss_tokens == 3 * (T - 1)
+    name = "model.layers.1.mlp.down_proj"
+    mods = {name: model.get_submodule(name)}
+    want = output_gradient_grams(model, ids[:3], mods, batch_size=4, progress=False)[name]
+    assert torch.allclose(prof.output_gram(name), want, rtol=1e-10, atol=1e-12)
+    curve = fisher_svd_curve(read_weight(mods[name], name), prof.input_gram(name), want, prof.tokens, 3 * (T - 1),
+                             name)
+    np.testing.assert_allclose(prof.curve_set(["fisher_svd"]).errors["fisher_svd"][name], curve, rtol=1e-9)
+    add_fisher_curves(prof, model, ids, progress=False)
+    assert prof.fisher_loss_tokens == 8 * (T - 1)
+    full = output_gradient_grams(model, ids, mods, batch_size=4, progress=False)[name]
+    assert torch.allclose(prof.output_gram(name), full, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"samples: expected an integer in 1\.\.8"):
+        add_fisher_curves(prof, model, ids, progress=False, samples=9)
+
+
 def test_fisher_svd_curve_equals_kfac_of_svd_truncation():
     """fisher_svd(r) = ||G_g^1/2 (W - W_r) S||^2 / (2 N N_loss) for the SVD-LLM truncation W_r = U_r S_r V_r^T S^-1."""
     g = torch.Generator().manual_seed(0)
