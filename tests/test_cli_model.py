@@ -200,3 +200,18 @@ def test_pareto_with_measured_points(workdir, tmp_path, capsys):
     params = frame[frame["cost_model"] == "params"]
     assert (params["cost"] <= (1 - 0.2) * params["dense_cost"] * (1 + 1e-12)).all()
     assert "dense perplexity" in capsys.readouterr().out
+
+
+def test_profile_fisher_samples_option(workdir, tmp_path):
+    """`rankalloc profile --kinds whitened,fisher --fisher-samples 2` (in-process) writes fisher curves whose
+    output Grams sum over the first 2 calibration sequences only, and records the setting."""
+    from rankalloc.profiling.store import Profile
+    from rankalloc.studies.cli import main
+
+    out = tmp_path / "fisher2"
+    assert main(["profile", "--model", str(workdir["model"]), "--text", str(workdir["text"]), *COMMON,
+                 "--kinds", "whitened,fisher", "--fisher-samples", "2", "--out", str(out)]) == 0
+    prof = Profile.load(out)
+    assert {"fisher", "fisher_svd"} <= set(prof.kinds)
+    assert prof.meta["settings"]["fisher_samples"] == 2
+    assert prof.fisher_loss_tokens == 2 * (prof.meta["seqlen"] - 1) < prof.meta["n_samples"] * (prof.meta["seqlen"] - 1)
