@@ -97,12 +97,7 @@ def vo_name(v_name: str) -> str:
 def flat_curve_set(profile, kinds=None) -> CurveSet:
     """FLAT-LLM's curve set (see the module doc). ``kinds``: default every kind of :data:`FLAT_KINDS`
     the profile has ("fisher" needs its output-gradient Grams)."""
-    have = set(profile.kinds)
-    kinds = [k for k in FLAT_KINDS if k in have] if kinds is None else list(kinds)
-    bad = [k for k in kinds if k not in FLAT_KINDS or k not in have]
-    if bad or not kinds:
-        raise ValueError(f"kinds: expected a non-empty subset of {sorted(set(FLAT_KINDS) & have)} (FLAT kinds this "
-                         f"profile has), received {kinds!r}")
+    kinds = profile.select_kinds(FLAT_KINDS, kinds, "FLAT")
     cfg = profile.meta["config"]
     head_dim = int(cfg["head_dim"])
     base = profile.curve_set(kinds)

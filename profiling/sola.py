@@ -131,12 +131,7 @@ def sola_curve_set(profile, model_or_weights, gamma: float = 0.15, kinds=None, p
     """
     if not 0 <= gamma < 1:
         raise ValueError(f"gamma: expected a prime fraction in [0, 1), received {gamma!r}")
-    have = set(profile.kinds)
-    kinds = [k for k in SOLA_KINDS if k in have] if kinds is None else list(kinds)
-    bad = [k for k in kinds if k not in SOLA_KINDS or k not in have]
-    if bad or not kinds:
-        raise ValueError(f"kinds: expected a non-empty subset of {sorted(set(SOLA_KINDS) & have)} (SoLA kinds this "
-                         f"profile has), received {kinds!r}")
+    kinds = profile.select_kinds(SOLA_KINDS, kinds, "SoLA")
     base = profile.curve_set(kinds)
     d = int(profile.meta["config"]["intermediate"])
     damping = profile_damping(profile)

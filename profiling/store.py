@@ -171,6 +171,17 @@ class Profile:
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.meta.get("kinds", ()))
 
+    def select_kinds(self, allowed, kinds, label: str) -> list[str]:
+        """``kinds`` (default: every kind of ``allowed`` this profile has), checked to be a non-empty subset of
+        ``allowed`` that the profile holds; ``ValueError`` naming ``label`` (e.g. "FLAT") otherwise."""
+        have = set(self.kinds)
+        kinds = [k for k in allowed if k in have] if kinds is None else list(kinds)
+        bad = [k for k in kinds if k not in allowed or k not in have]
+        if bad or not kinds:
+            raise ValueError(f"kinds: expected a non-empty subset of {sorted(set(allowed) & have)} ({label} kinds this "
+                             f"profile has), received {kinds!r}")
+        return kinds
+
     def component(self, name: str) -> Component:
         for c in self.components:
             if c.name == name:
