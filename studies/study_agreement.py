@@ -16,7 +16,6 @@ Not a test: it prints figures.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -68,14 +67,10 @@ def within_ratio_spearman(per, kinds) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local HF folder or hub id (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--text", default=None, help="plain-text file (default: gensim Wikipedia excerpt)")
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--ratios", default="0.2,0.3,0.4", help="fractions of linear-layer parameters REMOVED")
+    from rankalloc.studies.study_quality import study_parser
+
+    ap = study_parser(__doc__)
     ap.add_argument("--probe-samples", type=int, default=8, help="calibration sequences the loss is measured on")
-    ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
     ap.add_argument("--out", default="runs/agreement")
     args = ap.parse_args(argv)
 

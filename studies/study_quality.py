@@ -241,17 +241,23 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     return df, dense
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every study shares: model, text, calibration size, ratios and profile directory."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local HF folder or hub id (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--text", default=None, help="plain-text file (default: gensim Wikipedia excerpt)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--ratios", default="0.2,0.3,0.4", help="fractions of linear-layer parameters REMOVED")
+    ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = study_parser(__doc__)
+    ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--combo", action="append", default=None, metavar="METHOD:KIND:SOLVER",
                     help="repeatable; default: the README's set")
-    ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
     ap.add_argument("--kinds", default="whitened,energy,relative,epsilon,fisher",
                     help="curve kinds the profile must hold (missing ones are computed)")
     ap.add_argument("--throughput", action="store_true",
