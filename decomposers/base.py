@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from rankalloc.allocators.costs import FlatParams, Params
 from rankalloc.allocators.problem import DENSE, Choice, Component
+from rankalloc.decomposers.host import check_single_input
 from rankalloc.profiling.numerics import PRECISION, check_finite
 
 Handler = Callable[..., list]
@@ -367,6 +368,8 @@ def linear_target(model: nn.Module, component: Component, choice: Choice, sparse
     else:
         raise ValueError(f"component {component.name!r}: expected an nn.Linear (or Conv1D) module, received "
                          f"{type(module).__name__} (already compressed?)")
+    if not choice.is_dense:
+        check_single_input(module, component.name, "a low-rank linear")
     if (component.m, component.n) != (m, n):
         raise ValueError(f"component {component.name!r}: the allocation says {component.m}x{component.n}, the "
                          f"module's weight is {m}x{n} (out x in)")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rankalloc.decomposers.host import output_cache, with_cache
+
 LOGIT_CHUNK = 128
 """Positions per float64 log-softmax chunk (bounds the float64 copy of the logits to 128 x vocab)."""
 
@@ -192,10 +194,10 @@ def throughput(model: torch.nn.Module, prompt_len: int = 512, gen_tokens: int = 
         out = model(input_ids=prompt, use_cache=True)
         sync()
         t1 = time.perf_counter()
-        past, nxt = out.past_key_values, _logits(out)[:, -1:].argmax(-1)
+        past, nxt = output_cache(out), _logits(out)[:, -1:].argmax(-1)
         for _ in range(gen_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, _logits(out)[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, **with_cache(model, past))
+            past, nxt = output_cache(out), _logits(out)[:, -1:].argmax(-1)
         sync()
         return t1 - t0, time.perf_counter() - t1
 

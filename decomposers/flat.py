@@ -19,7 +19,9 @@ whole-matrix whitened SVD (SVD-LLM).
 
 The attention module becomes :class:`FlatAttention`: the model's own q/k projections, rotary embedding,
 mask and attention kernel, with values of head dim ``r``. It works with ``DynamicCache`` (the cache holds
-``r``-dim values); Llama-family attention (Llama, Mistral, Qwen2, Qwen3) is supported.
+``r``-dim values). Llama-family (Llama, Mistral, Qwen2, Qwen3) and Gemma-family (Gemma, Gemma2, Gemma3:
+query/key norms, sliding-window and full layers, ``query_pre_attn_scalar``, logit soft-capping) attention is
+supported; fused-qkv families are refused with the reason (:data:`UNSUPPORTED`).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from rankalloc.allocators.costs import FlatParams
 from rankalloc.decomposers.base import (ComponentReport, allocation_items, apply_targets, check_profile_component,
                                         empty_linear, get_module, input_gram, linear_target, replace_module,
                                         weight_params)
+from rankalloc.decomposers.host import attention_contract
 from rankalloc.decomposers.svd import svd_build
 from rankalloc.profiling.flat import eig_desc
 from rankalloc.profiling.numerics import PRECISION
 
 VO = ".vo"
-SUPPORTED = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,67 @@ def absorb(Wv: torch.Tensor, bv: torch.Tensor | None, Wo: torch.Tensor, Q: torch
     return Wv_new, bv_new, Wo_new
 
 
-class FlatAttention(nn.Module):
-    """Llama-family self-attention whose value heads have dim ``value_dim`` (q/k keep ``head_dim``).
+def _config_window(attn):
+    return {"sliding_window": getattr(attn.config, "sliding_window", None)}
 
-    It takes over the original module's projections, rotary function, scaling and attention kernel
-    (``config._attn_implementation``), so masks, sliding windows and the KV cache behave as in the model.
+
+def _own_window(attn):
+    return {"sliding_window": attn.sliding_window}
+
+
+def _window_and_softcap(attn):
+    return {"sliding_window": attn.sliding_window, "softcap": attn.attn_logit_softcapping}
+
+
+FAMILIES = {
+    "LlamaAttention": lambda attn: {},
+    "GemmaAttention": lambda attn: {},
+    "MistralAttention": _config_window,
+    "Qwen2Attention": _own_window,
+    "Qwen3Attention": _own_window,
+    "Gemma3Attention": _own_window,
+    "Gemma2Attention": _window_and_softcap,
+}
+"""Supported attention classes -> the extra keyword arguments each passes to its attention kernel (beside
+``dropout`` and ``scaling``). Query/key norms (Qwen3, Gemma3) are taken over when the module has them, and the
+scaling is the module's own (Gemma's ``query_pre_attn_scalar``)."""
+
+UNSUPPORTED = {
+    "Phi3Attention": "it projects q, k and v with one fused qkv_proj, so V has no weight of its own to shrink",
+    "OPTAttention": "its forward is not the Llama-family signature (no rotary embedding, its own cache handling)",
+    "GPT2Attention": "it projects q, k and v with one fused Conv1D (c_attn), so V has no weight of its own to shrink",
+}
+"""Families FLAT refuses, and why (the reason is part of the error)."""
+
+
+def check_family(attn: nn.Module, name: str) -> None:
+    """``ValueError`` naming the family and the reason when ``attn`` is not a FLAT-supported attention."""
+    cls = type(attn).__name__
+    if isinstance(attn, FlatAttention):
+        raise ValueError(f"component {name!r}: the attention is already FLAT-compressed")
+    if cls in UNSUPPORTED:
+        raise ValueError(f"component {name!r}: FLAT does not support {cls}: {UNSUPPORTED[cls]}")
+    if cls not in FAMILIES:
+        raise ValueError(f"component {name!r}: FLAT supports the attention classes {sorted(FAMILIES)}, received "
+                         f"{cls}; add its kernel arguments to decomposers.flat.FAMILIES once its forward is checked")
+
+
+class FlatAttention(nn.Module):
+    """Llama/Gemma-family self-attention whose value heads have dim ``value_dim`` (q/k keep ``head_dim``).
+
+    It takes over the original module's projections, query/key norms, rotary function, scaling and
+    attention kernel (``config._attn_implementation``) and the kernel arguments of its family
+    (:data:`FAMILIES`: sliding window, logit soft-capping), and is called exactly as the original is
+    (:func:`rankalloc.decomposers.host.attention_contract`), so masks, sliding windows and the KV cache
+    behave as in the model. The cache holds ``value_dim``-wide values.
     """
 
     spec_type = "flat_attention"
 
-    def __init__(self, attn: nn.Module, value_dim: int):
+    def __init__(self, attn: nn.Module, value_dim: int, name: str = "attention"):
         super().__init__()
+        check_family(attn, name)
+        self.contract = attention_contract(attn, name)
         cfg = attn.config
         self.config = cfg
         self.layer_idx = attn.layer_idx
@@ -109,8 +161,8 @@ class FlatAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_key_value_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.sliding_window = (attn.sliding_window if hasattr(attn, "sliding_window")
-                               else getattr(cfg, "sliding_window", None))
+        self.kernel_kwargs = FAMILIES[type(attn).__name__](attn)
+        self.sliding_window = self.kernel_kwargs.get("sliding_window")
         self.value_dim = int(value_dim)
         self.base_class = type(attn).__name__
         src = sys.modules[type(attn).__module__]
@@ -120,9 +172,11 @@ class FlatAttention(nn.Module):
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
+                cache_position=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         q = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim)
@@ -132,21 +186,21 @@ class FlatAttention(nn.Module):
         v = self.v_proj(hidden_states).view(*input_shape, self.num_key_value_heads, self.value_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = self._rotary(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = self.contract.update(cache, k, v, self.layer_idx, sin, cos, cache_position, kwargs)
         if self.value_dim == 0:  # every value is projected out: the heads output zeros
             return self.o_proj(hidden_states.new_zeros(*input_shape, 0)), None
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
         out, weights = interface(self, q, k, v, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+                                 scaling=self.scaling, **self.kernel_kwargs, **kwargs)
         out = out.reshape(*input_shape, self.num_heads * self.value_dim).contiguous()
         return self.o_proj(out), weights
 
     @classmethod
-    def from_attention(cls, attn: nn.Module, Wv, bv, Wo, value_dim: int) -> "FlatAttention":
+    def from_attention(cls, attn: nn.Module, Wv, bv, Wo, value_dim: int, name: str = "attention") -> "FlatAttention":
         """Wrap ``attn`` with new V (``Wv``, ``bv``) and O (``Wo``) weights given in float64."""
-        new = cls(attn, value_dim)
+        new = cls(attn, value_dim, name)
         w = attn.v_proj.weight
         v = empty_linear(Wv.shape[1], Wv.shape[0], bv is not None, w.dtype, w.device)
         o = empty_linear(Wo.shape[1], Wo.shape[0], attn.o_proj.bias is not None, w.dtype, w.device)
@@ -182,9 +236,8 @@ def _vo_plan(model, c, ch):
     """Validate one ``vo`` component; return ``(attention name, module, layer)``."""
     attn_name = c.name[:-len(VO)]
     attn = get_module(model, attn_name, "FLAT attention")
-    if type(attn).__name__ not in SUPPORTED:
-        raise ValueError(f"component {c.name!r}: FLAT supports {SUPPORTED} attention, received "
-                         f"{type(attn).__name__}" + (" (already compressed)" if isinstance(attn, FlatAttention) else ""))
+    check_family(attn, c.name)
+    attention_contract(attn, c.name)
     if not (isinstance(attn.v_proj, nn.Linear) and isinstance(attn.o_proj, nn.Linear)):
         raise ValueError(f"component {c.name!r}: expected nn.Linear v_proj and o_proj, received "
                          f"{type(attn.v_proj).__name__} and {type(attn.o_proj).__name__}")
@@ -250,7 +303,7 @@ def compress_flat(model, allocation, config: FlatConfig, profile, progress: bool
         Wv, bv, Wo = absorb(attn.v_proj.weight.detach().to(PRECISION), None if bv is None else bv.detach().to(PRECISION),
                             attn.o_proj.weight.detach().to(PRECISION), Q.to(attn.v_proj.weight.device),
                             attn.config.num_attention_heads)
-        new = FlatAttention.from_attention(attn, Wv, bv, Wo, int(ch.rank))
+        new = FlatAttention.from_attention(attn, Wv, bv, Wo, int(ch.rank), c.name)
         replace_module(model, attn_name, new)
         after = weight_params(new.v_proj) + weight_params(new.o_proj)
         reports.append(ComponentReport(c.name, ch, attn_name, before, after, time.perf_counter() - t0, 0,

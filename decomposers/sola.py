@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from rankalloc.decomposers.base import (ComponentReport, LowRankLinear, allocation_items, apply_targets, check_choice,
                                         check_profile_component, empty_linear, get_module, input_gram, linear_target,
                                         replace_module, weight_params)
+from rankalloc.decomposers.host import check_single_input
 from rankalloc.decomposers.svd import svd_build, whitened_svd
 from rankalloc.profiling.architectures import prime_count
 from rankalloc.profiling.numerics import PRECISION, check_finite
@@ -180,6 +181,7 @@ def compress_sola(model, allocation, config: SoLAConfig, profile, progress: bool
         if not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in PARTS) or not hasattr(mlp, "act_fn"):
             raise ValueError(f"{mlp_name}: expected a gated FFN with Linear gate_proj, up_proj, down_proj and act_fn, "
                              f"received {type(mlp).__name__}")
+        check_single_input(mlp, mlp_name, "SoLAMLP")
         for t in plain:
             if t.name.startswith(mlp_name + "."):
                 raise ValueError(f"component {t.name!r} and its marginal part are both in the allocation; "

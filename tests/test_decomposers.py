@@ -28,8 +28,8 @@ from rankalloc.decomposers.pgsvd import truncated_svd
 from rankalloc.decomposers.sola import SoLAMLP, marginal_name
 from rankalloc.profiling.architectures import prime_count
 
-GAMMA = 0.15
-HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2
+from decomposer_cases import (ALL_METHODS, FLAT_COSTS, GAMMA, HEAD_DIM, HEADS, KV_HEADS, allocation_of, flat_choices,
+                              linear_choices, method_case, sola_choices, varied, vo_component, weight_count)
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -45,93 +45,6 @@ def setup(tmp_path_factory):
     return model, ids, profile
 
 
-def allocation_of(choices: dict[Component, Choice], costs=None):
-    """A feasible allocation with exactly these choices (curves over every rank, plus dense and sparse ones)."""
-    curves, index = [], []
-    for c, ch in choices.items():
-        ranks = list(range(c.max_rank + 1))
-        sparsity = [0.0] * len(ranks)
-        if ch.sparsity:
-            ranks.append(ch.rank)
-            sparsity.append(ch.sparsity)
-        errors = [float(c.max_rank + 1 - r) for r in ranks]
-        if ch.sparsity:
-            errors[-1] = errors[ch.rank] * 0.5
-        cv = Curve(c, np.array(ranks + [DENSE]), np.array(errors + [0.0]), np.array(sparsity + [0.0]))
-        curves.append(cv)
-        index.append(cv.index_of(ch))
-    problem = AllocationProblem(curves, Budget("params", limit=1e15), costs=costs or {}, grid=1)
-    return finish(problem, "test", index, Status.FEASIBLE)
-
-
-def weight_count(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias"))
-
-
-def linear_choices(profile, rank_of) -> dict[Component, Choice]:
-    return {c: rank_of(c) for c in profile.components}
-
-
-def varied(c: Component) -> Choice:
-    """A mix: dense v, rank 0 for layer 1's k, full rank for layer 0's o, a quarter of the max rank otherwise."""
-    if c.kind == "v":
-        return Choice(DENSE)
-    if c.kind == "k" and c.layer == 1:
-        return Choice(0)
-    if c.kind == "o" and c.layer == 0:
-        return Choice(c.max_rank)
-    return Choice(max(1, c.max_rank // 4))
-
-
-def sola_choices(profile, model) -> dict[Component, Choice]:
-    cfg = model.config
-    d, h = cfg.intermediate_size, cfg.hidden_size
-    q = d - prime_count(d, GAMMA)
-    out = {c: Choice(max(1, c.max_rank // 3)) for c in profile.components if c.kind in ("q", "k", "v", "o")}
-    for layer in range(cfg.num_hidden_layers):
-        mlp = f"model.layers.{layer}.mlp"
-        for proj, kind, (m, n), r in (("gate_proj", "gate", (q, h), 20), ("up_proj", "up", (q, h), 24),
-                                      ("down_proj", "down", (h, q), 16 if layer == 0 else DENSE)):
-            out[Component(marginal_name(f"{mlp}.{proj}"), m, n, kind, layer)] = Choice(r)
-    return out
-
-
-def vo_component(layer: int, hidden: int = 64) -> Component:
-    return Component(f"model.layers.{layer}.self_attn.vo", hidden, hidden, "vo", layer)
-
-
-def flat_choices(profile, ranks=(6, 11)) -> dict[Component, Choice]:
-    out = {vo_component(l): Choice(r) for l, r in enumerate(ranks)}
-    for c in profile.components:
-        if c.kind not in ("v", "o"):
-            out[c] = Choice(max(1, c.max_rank // 2))
-    return out
-
-
-FLAT_COSTS = {"params": FlatParams(HEAD_DIM, HEADS, KV_HEADS)}
-
-
-def method_case(name, model, profile):
-    """(config, allocation) of a representative compression for method ``name``."""
-    if name == "svd":
-        return SVDConfig(), allocation_of(linear_choices(profile, varied))
-    if name == "fisher_svd":
-        return FisherSVDConfig(), allocation_of(linear_choices(profile, varied))
-    if name == "pgsvd":
-        return PGSVDConfig(init="svd", max_iter=3), allocation_of(linear_choices(profile, varied))
-    if name == "sola":
-        return SoLAConfig(gamma=GAMMA), allocation_of(sola_choices(profile, model))
-    if name == "flat":
-        return FlatConfig(), allocation_of(flat_choices(profile), FLAT_COSTS)
-    if name == "sslc":
-        cfg_cls, _ = METHODS["sslc"]
-        choices = {c: Choice(max(1, c.max_rank // 4), 0.05) if c.kind in ("q", "up") else varied(c)
-                   for c in profile.components}
-        return cfg_cls(iterations=2), allocation_of(choices)
-    raise AssertionError(name)
-
-
-ALL_METHODS = sorted(METHODS)
 
 
 # ----------------------------------------------------------------------------- registry and configs
@@ -441,25 +354,6 @@ def _inputs_of_output(model, name, ids) -> torch.Tensor:
         model(ids)
     h.remove()
     return torch.cat([y.reshape(-1, y.shape[-1]) for y in ys]).double()
-
-
-@pytest.mark.parametrize("ranks", [(5, 0), (16, 9)])
-def test_flat_attention_works_with_the_kv_cache(setup, ranks):
-    """Incremental decoding with the cache (value heads of dim r, including r = 0) gives the full forward's
-    logits, and greedy generation with and without the cache agrees."""
-    model, ids, profile = setup
-    m = copy.deepcopy(model)
-    compress_(m, allocation_of({vo_component(l): Choice(r) for l, r in enumerate(ranks)}, FLAT_COSTS), FlatConfig(),
-              profile, progress=False)
-    x = ids[:2, :12]
-    with torch.no_grad():
-        full = m(x).logits[:, -1]
-        out = m(x[:, :-1], use_cache=True)
-        step = m(x[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
-    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
-    a = m.generate(x[:1, :5], max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
-    b = m.generate(x[:1, :5], max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(a, b)
 
 
 def test_sola_splits_prime_neurons_exactly(setup):

@@ -51,11 +51,13 @@ def sample_ids(model, n, seqlen, seed=0):
     """Sequences drawn from the model itself (BOS id 1 first), with its KV cache."""
     from transformers import DynamicCache
 
+    from rankalloc.decomposers.host import with_cache
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.ones(n, 1, dtype=torch.long)
     cache = DynamicCache()
     for _ in range(seqlen - 1):
-        out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, -1:], **with_cache(model, cache))
         p = torch.softmax(out.logits[:, -1].double(), -1)
         ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
     return ids
