@@ -10,6 +10,10 @@ neurons dense + marginal SVD), ``flat`` (FLAT-LLM value-head PCA), and ``sslc`` 
 ``decomposers/sslc.py``) when that module is present.
 """
 
+if __name__ != "rankalloc.decomposers":  # one copy of every module (and registry), whatever sys.path holds
+    raise ImportError(f"import this package as rankalloc.decomposers, not {__name__}: the repository root is the "
+                      f"package rankalloc (pip install -e .)")
+
 from rankalloc.decomposers.base import (METHODS, MODULE_TYPES, ComponentReport, CompressionReport, Factors,
                                         LowRankLinear, compress_, linear_handler)
 from rankalloc.decomposers.fisher_svd import FisherSVDConfig, compress_fisher_svd, fisher_svd

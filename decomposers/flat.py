@@ -38,7 +38,7 @@ from rankalloc.allocators.costs import FlatParams
 from rankalloc.decomposers.base import (ComponentReport, allocation_items, apply_targets, check_profile_component,
                                         empty_linear, get_module, input_gram, linear_target, replace_module,
                                         weight_params)
-from rankalloc.decomposers.host import attention_contract
+from rankalloc.decomposers.host import attention_contract, attention_function
 from rankalloc.decomposers.svd import svd_build
 from rankalloc.profiling.flat import eig_desc
 from rankalloc.profiling.numerics import PRECISION
@@ -174,8 +174,6 @@ class FlatAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, past_key_values=None,
                 cache_position=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         q = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim)
@@ -190,7 +188,7 @@ class FlatAttention(nn.Module):
             k, v = self.contract.update(cache, k, v, self.layer_idx, sin, cos, cache_position, kwargs)
         if self.value_dim == 0:  # every value is projected out: the heads output zeros
             return self.o_proj(hidden_states.new_zeros(*input_shape, 0)), None
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
+        interface = attention_function(self.config, self._eager)
         out, weights = interface(self, q, k, v, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, **self.kernel_kwargs, **kwargs)

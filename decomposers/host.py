@@ -95,6 +95,19 @@ def attention_contract(attn: torch.nn.Module, name: str, what: str = "FLAT atten
     return AttentionContract(cache[0], bool(rest))
 
 
+def attention_function(config, eager):
+    """The attention kernel the host selects for ``config._attn_implementation`` (``eager`` when it is "eager").
+
+    ``ALL_ATTENTION_FUNCTIONS.get_interface`` appeared during 5.x; earlier releases index the registry directly.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+
+
 def cache_argument(model: torch.nn.Module) -> str:
     """The keyword under which ``model.forward`` takes its KV cache (``cache`` from transformers 5.24)."""
     names = {p.name for p in _parameters(model)}

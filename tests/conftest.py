@@ -2,18 +2,16 @@
 
 Model tests use these instead of downloaded weights. Only tests marked ``real_model`` touch
 SmolLM2. Use the helpers through the fixtures, or import them as
-``from conftest import tiny_model`` (pytest puts this folder on sys.path).
+``from conftest import tiny_model`` (pytest's default import mode puts this folder on sys.path).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import conftest` under importlib mode
 
 SAMPLE_TEXT = (
     "The river flows past the old mill and into the valley below. Farmers grow wheat, barley and oats "
