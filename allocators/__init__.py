@@ -1,5 +1,9 @@
 """The budget problem, cost models and solvers. Imports no torch."""
 
+if __name__ != "rankalloc.allocators":  # one copy of every module (and registry), whatever sys.path holds
+    raise ImportError(f"import this package as rankalloc.allocators, not {__name__}: the repository root is the "
+                      f"package rankalloc (pip install -e .)")
+
 from rankalloc.allocators.allocation import Allocation, Solver, Status, finish
 from rankalloc.allocators.costs import COST_MODELS, Bytes, CostModel, Flops, KVCache, Params
 from rankalloc.allocators.curveset import CurveSet, read_curves
