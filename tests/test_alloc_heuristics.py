@@ -298,7 +298,7 @@ def test_fill_upgrades_matches_naive_fill():
 def test_lp_bound_equals_lagrangian_bound():
     """The cvxpy LP relaxation optimum equals the Lagrangian dual value at lambda* (one budget, weights
     included); with two budgets the coordinate-ascent bound is <= the LP optimum."""
-    from rankalloc.allocators.convex import lp_relaxation_bound
+    from cvx_models import lp_relaxation_bound
 
     rng = np.random.default_rng(6)
     for trial in range(4):
@@ -335,7 +335,7 @@ def test_capped_proportional_properties():
 def test_projection_bisection_matches_cvxpy():
     """project_capped_simplex (bisection on the shift) equals the cvxpy QP solution, sums to S and stays in
     [0, 1]."""
-    from rankalloc.allocators.convex import project_capped_simplex_cvx
+    from cvx_models import project_capped_simplex_cvx
 
     rng = np.random.default_rng(8)
     for _ in range(5):

@@ -116,9 +116,9 @@ def test_lagrangian_bound_below_exact(problem):
 @SLOW
 @given(problem=problems(two_budgets=None, sparse=True))
 def test_lp_relaxation_bound_below_exact(problem):
-    """The LP relaxation (convex.lp_relaxation_bound) is <= the exact optimum, and >= the Lagrangian bound
+    """The LP relaxation (cvx_models.lp_relaxation_bound) is <= the exact optimum, and >= the Lagrangian bound
     minus tolerance (the LP and the Lagrangian dual share the same optimum on the convex hull)."""
-    from rankalloc.allocators.convex import lp_relaxation_bound
+    from cvx_models import lp_relaxation_bound
 
     exact = _solve("exact", problem)
     if not _feasible(exact):

@@ -1,8 +1,12 @@
-# MCKP LP relaxation (Sinha & Zoltners, 1979) and the capped-simplex projection, as cvxpy models (cross-checks)
-"""Convex models solved with cvxpy. They cross-check the closed-form and combinatorial code.
+# MCKP LP relaxation (Sinha & Zoltners, 1979) and the capped-simplex projection, as cvxpy models (test cross-checks)
+"""Convex models solved with cvxpy, for the tests only. They cross-check the library's own exact code.
 
-cvxpy is imported inside each function. Importing it before OR-tools breaks OR-tools (both ship
+The library reports the LP bound from its own hull/Lagrangian code and from column generation on
+scipy's HiGHS (:mod:`rankalloc.allocators.dual`); cvxpy is a test dependency (the ``test`` extra).
+It is imported inside each function. Importing it before OR-tools breaks OR-tools (both ship
 ``libhighs.so.1``), and ``import rankalloc`` loads OR-tools first.
+
+Import from tests with ``from cvx_models import ...`` (pytest puts tests/ on sys.path).
 
 * :func:`lp_relaxation_bound`: the LP relaxation of the MCKP. Its optimum equals the best
   Lagrangian dual value (:mod:`rankalloc.allocators.lagrangian`).
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -70,11 +73,6 @@ def lp_relaxation(problem: AllocationProblem, solver: str | None = None) -> LPRe
 def lp_relaxation_bound(problem: AllocationProblem, solver: str | None = None) -> float:
     """The optimum of the LP relaxation: a lower bound on the problem's optimum (``inf`` if infeasible)."""
     return lp_relaxation(problem, solver).bound
-
-
-def alpha_weighted_lp(problem: AllocationProblem, alpha: Mapping[str, float], solver: str | None = None) -> LPRelaxation:
-    """The LP relaxation with sensitivity weights ``alpha`` (component name -> ``alpha_l``) in place of the problem's."""
-    return lp_relaxation(problem.replace(weights=dict(alpha)), solver)
 
 
 def project_capped_simplex_cvx(y, S: float) -> np.ndarray:
