@@ -1,3 +1,4 @@
+# Solver results for the MCKP (Kellerer, Pferschy & Pisinger, 2004, Ch. 11): status, certified bound, budget check
 """The result type shared by every solver, and the ``Solver`` contract."""
 
 from __future__ import annotations
@@ -146,6 +147,17 @@ def infeasible(problem: AllocationProblem, solver: str, t0: float | None = None)
     res = problem.resources[0]
     idx = [int(np.argmin(t)) for t in problem.cost_tables[res]]
     return finish(problem, solver, idx, Status.INFEASIBLE, t0=t0, message=msg)
+
+
+def infeasible_message(problem: AllocationProblem) -> str:
+    """Why no allocation meets the budgets: the per-resource minima, or that they cannot hold together."""
+    msg = problem.infeasibility_message()
+    if msg is not None:
+        return msg
+    parts = [f"{r}: budget {problem.limits[r]:.6g}, minimum achievable cost {problem.min_costs[r]:.6g}"
+             for r in problem.resources]
+    return ("infeasible: each budget can be met on its own but no allocation meets all of them at once ("
+            + "; ".join(parts) + ")")
 
 
 @runtime_checkable

@@ -1,9 +1,12 @@
+# Cost models: r(m+n) per rank-r factorisation (SVD-LLM, Wang et al., 2024), head-wise V/O (FLAT-LLM, Tian et al., 2025, Sec. 3.2)
 """Cost models: pure functions of (component shape, choice), vectorised over candidates.
 
 A cost model has a ``name``, a ``unit``, ``cost(component, ranks, sparsity) -> float array``
 and ``dense(component) -> float``. ``ranks == -1`` means dense. ``sparsity`` is the kept
 fraction ``k`` of a sparse + low-rank candidate. To add one, write a frozen dataclass with
-these members and put it in :data:`COST_MODELS` (or pass it in ``AllocationProblem.costs``).
+these members and register it with ``@register_cost_model("name")`` (or pass it in
+``AllocationProblem.costs``). :data:`COST_MODELS` is the registry's dict (the same object as
+``rankalloc.allocators.registry.COST_MODELS``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from rankalloc.allocators.registry import _COST_MODELS as COST_MODELS
+from rankalloc.allocators.registry import register_cost_model
+
 DENSE = -1
+"""Rank value that stands for "keep the matrix dense"."""
 KV_KINDS = ("k", "v")
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2,
                "int8": 1, "float8": 1, "fp8": 1}
@@ -40,6 +47,7 @@ def _lowrank_sparse(component, ranks, sparsity, per_value: float, per_sparse_val
     return np.where(r == DENSE, m * n * per_value, low)
 
 
+@register_cost_model("params")
 @dataclass(frozen=True)
 class Params:
     """Parameters stored: ``r(m+n)`` for rank r, ``m*n`` dense, ``ceil(k*m*n) + r(m+n)`` sparse + low-rank."""
@@ -54,6 +62,7 @@ class Params:
         return float(component.m * component.n)
 
 
+@register_cost_model("flops")
 @dataclass(frozen=True)
 class Flops:
     """Multiply-adds counted as 2 FLOPs per token: ``2r(m+n)`` low-rank, ``2mn`` dense, ``2kmn`` sparse part."""
@@ -68,6 +77,7 @@ class Flops:
         return 2.0 * component.m * component.n
 
 
+@register_cost_model("kv")
 @dataclass(frozen=True)
 class KVCache:
     """KV-cache bytes per token for key/value projections whose cached state is the rank-r latent.
@@ -97,6 +107,7 @@ class KVCache:
         return float(component.m * self.bytes_per_value) if component.kind in self.kinds else 0.0
 
 
+@register_cost_model("bytes")
 @dataclass(frozen=True)
 class Bytes:
     """Storage bytes at a dtype. Sparse entries add a 4-byte int32 column index each (CSR values + indices)."""
@@ -154,7 +165,3 @@ class FlatParams:
         if component.kind != "vo":
             return Params().dense(component)
         return self.head_dim * self._per_rank(component)
-
-
-COST_MODELS: dict[str, type] = {"params": Params, "flops": Flops, "kv": KVCache, "bytes": Bytes}
-"""Registry: resource name -> cost model class (constructed with defaults)."""

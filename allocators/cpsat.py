@@ -2,6 +2,10 @@
 """The CP-SAT backend: one boolean per candidate, ``sum_j x_lj = 1`` per component and
 ``sum_lj c^k_lj x_lj <= B_k`` per budget, minimising ``sum_lj e_lj x_lj``.
 
+This is a backend, not a solver: :class:`~rankalloc.allocators.exact.Exact` calls it on its fixed
+core (``method="cpsat"``, or when the core DP does not apply) and on every candidate
+(``method="plain"``, the baseline), with its incumbent as the hint.
+
 CP-SAT takes integers only:
 
 * Costs are integer-valued in every built-in cost model. They are divided by the gcd of their
@@ -31,12 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from rankalloc.allocators import _mckp
-from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible
+from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible_message
+from rankalloc.allocators.core_dp import integer_costs
 from rankalloc.allocators.problem import AllocationProblem
 
 STATUS_MAP: dict[str, Status | None] = {
@@ -59,9 +62,9 @@ def ortools_in_process() -> bool:
 def solve_arrays(errors: np.ndarray, costs: np.ndarray, offsets: np.ndarray, limits: np.ndarray,
                  time_limit: float = 60.0, workers: int = 2, hint: np.ndarray | None = None,
                  bits: int = 40, seed: int = 0, floors: np.ndarray | None = None) -> dict:
-    """Solve one MCKP given as plain arrays (see :mod:`rankalloc.allocators._mckp`) with CP-SAT in this process.
+    """Solve one MCKP given as plain flat arrays (``problem.flat``'s convention) with CP-SAT in this process.
 
-    ``limits`` are the largest accepted costs (already including any feasibility slack);
+    ``limits`` are the largest accepted costs (:func:`~rankalloc.allocators.segments.feasible_limits`);
     ``hint`` is a candidate index per component (local to the component); ``floors`` (optional,
     per budget, ``-inf`` for none) are valid lower limits on each cost (cuts). Returns a dict of
     plain values: ``status`` (a CP-SAT status name), ``choice`` (local index per component, or
@@ -76,7 +79,7 @@ def solve_arrays(errors: np.ndarray, costs: np.ndarray, offsets: np.ndarray, lim
     limits = np.asarray(limits, dtype=np.float64).reshape(-1)
     L = len(offsets) - 1
     owner = np.repeat(np.arange(L), np.diff(offsets))
-    Ci, Bi, unit, costs_exact = _mckp.integer_costs(C, limits)
+    Ci, Bi, unit, costs_exact = integer_costs(C, limits)
     shift = np.minimum.reduceat(E, offsets[:-1])
     rel = E - shift[owner]
     top = float(np.maximum.reduceat(rel, offsets[:-1]).sum())
@@ -145,46 +148,13 @@ def solve_arrays_anywhere(errors, costs, offsets, limits, time_limit: float = 60
 
 
 def check_cpsat_settings(owner: str, time_limit, workers, bits) -> None:
-    """Validate the CP-SAT settings shared by :class:`CPSat` and ``Exact`` (ValueError naming ``owner``)."""
+    """Validate ``Exact``'s CP-SAT settings (ValueError naming ``owner``)."""
     if not (time_limit > 0 and math.isfinite(time_limit)):
         raise ValueError(f"{owner}: expected a finite time_limit > 0 seconds, received {time_limit!r}")
     if not (isinstance(workers, int) and workers >= 1):
         raise ValueError(f"{owner}: expected an integer workers >= 1, received {workers!r}")
     if not (isinstance(bits, int) and 10 <= bits <= 52):
         raise ValueError(f"{owner}: expected bits in [10, 52], received {bits!r}")
-
-
-@dataclass(frozen=True)
-class CPSat:
-    """Plain CP-SAT on every candidate (no fixing), hinted with the Lagrangian greedy incumbent.
-
-    The exact solver for arbitrary budgets when time allows. :class:`rankalloc.allocators.exact.Exact`
-    is the fast one; this is its baseline. Status OPTIMAL only when CP-SAT proves it; otherwise
-    TIME_LIMIT with the best allocation and the certified bound.
-    """
-
-    time_limit: float = 60.0
-    workers: int = 2
-    bits: int = 40
-    seed: int = 0
-    name: str = "cpsat"
-    max_budgets = None
-
-    def __post_init__(self):
-        check_cpsat_settings("CPSat", self.time_limit, self.workers, self.bits)
-
-    def solve(self, problem: AllocationProblem) -> Allocation:
-        t0 = time.perf_counter()
-        bad = infeasible(problem, self.name, t0)
-        if bad is not None:
-            return bad
-        f = problem.flat
-        limits = _mckp.feasible_limits([problem.limits[r] for r in problem.resources])
-        hint = _mckp.dual_and_incumbent(f.errors, f.costs, f.offsets, limits)[1]
-        left = max(self.time_limit - (time.perf_counter() - t0), 0.01)
-        out = solve_arrays_anywhere(f.errors, f.costs, f.offsets, limits, left, self.workers,
-                                    hint, self.bits, self.seed)
-        return from_result(problem, self.name, out, hint, t0)
 
 
 def from_result(problem: AllocationProblem, name: str, out: dict, incumbent, t0: float,
@@ -201,7 +171,7 @@ def from_result(problem: AllocationProblem, name: str, out: dict, incumbent, t0:
     if status == Status.INFEASIBLE and not out["costs_exact"] and incumbent is not None:
         status, out = Status.FEASIBLE, dict(out, choice=None)
     if status == Status.INFEASIBLE:
-        msg = _mckp.infeasible_message(problem)
+        msg = infeasible_message(problem)
         if not out["costs_exact"]:
             msg += " (with costs rounded up to integers for CP-SAT)"
         res = problem.resources[0]

@@ -1,3 +1,4 @@
+# Long-format error curves (one row per candidate, one column per curve kind): the input of every problem
 """Cost-free curves of many components and curve kinds, and the long-format CSV they live in.
 
 Long format: one row per (component, candidate) with columns

@@ -21,11 +21,13 @@ from functools import reduce
 
 import numpy as np
 
-from rankalloc.allocators import _mckp
-from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible
+from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible, infeasible_message
 from rankalloc.allocators.problem import AllocationProblem
+from rankalloc.allocators.registry import register_solver
+from rankalloc.allocators.segments import feasible_limits, limits_of
 
 
+@register_solver("dp", ground_truth=True)
 @dataclass(frozen=True)
 class DynamicProgram:
     """Exact DP for one or two budgets with integer-valued costs; status OPTIMAL, lower bound = objective.
@@ -51,7 +53,7 @@ class DynamicProgram:
         bad = infeasible(problem, self.name, t0)
         if bad is not None:
             return bad
-        limits = _mckp.feasible_limits([problem.limits[r] for r in problem.resources])
+        limits = feasible_limits(limits_of(problem))
         weights, caps = [], []
         for res, limit in zip(problem.resources, limits):
             table = problem.cost_tables[res]
@@ -91,7 +93,7 @@ class DynamicProgram:
             res = problem.resources[0]
             idx = [int(np.argmin(t)) for t in problem.cost_tables[res]]
             return finish(problem, self.name, idx, Status.INFEASIBLE, t0=t0,
-                          message=_mckp.infeasible_message(problem))
+                          message=infeasible_message(problem))
         idx = [0] * len(problem.curves)
         pos = list(caps)
         for l in range(len(problem.curves) - 1, -1, -1):  # follow the back-pointers

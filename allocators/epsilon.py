@@ -25,10 +25,12 @@ import numpy as np
 
 from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible
 from rankalloc.allocators.problem import AllocationProblem
+from rankalloc.allocators.registry import register_solver
 from rankalloc.allocators.segments import (fits, group_first_min, limits_of, offsets_of, scalar_weights,
                                            segment_cummax, sort_within, stable_argsort)
 
 
+@register_solver("epsilon")
 @dataclass(frozen=True)
 class UniformEpsilon:
     """The smallest common error tolerance whose cheapest-within-tolerance allocation fits the budgets."""

@@ -6,18 +6,21 @@ candidates) in useful time. Near the optimum there are too many allocations with
 each other. This solver first removes every candidate that no optimal allocation can use. It
 then solves the small core that remains exactly.
 
-**Method** (notation of :mod:`rankalloc.allocators._mckp`):
+**Method** (notation of :mod:`rankalloc.allocators.dual`; ``B`` are the largest accepted totals,
+:func:`~rankalloc.allocators.segments.feasible_limits`):
 
 1. Drop dominated candidates, i.e. those with another candidate no worse in error and in every
    cost. Some optimum avoids them.
 2. Compute multipliers ``lambda >= 0``. One budget: the exact LP price ``lambda*`` from the
-   lower convex hulls. Several budgets: LP duals by column generation. The dual bound is
-   ``LB = L(lambda) = sum_l mu_l - lambda . B``.
-3. Take an incumbent ``x^`` (the hull greedy or the LP argmin, repaired and filled). Its
-   objective is ``UB``.
+   lower convex hulls (:func:`~rankalloc.allocators.dual.multiplier_search`). Several budgets:
+   LP duals by column generation (:func:`~rankalloc.allocators.dual.lp_multipliers`). The dual
+   bound is ``LB = L(lambda) = sum_l mu_l - lambda . B``.
+3. Take an incumbent ``x^``: the search's choice (one budget) or the argmin of
+   ``e + lambda . c`` (several), repaired by greedy descent and filled
+   (:mod:`rankalloc.allocators.moves`). Its objective is ``UB``.
 4. Fix: keep only the candidates with ``rc_lj <= UB - LB`` (plus a float tolerance).
 5. Solve the core exactly. With integer costs this is a DP over the cost in gcd units, one
-   axis per budget. It keeps only the totals that can still be optimal (a window) and the
+   axis per budget (:mod:`rankalloc.allocators.core_dp`). It keeps only the totals that can still be optimal (a window) and the
    partial sums of ``rc`` that are ``<= UB - LB``. Otherwise, or when the table would be too
    large, CP-SAT solves the core, hinted with ``x^``.
 
@@ -44,26 +47,35 @@ Any lower bound on the core is also a lower bound on the problem. The same ident
 of budget ``k`` unused. The DP keeps only final totals in that window, and CP-SAT gets it as a
 valid cut.
 
-Status OPTIMAL only when proven. Otherwise TIME_LIMIT, with the best allocation and the
+``method="plain"`` skips all of this: CP-SAT (:mod:`rankalloc.allocators.cpsat`) on every
+candidate, hinted with the same incumbent (the baseline). Status OPTIMAL only when proven. Otherwise TIME_LIMIT, with the best allocation and the
 certified bound ``max(LB, core bound)``. ``info`` records the multipliers, ``LB``, ``UB``,
 the core size, the DP cells or the CP-SAT objective scale, and the time of each step.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from rankalloc.allocators import _mckp
 from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible
-from rankalloc.allocators.cpsat import CPSat, check_cpsat_settings, from_result, solve_arrays_anywhere
+from rankalloc.allocators.core_dp import core_dp
+from rankalloc.allocators.cpsat import check_cpsat_settings, from_result, solve_arrays_anywhere
+from rankalloc.allocators.dual import lp_multipliers, multiplier_search, reduced_costs
+from rankalloc.allocators.hull import pareto_mask
+from rankalloc.allocators.moves import fill_upgrades, greedy_descent
 from rankalloc.allocators.problem import AllocationProblem
+from rankalloc.allocators.registry import register_solver
+from rankalloc.allocators.segments import FlatTables, feasible_limits, group_first_min, limits_of, scalar_weights
 
 DEEPEN = 8.0
 """Growth factor of the fixing threshold between core-DP attempts."""
+
+FIXING_RTOL = 1e-9
+"""Float slack of the fixing thresholds, relative to ``1 + |UB| + |LB|`` (objective units; the budget
+tolerance is :data:`~rankalloc.allocators.segments.FEASIBILITY_RTOL`)."""
 
 METHODS = ("auto", "dp", "cpsat", "plain")
 """``auto``: core DP when it applies (one budget, integer costs, table within ``max_cells``),
@@ -71,6 +83,7 @@ else CP-SAT on the core. ``dp``/``cpsat``: force the core solver. ``plain``: CP-
 candidate without fixing (the baseline)."""
 
 
+@register_solver("exact")
 @dataclass(frozen=True)
 class Exact:
     """Proven-optimal MCKP allocation; see the module docstring for the method and the proof.
@@ -104,86 +117,101 @@ class Exact:
         bad = infeasible(problem, self.name, t0)
         if bad is not None:
             return bad
-        f = problem.flat
-        R = len(problem.resources)
-        B = _mckp.feasible_limits([problem.limits[r] for r in problem.resources])
-        if self.method == "plain":
-            out = CPSat(self.time_limit, self.workers, self.bits, name=self.name).solve(problem)
-            out.info["method"] = "plain"
-            return out
-        info: dict = {"method": self.method, "candidates": int(len(f.errors))}
+        limits, w = limits_of(problem), scalar_weights(problem)
+        B = feasible_limits(limits)
+        if self.method == "plain":  # CP-SAT on every candidate, hinted with the incumbent
+            hint = incumbent(problem.flat, limits, w)[1]
+            out = self._cpsat(problem.flat, B, hint, t0)
+            return from_result(problem, self.name, out, hint, t0, info={"method": "plain"})
+        info: dict = {"method": self.method, "candidates": int(len(problem.flat.errors))}
         times: dict = {}
 
         # 1. dominated candidates out
-        keep = _mckp.pareto_mask(f.errors, f.costs, f.offsets)
-        E, C, off, sel = _subset(f.errors, f.costs, f.offsets, keep)
-        info["undominated"] = int(len(E))
+        F, sel = problem.flat.subset(pareto_mask(problem.flat))
+        info["undominated"] = int(len(F.errors))
         times["dominance"] = time.perf_counter() - t0
 
         # 2.-3. multipliers, dual bound, incumbent
         t = time.perf_counter()
-        lam, inc = _mckp.dual_and_incumbent(E, C, off, B)
-        LB, _, rc = _mckp.lagrangian(E, C, off, lam, B)
+        lam, inc = incumbent(F, limits, w)
+        LB, _, rc = reduced_costs(F, lam, B)
         times["dual"] = time.perf_counter() - t
         info.update(multipliers=lam.tolist(), lagrangian_bound=LB)
         if inc is None:  # no incumbent, no fixing: CP-SAT on all undominated candidates
-            info["core"] = int(len(E))
-            out = self._cpsat(E, C, off, B, None, t0)
-            return self._finish(problem, out, None, off, sel, t0, info, times, LB)
-        UB = float(E[off[:-1] + inc].sum())
-        gap = max(UB - LB, 0.0)
-        tol = 1e-9 * (1.0 + abs(UB) + abs(LB))
-        info.update(incumbent=UB, gap=gap)
+            info["core"] = int(len(F.errors))
+            out = self._cpsat(F, B, None, t0)
+            return self._finish(problem, out, None, F.offsets, sel, t0, info, times, LB)
+        UB = float(F.errors[F.offsets[:-1] + inc].sum())
+        tol = FIXING_RTOL * (1.0 + abs(UB) + abs(LB))
+        info.update(incumbent=UB, gap=max(UB - LB, 0.0))
 
         # 4.-5. fixing and core DP, by iterative deepening of the threshold tau (module docstring)
         t = time.perf_counter()
-        tau = max(gap / DEEPEN ** 2, tol) if self.method in ("auto", "dp") else gap
-        levels = []
-        while self.method in ("auto", "dp"):
+        levels: list = []
+        if self.method in ("auto", "dp"):
+            done, inc, UB = self._deepen(problem, F, sel, (B, rc, lam, LB), inc, UB, tol, levels, info)
+            if done is not None:
+                times["core_dp"] = time.perf_counter() - t
+                info.update(levels[-1], method="fixing+dp", levels=levels, seconds=times, best_incumbent=UB)
+                return finish(problem, self.name, done, Status.OPTIMAL, lower_bound=problem.evaluate(done)[0],
+                              t0=t0, info=info)
+
+        # 5'. CP-SAT on the full core (several budgets with a large table, non-integer costs, or asked for)
+        gap = max(UB - LB, 0.0)
+        core = rc <= gap + tol
+        Fc, selc = F.subset(core)
+        inc_core = _local(inc, F.offsets, core, Fc.offsets)
+        info.update(core=int(len(Fc.errors)), core_components=int((np.diff(Fc.offsets) > 1).sum()), levels=levels,
+                    best_incumbent=UB, method="fixing+cpsat")
+        floors = np.where(lam > 0, B - (gap + tol) / np.where(lam > 0, lam, 1.0), -np.inf)
+        out = self._cpsat(Fc, B, inc_core, t0, floors)
+        times["core_cpsat"] = time.perf_counter() - t
+        return self._finish(problem, out, inc_core, Fc.offsets, sel[selc], t0, info, times, LB)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _deepen(self, problem, F: FlatTables, sel, dual, inc, UB: float, tol: float, levels: list, info: dict):
+        """Steps 4-5 by the core DP at thresholds ``tau = gap/64, 8 tau, ...`` (module docstring).
+
+        Returns ``(proven optimal choice per curve or None, incumbent over F, UB)``; None when the DP
+        does not apply (``info["dp_skipped"]``) or, which cannot happen, finds nothing in the full core.
+        """
+        B, rc, lam, LB = dual
+        offsets = problem.flat.offsets
+        gap = max(UB - LB, 0.0)
+        tau = max(gap / DEEPEN ** 2, tol)
+        while True:
             full = tau >= gap
             tau = min(tau, gap)
             core = rc <= tau + tol
-            Ec, Cc, offc, selc = _subset(E, C, off, core)
-            level = {"threshold": tau, "core": int(len(Ec)), "core_components": int((np.diff(offc) > 1).sum())}
+            Fc, selc = F.subset(core)
+            level = {"threshold": tau, "core": int(len(Fc.errors)),
+                     "core_components": int((np.diff(Fc.offsets) > 1).sum())}
             levels.append(level)
             try:
-                choice = _core_dp(Ec, Cc, offc, B, rc[core], lam, tau + tol, self.max_cells, level)
+                choice = core_dp(Fc, B, rc[core], lam, tau + tol, self.max_cells, level)
             except ValueError as err:
                 if self.method == "dp":
                     raise
                 info["dp_skipped"] = str(err)
-                break
+                return None, inc, UB
             if choice is not None:
-                idx = _to_problem(choice, offc, sel[selc], f.offsets)
+                idx = _to_problem(choice, Fc.offsets, sel[selc], offsets)
                 obj = problem.evaluate(idx)[0]
                 if obj < UB:
-                    inc, UB = _to_local(idx, f.offsets, sel, off), obj
+                    inc, UB = _to_local(idx, offsets, sel, F.offsets), obj
                     gap = max(UB - LB, 0.0)
                 if full or obj <= LB + tau + tol:  # every allocation better than obj was searched
                     if obj > UB + tol:
                         raise RuntimeError(f"exact: core DP returned {obj!r}, worse than the incumbent {UB!r}")
-                    times["core_dp"] = time.perf_counter() - t
-                    info.update(levels[-1], method="fixing+dp", levels=levels, seconds=times, best_incumbent=UB)
-                    return finish(problem, self.name, idx, Status.OPTIMAL, lower_bound=obj, t0=t0, info=info)
+                    return idx, inc, UB
             elif full:  # cannot happen: the incumbent lies in the full core
-                break
+                return None, inc, UB
             tau *= DEEPEN
 
-        # 5'. CP-SAT on the full core (several budgets with a large table, non-integer costs, or asked for)
-        core = rc <= gap + tol
-        Ec, Cc, offc, selc = _subset(E, C, off, core)
-        inc_core = _local(inc, off, core, offc)
-        info.update(core=int(len(Ec)), core_components=int((np.diff(offc) > 1).sum()), levels=levels,
-                    best_incumbent=UB, method="fixing+cpsat")
-        floors = np.where(lam > 0, B - (gap + tol) / np.where(lam > 0, lam, 1.0), -np.inf)
-        out = self._cpsat(Ec, Cc, offc, B, inc_core, t0, floors)
-        times["core_cpsat"] = time.perf_counter() - t
-        return self._finish(problem, out, inc_core, offc, sel[selc], t0, info, times, LB)
-
-    # ----------------------------------------------------------------------------- helpers
-    def _cpsat(self, E, C, off, B, hint, t0, floors=None) -> dict:
+    def _cpsat(self, F: FlatTables, B, hint, t0, floors=None) -> dict:
         left = max(self.time_limit - (time.perf_counter() - t0), 0.01)
-        return solve_arrays_anywhere(E, C, off, B, left, self.workers, hint, self.bits, floors=floors)
+        return solve_arrays_anywhere(F.errors, F.costs, F.offsets, B, left, self.workers, hint, self.bits,
+                                     floors=floors)
 
     def _finish(self, problem, out, inc, off, pos_map, t0, info, times, LB):
         info["seconds"] = times
@@ -195,13 +223,23 @@ class Exact:
         return from_result(problem, self.name, out, inc, t0, info=info, lower_bound=LB)
 
 
-def _subset(E, C, off, mask):
-    """The candidates under ``mask`` as new flat arrays, and their positions in the input arrays."""
-    sel = np.flatnonzero(mask)
-    counts = np.add.reduceat(mask.astype(np.int64), off[:-1])
-    if (counts == 0).any():
-        raise RuntimeError("exact: a component lost all its candidates (internal error)")
-    return E[sel], C[:, sel], np.concatenate([[0], np.cumsum(counts)]), sel
+def incumbent(flat: FlatTables, limits: np.ndarray, weights: np.ndarray):
+    """Multipliers ``lambda`` and a feasible choice near the Lagrangian optimum (None when repair fails).
+
+    One budget: the exact multiplier search's ``lambda*`` and choice. Several budgets: the LP
+    multipliers (column generation) and the argmin of ``e + lambda . c``. The choice is then
+    repaired by greedy descent (a no-op when it fits) and filled. ``limits`` are the problem's
+    limits, ``weights`` its :func:`~rankalloc.allocators.segments.scalar_weights`.
+    """
+    starts = flat.offsets[:-1]
+    if flat.costs.shape[0] == 1:
+        start, lam0 = multiplier_search(flat, flat.errors, 0, limits[0])
+        lam = np.array([max(lam0, 0.0)])
+    else:
+        lam = lp_multipliers(flat, feasible_limits(limits))
+        start = group_first_min(flat.errors + lam @ flat.costs, starts) - starts
+    idx, ok, _ = greedy_descent(flat, start, limits, weights)
+    return lam, (fill_upgrades(flat, idx, limits, weights)[0] if ok else None)
 
 
 def _local(idx, off, mask, new_off):
@@ -223,41 +261,3 @@ def _to_problem(choice, off, pos_map, offsets):
     """Component-local ``choice`` over a subset (offsets ``off``, flat positions ``pos_map``) -> index per curve."""
     pos = pos_map[off[:-1] + np.asarray(choice, dtype=np.int64)]
     return (pos - offsets[:-1]).astype(np.int64)
-
-
-def _core_dp(E, C, off, B, rc, lam, threshold, max_cells, info):
-    """Exact solve of the core by the window DP (integer costs only); None if no state survives.
-
-    Raises ValueError when the costs are not integers or the tables would exceed ``max_cells``.
-    """
-    Ci, Bi, unit, exact = _mckp.integer_costs(C, B)
-    if not exact:
-        raise ValueError("core DP needs integer-valued costs")
-    L, R = len(off) - 1, C.shape[0]
-    values, deltas, base = [], [], np.zeros(R, dtype=np.int64)
-    for l in range(L):
-        ci = Ci[:, off[l]:off[l + 1]].T  # (k, R)
-        cmin = ci.min(axis=0)
-        base += cmin
-        values.append(rc[off[l]:off[l + 1]])
-        deltas.append(ci - cmin)
-    cap = Bi - base
-    if (cap < 0).any():
-        return None
-    # an optimum leaves at most threshold / lam_k of budget k unused (module docstring)
-    lo = np.zeros(R, dtype=np.int64)
-    for k in range(R):
-        if lam[k] > 0:
-            lo[k] = max(int(math.floor((float(B[k]) - threshold / lam[k]) / unit[k])) - int(base[k]) - 1, 0)
-    # components that vary in later budgets first: those axes then close early
-    varies = np.array([[int((d[:, k] > 0).any()) for k in range(1, R)] for d in deltas]).reshape(L, R - 1)
-    order = np.lexsort(tuple(-varies[:, k] for k in range(R - 2, -1, -1))) if R > 1 else np.arange(L)
-    info.update(dp_cost_unit=unit.tolist(), dp_window=[lo.tolist(), cap.tolist()], scale=1.0)
-    out = _mckp.window_dp([values[l] for l in order], [deltas[l] for l in order], cap, lo, lam * unit,
-                          threshold, max_cells)
-    if out is None:
-        return None
-    info["dp_cells"] = out[2]
-    choice = np.empty(L, dtype=np.int64)
-    choice[order] = out[0]
-    return choice

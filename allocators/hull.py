@@ -163,3 +163,32 @@ def breakpoints(costs: np.ndarray, errors: np.ndarray, hull: np.ndarray, owner: 
     left, right = hull[:-1][same], hull[1:][same]
     lam = (errors[left] - errors[right]) / (costs[right] - costs[left])
     return left, right, lam
+
+
+def pareto_mask(flat) -> np.ndarray:
+    """Candidates of ``flat`` (:class:`~rankalloc.allocators.segments.FlatTables`) not dominated within their
+    component: another one has <= error and <= every cost, one strictly, or is identical with a lower
+    index. Some optimum uses only these; with one resource they hold the whole lower-left hull."""
+    E, C, offsets = flat.errors, flat.costs, flat.offsets
+    keep = np.ones(len(E), dtype=bool)
+    R = C.shape[0]
+    for l in range(len(offsets) - 1):
+        s = slice(offsets[l], offsets[l + 1])
+        e, c = E[s], C[:, s]
+        if R == 1:
+            order = np.lexsort((e, c[0]))  # cost ascending, then error
+            best = np.minimum.accumulate(e[order])
+            ok = np.ones(len(order), dtype=bool)
+            ok[1:] = e[order][1:] < best[:-1]
+            k = np.zeros(len(order), dtype=bool)
+            k[order] = ok
+        else:
+            le = (e[:, None] <= e[None, :]) & (c[:, :, None] <= c[:, None, :]).all(axis=0)  # i no worse than j
+            eq = (e[:, None] == e[None, :]) & (c[:, :, None] == c[:, None, :]).all(axis=0)
+            n = len(e)
+            earlier = np.arange(n)[:, None] < np.arange(n)[None, :]
+            dom = le & (~eq | earlier)
+            np.fill_diagonal(dom, False)
+            k = ~dom.any(axis=0)
+        keep[s] = k
+    return keep

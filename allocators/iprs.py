@@ -25,7 +25,8 @@ import numpy as np
 
 from rankalloc.allocators.allocation import Allocation, Status, finish
 from rankalloc.allocators.problem import AllocationProblem
-from rankalloc.allocators.segments import RTOL, fits, limits_of
+from rankalloc.allocators.registry import register_solver
+from rankalloc.allocators.segments import feasible_limits, fits, limits_of
 from rankalloc.allocators.uniform import component_dense_costs, largest_within
 
 
@@ -97,6 +98,7 @@ def project_capped_simplex(y, S: float) -> np.ndarray:
     return np.clip(y - tau, 0.0, 1.0)
 
 
+@register_solver("iprs")
 @dataclass(frozen=True)
 class IPRS:
     """FLAT-LLM's importance-preserving rank selection over the layers, plus an optional fill pass.
@@ -163,7 +165,7 @@ def fill_by_layer(problem: AllocationProblem, choice_index, layer_of: np.ndarray
     least-error candidate (ties: cheaper) whose extra cost fits the budget left. Returns ``(choice_index, moves)``."""
     F = problem.flat
     idx = np.array(choice_index, dtype=np.int64)
-    left = limits_of(problem) * (1 + RTOL) + RTOL - F.costs[:, F.offsets[:-1] + idx].sum(axis=1)
+    left = feasible_limits(limits_of(problem)) - F.costs[:, F.offsets[:-1] + idx].sum(axis=1)
     moves = 0
     names = [c.name for c in problem.components]
     for li in np.lexsort((np.arange(len(t)), -t)):

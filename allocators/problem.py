@@ -1,3 +1,4 @@
+# The multiple-choice knapsack of rank allocation (Sinha & Zoltners, 1979): components, error curves, budgets
 """The budget problem: components, their error curves, cost models and budgets.
 
 A problem is a multiple-choice knapsack (MCKP). Component ``l`` picks one candidate ``j`` from
@@ -18,13 +19,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rankalloc.allocators.costs import COST_MODELS, CostModel
-
-DENSE = -1
-"""Rank value that stands for "keep the matrix dense"."""
-
-CURVE_KINDS = ("whitened", "energy", "relative", "epsilon", "fisher", "probe", "sslc")
-"""Known curve kinds; see README ("curve kinds"). Any other name is accepted for user curves."""
+from rankalloc.allocators.costs import DENSE, CostModel
+from rankalloc.allocators.registry import get_cost_model
+from rankalloc.allocators.segments import FlatTables, feasible_limits
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,6 @@ class Component:
     @property
     def max_rank(self) -> int:
         return min(self.m, self.n)
-
-    @property
-    def break_even_rank(self) -> float:
-        """Rank at which ``r(m+n)`` equals ``m*n``; at or above it, dense is cheaper."""
-        return self.m * self.n / (self.m + self.n)
 
 
 @dataclass(frozen=True)
@@ -243,9 +235,8 @@ class AllocationProblem:
             raise ValueError("the problem is empty: expected at least one component curve, received none")
         if not budgets:
             raise ValueError("expected at least one budget, received none")
-        names = [c.component.name for c in curves]
         seen: set[str] = set()
-        for nm in names:
+        for nm in (c.component.name for c in curves):
             if nm in seen:
                 raise ValueError(f"duplicate component name {nm!r}: expected unique names")
             seen.add(nm)
@@ -267,10 +258,10 @@ class AllocationProblem:
             raise ValueError(f"expected one budget per resource, received {[b.resource for b in budgets]}")
         for res in resources:
             if res not in costs:
-                if res not in COST_MODELS:
-                    raise ValueError(f"budget on unknown resource {res!r}: expected one of "
-                                     f"{sorted(set(COST_MODELS) | set(costs))} or a cost model in costs=")
-                costs[res] = COST_MODELS[res]()
+                try:
+                    costs[res] = get_cost_model(res)()
+                except ValueError as err:
+                    raise ValueError(f"budget on unknown resource {res!r}; {err}, or a cost model in costs=") from None
         weights = dict(self.weights or {})
         unknown = set(weights) - seen
         if unknown:
@@ -299,9 +290,7 @@ class AllocationProblem:
 
         cs = profiles if isinstance(profiles, CurveSet) else profiles.curve_set()
         if isinstance(cost, str):
-            if cost not in COST_MODELS:
-                raise ValueError(f"unknown cost model {cost!r}: expected one of {sorted(COST_MODELS)}")
-            costs = {cost: COST_MODELS[cost]()}
+            costs = {cost: get_cost_model(cost)()}
         elif isinstance(cost, Mapping):
             costs = dict(cost)
         else:
@@ -337,8 +326,7 @@ class AllocationProblem:
         out = []
         for cv in self.curves:
             w = self.weights.get(cv.component.name, 1.0)
-            e = cv.errors * w if w != 1.0 else cv.errors
-            e = np.array(e, dtype=np.float64)
+            e = np.array(cv.errors * w if w != 1.0 else cv.errors, dtype=np.float64)
             e.setflags(write=False)
             out.append(e)
         return tuple(out)
@@ -378,12 +366,8 @@ class AllocationProblem:
     @cached_property
     def flat(self) -> "FlatTables":
         """All candidates in one flat array, for vectorised solvers."""
-        sizes = np.array([len(cv) for cv in self.curves])
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        owner = np.repeat(np.arange(len(sizes)), sizes)
-        E = np.concatenate(self.errors)
         C = np.stack([np.concatenate(self.cost_tables[r]) for r in self.resources])
-        return FlatTables(offsets=offsets, owner=owner, errors=E, costs=C)
+        return FlatTables.of(np.concatenate(self.errors), C, [len(cv) for cv in self.curves])
 
     def evaluate(self, choice_index: Sequence[int]) -> tuple[float, dict[str, float]]:
         """Objective and cost per resource of a choice index per component."""
@@ -395,12 +379,13 @@ class AllocationProblem:
         cost = {r: float(np.sum(self.flat.costs[k, pos])) for k, r in enumerate(self.resources)}
         return obj, cost
 
-    def is_feasible(self, cost: Mapping[str, float], rtol: float = 1e-9) -> bool:
-        return all(cost[r] <= self.limits[r] * (1 + rtol) + 1e-9 for r in self.resources)
+    def is_feasible(self, cost: Mapping[str, float]) -> bool:
+        """Whether ``cost`` meets every limit, up to :data:`~rankalloc.allocators.segments.FEASIBILITY_RTOL`."""
+        return all(cost[r] <= float(feasible_limits(self.limits[r])) for r in self.resources)
 
     def infeasibility_message(self) -> str | None:
         """Why no allocation can meet the budgets (None when the per-resource minima fit)."""
-        short = [r for r in self.resources if self.min_costs[r] > self.limits[r] * (1 + 1e-9) + 1e-9]
+        short = [r for r in self.resources if self.min_costs[r] > float(feasible_limits(self.limits[r]))]
         if not short:
             return None
         parts = []
@@ -415,11 +400,3 @@ class AllocationProblem:
         return (f"{len(self.curves)} components, {sum(len(c) for c in self.curves)} candidates, "
                 f"objective {self.objective!r}, grid {self.grid}, budgets "
                 + ", ".join(b.describe() for b in self.budgets))
-
-
-@dataclass(frozen=True)
-class FlatTables:
-    offsets: np.ndarray  # (L+1,) start of each component's candidates
-    owner: np.ndarray    # (N,) component of each candidate
-    errors: np.ndarray   # (N,) weighted errors
-    costs: np.ndarray    # (R, N) cost per resource

@@ -1,23 +1,70 @@
-"""Per-component (segmented) array helpers shared by the vectorised solvers.
+# MCKP on flat arrays (Kellerer, Pferschy & Pisinger, 2004, Ch. 11): per-component segments and the budget test
+"""Per-component (segmented) array helpers shared by every solver, and the one feasibility tolerance.
 
-The solvers work on :attr:`AllocationProblem.flat`: every candidate of every component in one
-flat array, component ``l`` owning positions ``offsets[l]:offsets[l+1]``. The helpers here sort,
-scan and test budgets on such arrays without a Python loop per candidate. Numpy only.
+The solvers work on :attr:`AllocationProblem.flat` (a :class:`FlatTables`): every candidate of
+every component in one flat array, component ``l`` owning positions ``offsets[l]:offsets[l+1]``:
+``errors (N,)``, ``costs (R, N)``, ``offsets (L+1,)``, ``owner (N,)``. The helpers here sort, scan,
+subset and test budgets on such arrays without a Python loop per candidate. Numpy only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-RTOL = 1e-12
-"""Relative slack of the solvers' own budget test (stricter than ``AllocationProblem.is_feasible``)."""
+FEASIBILITY_RTOL = 1e-9
+"""The one feasibility tolerance: a total cost ``c`` meets limit ``B`` when ``c <= B (1 + t) + t``.
+
+``AllocationProblem.is_feasible``, ``infeasibility_message``, :func:`fits` (every solver's budget
+test), the DP capacities and the CP-SAT limits all use it, through :func:`feasible_limits`.
+1e-9 is what ``is_feasible`` always accepted; the heuristics used to test against 1e-12, which
+gives the same answers wherever costs are integers far coarser than ``1e-9 B`` (every built-in
+cost model on model-sized budgets), so the benchmark is unchanged by the merge.
+"""
+
+
+@dataclass(frozen=True)
+class FlatTables:
+    """Every candidate of every component in flat arrays (component ``l`` owns ``offsets[l]:offsets[l+1]``)."""
+
+    offsets: np.ndarray  # (L+1,) start of each component's candidates
+    owner: np.ndarray    # (N,) component of each candidate
+    errors: np.ndarray   # (N,) weighted errors
+    costs: np.ndarray    # (R, N) cost per resource
+
+    @classmethod
+    def of(cls, errors: np.ndarray, costs: np.ndarray, counts: np.ndarray) -> "FlatTables":
+        """Tables from flat ``errors``/``costs`` and the number of candidates of each component."""
+        counts = np.asarray(counts, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        owner = np.repeat(np.arange(len(counts)), counts)
+        return cls(offsets=offsets, owner=owner, errors=errors, costs=np.atleast_2d(costs))
+
+    def subset(self, mask: np.ndarray) -> tuple["FlatTables", np.ndarray]:
+        """The candidates under ``mask`` (every component keeps one or more) and their positions here."""
+        sel = np.flatnonzero(mask)
+        counts = np.add.reduceat(np.asarray(mask, dtype=np.int64), self.offsets[:-1])
+        if (counts == 0).any():
+            raise RuntimeError("a component lost all its candidates (internal error)")
+        return FlatTables.of(self.errors[sel], self.costs[:, sel], counts), sel
+
+    def total(self, choice_index) -> np.ndarray:
+        """Cost per resource ``(R,)`` of a choice (one component-local index per component)."""
+        return self.costs[:, self.offsets[:-1] + np.asarray(choice_index, dtype=np.int64)].sum(axis=1)
+
+
+def feasible_limits(limits) -> np.ndarray:
+    """The largest total cost per resource that meets ``limits``: ``B (1 + t) + t``, ``t`` = :data:`FEASIBILITY_RTOL`."""
+    b = np.asarray(limits, dtype=np.float64)
+    return b * (1 + FEASIBILITY_RTOL) + FEASIBILITY_RTOL
 
 
 def fits(cost: np.ndarray, limits: np.ndarray) -> np.ndarray:
     """Whether ``cost`` (shape ``(R,)`` or ``(R, T)``) meets every limit (shape ``(R,)``); bool or ``(T,)``."""
     cost = np.asarray(cost, dtype=np.float64)
-    lim = np.asarray(limits, dtype=np.float64).reshape((-1,) + (1,) * (cost.ndim - 1))
-    return np.all(cost <= lim * (1 + RTOL) + RTOL, axis=0)
+    lim = feasible_limits(limits).reshape((-1,) + (1,) * (cost.ndim - 1))
+    return np.all(cost <= lim, axis=0)
 
 
 def limits_of(problem) -> np.ndarray:

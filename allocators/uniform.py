@@ -24,9 +24,11 @@ import numpy as np
 
 from rankalloc.allocators.allocation import Allocation, Status, finish
 from rankalloc.allocators.problem import AllocationProblem
-from rankalloc.allocators.segments import RTOL, fits, limits_of, scalar_weights, segment_pick
+from rankalloc.allocators.registry import register_solver
+from rankalloc.allocators.segments import feasible_limits, fits, limits_of, scalar_weights, segment_pick
 
 
+@register_solver("uniform")
 @dataclass(frozen=True)
 class Uniform:
     """The SVD-LLM baseline: the same removed fraction for every component."""
@@ -72,7 +74,7 @@ def largest_within(problem: AllocationProblem, caps: np.ndarray):
     component ``l``; it then gets its cheapest candidate by scalarised cost (ties: smaller error).
     """
     F = problem.flat
-    allowed = np.all(F.costs <= caps[:, F.owner] * (1 + RTOL) + RTOL, axis=0)
+    allowed = np.all(F.costs <= feasible_limits(caps[:, F.owner]), axis=0)
     pos = segment_pick(F.offsets, allowed, F.costs[0], F.errors)
     short = pos < 0
     if short.any():

@@ -11,6 +11,7 @@ import numpy as np
 
 from rankalloc.allocators.allocation import Allocation, Status
 from rankalloc.allocators.problem import DENSE, AllocationProblem
+from rankalloc.allocators.segments import feasible_limits
 
 EXACT = ("exact", "dp")
 """Solvers that must return the proven optimum (status OPTIMAL)."""
@@ -54,7 +55,7 @@ def brute_force(problem: AllocationProblem) -> tuple[float | None, tuple[int, ..
     ok = np.ones(total, dtype=bool)
     for k, r in enumerate(problem.resources):
         cost = problem.flat.costs[k][pos].sum(axis=1)
-        ok &= cost <= problem.limits[r] * (1 + 1e-9) + 1e-9
+        ok &= cost <= feasible_limits(problem.limits[r])
     if not ok.any():
         return None, None, 0
     best = float(obj[ok].min())
@@ -93,7 +94,7 @@ def check_contract(problem: AllocationProblem, alloc: Allocation, optimum: float
         why = problem.infeasibility_message()
         if why is not None:  # some resource cannot be met on its own: its minimum cost must be in the message
             for r in problem.resources:
-                if problem.min_costs[r] > problem.limits[r] * (1 + 1e-9) + 1e-9:
+                if problem.min_costs[r] > feasible_limits(problem.limits[r]):
                     assert f"{problem.min_costs[r]:.6g}" in alloc.message, \
                         f"{name}: infeasible message must give the minimum {r} cost " \
                         f"{problem.min_costs[r]:.6g}; received {alloc.message!r}"

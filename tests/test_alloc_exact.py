@@ -1,4 +1,4 @@
-"""Exact MCKP solvers: Exact (fixing + core DP / CP-SAT), CPSat, DynamicProgram, against brute force."""
+"""Exact MCKP solvers: Exact (fixing + core DP / CP-SAT, and plain CP-SAT), DynamicProgram, against brute force."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 import rankalloc  # noqa: F401  (loads OR-tools first)
 from rankalloc.allocators.allocation import Status
 from rankalloc.allocators.costs import Params
-from rankalloc.allocators.cpsat import CPSat
 from rankalloc.allocators.dp import DynamicProgram
 from rankalloc.allocators.exact import Exact
 from rankalloc.allocators.problem import DENSE, AllocationProblem, Budget, Component, Curve
@@ -60,7 +59,7 @@ def test_single_budget_matches_brute_force(seed):
     p = small_random_problem(rng, components=int(rng.integers(2, 6)), max_dim=10, sparse=bool(seed % 2),
                              budgets=("params",) if seed % 3 else ("flops",))
     opt = brute_force(p)
-    solvers = dict(SOLVERS, plain=CPSat(workers=1)) if seed % 4 == 0 else SOLVERS
+    solvers = dict(SOLVERS, plain=Exact(method="plain", workers=1)) if seed % 4 == 0 else SOLVERS
     for name, solver in solvers.items():
         alloc = solver.solve(p)
         if opt is None:
@@ -136,7 +135,7 @@ def test_time_limit_returns_incumbent():
     """A time limit too short to prove optimality gives TIME_LIMIT with a feasible incumbent and a
     bound below it (or INFEASIBLE), never a false OPTIMAL."""
     p = llama_like_problem(layers=6, hidden=512, mlp=1408, kv=128, grid=16, removed=0.35, seed=3)
-    for solver in (Exact(method="plain", time_limit=0.02, workers=1), CPSat(time_limit=0.02, workers=1)):
+    for solver in (Exact(method="plain", time_limit=0.02, workers=1),):
         alloc = solver.solve(p)
         assert alloc.status in (Status.TIME_LIMIT, Status.INFEASIBLE, Status.OPTIMAL)
         if alloc.status == Status.TIME_LIMIT:
@@ -144,7 +143,7 @@ def test_time_limit_returns_incumbent():
             assert alloc.lower_bound is None or alloc.lower_bound <= alloc.objective + 1e-12
         if alloc.status == Status.OPTIMAL:  # only acceptable if it really is
             assert alloc.objective == pytest.approx(Exact().solve(p).objective, rel=1e-9)
-    assert CPSat(time_limit=0.02, workers=1).solve(p).status == Status.TIME_LIMIT
+    assert Exact(method="plain", time_limit=0.02, workers=1).solve(p).status == Status.TIME_LIMIT
 
 
 def test_infeasible_budget_reports_minimum_cost():
@@ -153,7 +152,7 @@ def test_infeasible_budget_reports_minimum_cost():
     curves = [Curve(c, [2, 4, DENSE], [3.0, 1.0, 0.0]) for c in comps]
     p = AllocationProblem(curves, Budget("params", limit=50), grid=2)
     assert p.min_costs["params"] == 3 * 2 * 14
-    for solver in (Exact(), Exact(method="plain"), CPSat(), DynamicProgram()):
+    for solver in (Exact(), Exact(method="plain"), DynamicProgram()):
         assert_infeasible(solver.solve(p), p)
 
 
@@ -263,7 +262,6 @@ import numpy as np
 import cvxpy  # noqa: F401  first: its libhighs wins, so OR-tools cannot load in this process
 import rankalloc
 from rankalloc._ortools_first import ORTOOLS_IN_PROCESS
-from rankalloc.allocators.cpsat import CPSat
 from rankalloc.allocators.dp import DynamicProgram
 from rankalloc.allocators.exact import Exact
 from rankalloc.allocators.synthetic import small_random_problem
@@ -273,7 +271,7 @@ rows = []
 for budgets in (("params",), ("params", "kv")):
     p = small_random_problem(rng, components=5, max_dim=8, budgets=budgets, kinds=("k", "v", "q"))
     core = Exact(method="cpsat").solve(p)  # CP-SAT on the fixed core, in a clean subprocess
-    rows.append([core.objective] + [s.solve(p).objective for s in (CPSat(), Exact(), DynamicProgram())]
+    rows.append([core.objective] + [s.solve(p).objective for s in (Exact(method="plain"), Exact(), DynamicProgram())]
                 + [str(core.status)])
 print(json.dumps({"in_process": ORTOOLS_IN_PROCESS, "rows": rows}))
 """
@@ -298,14 +296,14 @@ def test_cvxpy_imported_first_still_solves():
 def test_clean_subprocess_cpsat_matches_in_process():
     """The fallback that runs CP-SAT in a fresh interpreter (used when cvxpy loaded its HiGHS first) gives the
     same status, choice and bound as the in-process solve, whether or not this environment needs it."""
-    from rankalloc.allocators import _mckp
     from rankalloc.allocators.cpsat import solve_arrays_anywhere
+    from rankalloc.allocators.segments import feasible_limits
 
     rng = np.random.default_rng(5)
     p = small_random_problem(rng, components=6, max_dim=8, budgets=("params", "kv"), removed=0.3,
                              kinds=("k", "v", "q"))
     f = p.flat
-    limits = _mckp.feasible_limits([p.limits[r] for r in p.resources])
+    limits = feasible_limits([p.limits[r] for r in p.resources])
     here = solve_arrays_anywhere(f.errors, f.costs, f.offsets, limits, 30.0, 1)
     there = solve_arrays_anywhere(f.errors, f.costs, f.offsets, limits, 30.0, 1, subprocess_only=True)
     assert there["status"] == here["status"] == "OPTIMAL"

@@ -15,14 +15,16 @@ from rankalloc.allocators import hull as hull_mod
 from rankalloc.allocators.allocation import Status, finish
 from rankalloc.allocators.costs import KVCache, Params
 from rankalloc.allocators.epsilon import UniformEpsilon
-from rankalloc.allocators.greedy import Greedy, greedy_descent, start_choices
+from rankalloc.allocators.dual import dual_value
+from rankalloc.allocators.greedy import Greedy, start_choices
 from rankalloc.allocators.hull import lower_hull, lower_hulls
 from rankalloc.allocators.iprs import IPRS, capped_proportional, project_capped_simplex
-from rankalloc.allocators.lagrangian import Lagrangian, dual_value, fill_upgrades
+from rankalloc.allocators.lagrangian import Lagrangian
+from rankalloc.allocators.moves import fill_upgrades, greedy_descent
 from rankalloc.allocators.pareto import ParetoFront, pareto_sweep
 from rankalloc.allocators.problem import DENSE, AllocationProblem, Budget, Component, Curve
-from rankalloc.allocators.segments import (fits, group_first_min, limits_of, scalar_weights, segment_cummax,
-                                           sort_within, stable_argsort)
+from rankalloc.allocators.segments import (feasible_limits, fits, group_first_min, limits_of, scalar_weights,
+                                           segment_cummax, sort_within, stable_argsort)
 from rankalloc.allocators.uniform import Uniform
 
 D = DENSE
@@ -201,7 +203,7 @@ def test_greedy_prefix_max_equals_heap(budgets):
         w = scalar_weights(p)
         for start in ("dense", "full"):
             s = start_choices(p, start, w)
-            idx, ok, _ = greedy_descent(p, s, w)
+            idx, ok, _ = greedy_descent(p.flat, s, limits_of(p), w)
             ref, ref_ok = heap_greedy(p, s, w)
             assert ok == ref_ok and list(idx) == ref, (trial, start)
 
@@ -272,7 +274,7 @@ def test_fill_upgrades_matches_naive_fill():
     rng = np.random.default_rng(5)
 
     def naive(p, idx):
-        F, w, B = p.flat, scalar_weights(p), limits_of(p) * (1 + 1e-12) + 1e-12
+        F, w, B = p.flat, scalar_weights(p), feasible_limits(limits_of(p))
         pos = F.offsets[:-1] + np.array(idx)
         while True:
             cur = pos[F.owner]
@@ -292,7 +294,7 @@ def test_fill_upgrades_matches_naive_fill():
                    (Budget("params", removed=0.4), Budget("kv", removed=0.3)))
         p = random_problem(rng, n_comp=6, budgets=budgets, integer=True)
         start = [int(np.argmin(p.cost_tables["params"][l])) for l in range(len(p.curves))]
-        assert list(fill_upgrades(p, start)[0]) == naive(p, start)
+        assert list(fill_upgrades(p.flat, start, limits_of(p), scalar_weights(p))[0]) == naive(p, start)
 
 
 def test_lp_bound_equals_lagrangian_bound():
@@ -309,7 +311,7 @@ def test_lp_bound_equals_lagrangian_bound():
     p = random_problem(rng, n_comp=5, budgets=(Budget("params", removed=0.4), Budget("kv", removed=0.5)))
     a = Lagrangian().solve(p)
     assert a.lower_bound <= lp_relaxation_bound(p) * (1 + 1e-6) + 1e-9
-    assert dual_value(p, np.zeros(2)) <= a.lower_bound
+    assert dual_value(p.flat, np.zeros(2), limits_of(p)) <= a.lower_bound
 
 
 # ----------------------------------------------------------------------------- iprs
