@@ -173,6 +173,15 @@ class Curve:
                      np.append(self.sparsity, 0.0))
 
 
+def removed_fraction(value, what: str = "budget") -> float:
+    """``value`` as a fraction REMOVED in [0, 1) (the one check of every "removed" budget); ``ValueError`` naming
+    ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{what}: expected a fraction removed in [0, 1), received {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Budget:
     """A limit on one resource, as an absolute amount or as the fraction of dense cost removed.
@@ -188,9 +197,8 @@ class Budget:
     def __post_init__(self):
         if (self.removed is None) == (self.limit is None):
             raise ValueError(f"budget on {self.resource!r}: give exactly one of removed= or limit=")
-        if self.removed is not None and not (0.0 <= self.removed < 1.0):
-            raise ValueError(f"budget on {self.resource!r}: expected a fraction removed in [0, 1), "
-                             f"received {float(self.removed)!r}")
+        if self.removed is not None:
+            removed_fraction(self.removed, f"budget on {self.resource!r}")
         if self.limit is not None and not (self.limit >= 0 and math.isfinite(self.limit)):
             raise ValueError(f"budget on {self.resource!r}: expected a finite limit >= 0, received {float(self.limit)!r}")
 

@@ -1,16 +1,17 @@
-# Shared decomposer machinery: low-rank modules, the method registry, and the in-place entry point compress_.
+# Shared decomposer machinery: factors, target validation, per-matrix handlers and the in-place entry point compress_.
 """Turn an :class:`~rankalloc.allocators.allocation.Allocation` into a compressed transformers model.
 
 Contract of ``compress_(model, allocation, config, profile)``:
 
-- ``config`` is the frozen config dataclass of one method. ``type(config)`` selects the handler in
-  :data:`METHODS` (``name -> (config class, handler)``, filled in ``decomposers/__init__.py``).
+- ``config`` is the frozen config dataclass of one method. ``type(config)`` selects the registered method
+  (:mod:`rankalloc.decomposers.registry`).
 - Only the allocation's components are touched. A dense choice leaves its module as it is.
 - Every factor is computed in float64 (``numerics.PRECISION``) on the weight's device and cast back
   to the module's dtype at the very end.
 - Bad input raises ``ValueError`` naming the component before any module is modified: a name that is
   not in the model, a shape that disagrees with the module, a rank outside ``[0, min(m, n)]``, a sparse
-  choice given to a method without a sparse part.
+  choice given to a method without a sparse part, a host module whose call contract a replacement would
+  not follow (:mod:`rankalloc.decomposers.host`).
 - Afterwards the realized parameter count of the components equals ``allocation.cost["params"]``
   exactly, or ``RuntimeError`` is raised.
 
@@ -21,117 +22,30 @@ Rank 0. A rank-0 matrix becomes a :class:`LowRankLinear` with empty ``first`` (`
 ``second`` (``m x 0``) weights: 0 parameters, and it outputs its bias (zeros without one). The model
 still runs and saves; the count stays exact.
 
-Handler contract (every method, including ``sslc`` written elsewhere):
-``handler(model, allocation, config, profile, progress) -> list[ComponentReport]``, one report per
-component of the allocation. A per-matrix method only writes ``build(module, choice, W, G, config, name)
--> nn.Module | (nn.Module, info)`` and wraps it with :func:`linear_handler`.
+Handler contract (every method): ``handler(model, allocation, config, profile, progress) ->
+list[ComponentReport]``, one report per component of the allocation. A per-matrix method only writes
+``build(module, choice, W, G, config, name) -> nn.Module | (nn.Module, info)`` and wraps it with
+:func:`linear_handler`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from rankalloc.allocators.costs import FlatParams, Params
-from rankalloc.allocators.problem import DENSE, Choice, Component
+from rankalloc.allocators.problem import Choice, Component
 from rankalloc.decomposers.host import check_single_input
+from rankalloc.decomposers.modules import LowRankLinear, is_conv1d, weight_matrix, weight_params
+from rankalloc.decomposers.registry import Handler, method_of_config
+from rankalloc.decomposers.report import ComponentReport, CompressionReport, config_dict, profile_id
 from rankalloc.profiling.numerics import PRECISION, check_finite
-
-Handler = Callable[..., list]
-"""``handler(model, allocation, config, profile, progress) -> list[ComponentReport]``."""
-
-METHODS: dict[str, tuple[type, Handler]] = {}
-"""Registry: method name -> (config class, handler). Filled in ``decomposers/__init__.py``."""
-
-MODULE_TYPES: dict[str, tuple[type, Callable, Callable]] = {}
-"""Registry for save/load: type name -> (module class, ``spec(module) -> dict``,
-``build(spec, original) -> module`` with uninitialised weights of the saved shapes). Filled in
-``decomposers/__init__.py``."""
-
-
-# ----------------------------------------------------------------------------- modules
-def empty_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None) -> nn.Linear:
-    """An ``nn.Linear`` with uninitialised storage (no random init: factors are copied in right after)."""
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    lin.in_features, lin.out_features = int(in_features), int(out_features)
-    lin.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
-    if bias:
-        lin.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
-    else:
-        lin.register_parameter("bias", None)
-    return lin
-
-
-class LowRankLinear(nn.Module):
-    """``y = A (B x) + b``: ``first`` = ``nn.Linear(n -> r)`` holding ``B`` (``r x n``, no bias), ``second`` =
-    ``nn.Linear(r -> m)`` holding ``A`` (``m x r``) and the original bias ``b``.
-
-    It stores ``r(m+n)`` weight entries. Rank 0 is allowed: the output is then ``b`` (or zeros).
-    """
-
-    spec_type = "lowrank"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, dtype=None, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
-        self.first = empty_linear(in_features, rank, False, dtype, device)
-        self.second = empty_linear(rank, out_features, bias, dtype, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-    @classmethod
-    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, dtype, device) -> "LowRankLinear":
-        """Cast float64 factors ``A`` (``m x r``) and ``B`` (``r x n``) to ``dtype`` on ``device``."""
-        (m, r), (r2, n) = A.shape, B.shape
-        if r != r2:
-            raise ValueError(f"LowRankLinear: factor shapes disagree, A is {m}x{r} and B is {r2}x{n}")
-        mod = cls(n, m, r, bias is not None, dtype=dtype, device=device)
-        with torch.no_grad():
-            mod.first.weight.copy_(B.to(device=device, dtype=dtype))
-            mod.second.weight.copy_(A.to(device=device, dtype=dtype))
-            if bias is not None:
-                mod.second.bias.copy_(bias.detach().to(device=device, dtype=dtype))
-        return mod
-
-    def spec(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "bias": self.second.bias is not None}
-
-    @classmethod
-    def from_spec(cls, spec: Mapping, original: nn.Module) -> "LowRankLinear":
-        p = next(original.parameters())
-        return cls(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], dtype=p.dtype, device=p.device)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.second.bias is not None}")
-
-
-def weight_params(module: nn.Module) -> int:
-    """Stored weight entries of ``module``: all parameters except those named ``bias``."""
-    return int(sum(p.numel() for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] != "bias"))
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored transposed (``in x out``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The ``m x n`` (out x in) weight of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (a view, model dtype)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if is_conv1d(module):
-        return module.weight.T
-    raise TypeError(f"expected nn.Linear or Conv1D, received {type(module).__name__}")
 
 
 # ----------------------------------------------------------------------------- pure maths helpers
@@ -177,124 +91,6 @@ def low_rank_module(module: nn.Module, factors: Factors) -> tuple[LowRankLinear,
     W = weight_matrix(module)
     new = LowRankLinear.from_factors(factors.A, factors.B, getattr(module, "bias", None), W.dtype, W.device)
     return new, {"predicted_error": factors.error, "delta": factors.delta, **factors.info}
-
-
-# ----------------------------------------------------------------------------- reports
-@dataclass(frozen=True)
-class ComponentReport:
-    """What happened to one component: its choice, weight parameters before/after, time.
-
-    ``fixed_params`` are weights the method keeps outside the allocation's accounting (SoLA's prime
-    neurons); ``predicted_error`` the method's own error estimate (None when it has none).
-    """
-
-    name: str
-    choice: Choice
-    module: str
-    params_before: int
-    params_after: int
-    seconds: float = 0.0
-    fixed_params: int = 0
-    predicted_error: float | None = None
-    info: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "choice": self.choice.to_json(), "module": self.module,
-                "params_before": self.params_before, "params_after": self.params_after,
-                "fixed_params": self.fixed_params, "predicted_error": self.predicted_error,
-                "seconds": self.seconds, "info": _jsonable(self.info)}
-
-
-@dataclass(frozen=True)
-class CompressionReport:
-    """The result of :func:`compress_`: one :class:`ComponentReport` per allocation component, and totals.
-
-    ``params_after`` (sum over components) equals ``expected_params`` (the allocation's ``params``
-    cost). ``fixed_params`` counts weights kept dense outside the budget (SoLA's prime neurons).
-    """
-
-    method: str
-    config: dict
-    components: tuple[ComponentReport, ...]
-    expected_params: int
-    profile_id: dict
-    seconds: float
-    allocation: dict = field(default_factory=dict)
-
-    @property
-    def params_before(self) -> int:
-        return sum(c.params_before for c in self.components)
-
-    @property
-    def params_after(self) -> int:
-        return sum(c.params_after for c in self.components)
-
-    @property
-    def fixed_params(self) -> int:
-        return sum(c.fixed_params for c in self.components)
-
-    @property
-    def removed(self) -> float:
-        """Fraction of the components' dense weight parameters removed (fixed parameters counted as kept)."""
-        before = self.params_before + self.fixed_params
-        return 1.0 - (self.params_after + self.fixed_params) / before if before else 0.0
-
-    @property
-    def choices(self) -> dict[str, Choice]:
-        return {c.name: c.choice for c in self.components}
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "config": self.config, "expected_params": self.expected_params,
-                "params_before": self.params_before, "params_after": self.params_after,
-                "fixed_params": self.fixed_params, "removed": self.removed, "seconds": self.seconds,
-                "profile": self.profile_id, "allocation": self.allocation,
-                "components": [c.to_dict() for c in self.components]}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "CompressionReport":
-        comps = []
-        for c in d["components"]:
-            ch = c["choice"]
-            choice = (Choice(DENSE) if ch == "dense" else
-                      Choice(int(ch[0]), float(ch[1])) if isinstance(ch, list) else Choice(int(ch)))
-            comps.append(ComponentReport(c["name"], choice, c["module"], c["params_before"], c["params_after"],
-                                         c["seconds"], c["fixed_params"], c["predicted_error"], c.get("info", {})))
-        return cls(d["method"], d["config"], tuple(comps), d["expected_params"], d["profile"], d["seconds"],
-                   d.get("allocation", {}))
-
-    def summary(self) -> str:
-        fixed = f" + {self.fixed_params:,} fixed (outside the budget)" if self.fixed_params else ""
-        return (f"{self.method}: {len(self.components)} components, weight params {self.params_before:,} -> "
-                f"{self.params_after:,}{fixed} ({self.removed:.2%} removed), {self.seconds:.1f} s")
-
-
-def _jsonable(x):
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
-        return x.item()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
-def config_dict(config) -> dict:
-    return _jsonable(asdict(config)) if is_dataclass(config) else {}
-
-
-def profile_id(profile) -> dict:
-    """Identity of the profile used: its path and the model/text fingerprints in its meta (what is there)."""
-    meta = getattr(profile, "meta", None) or {}
-    out = {k: meta[k] for k in ("model_id", "fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen",
-                                "tokens", "version") if k in meta}
-    path = getattr(profile, "path", None)
-    if path is not None:
-        out["path"] = str(path)
-    return _jsonable(out)
 
 
 # ----------------------------------------------------------------------------- module lookup and validation
@@ -433,14 +229,6 @@ def linear_handler(build: Callable, sparse: bool = False, name: str = "") -> Han
 
 
 # ----------------------------------------------------------------------------- entry point
-def method_of(config) -> str:
-    for name, (cls, _) in METHODS.items():
-        if type(config) is cls:
-            return name
-    raise ValueError(f"unknown decomposer config {type(config).__name__}: expected one of "
-                     f"{[cls.__name__ for cls, _ in METHODS.values()]}")
-
-
 def expected_params(model: nn.Module, allocation) -> int:
     """The allocation's ``params`` cost; priced with ``Params`` (``FlatParams`` for ``vo``) if it has none."""
     if "params" in allocation.cost:
@@ -477,12 +265,12 @@ def compress_(model: nn.Module, allocation, config, profile, progress: bool = Tr
         A :class:`CompressionReport`. Raises ``ValueError`` on bad input (before modifying anything),
         ``RuntimeError`` if the realized parameter count differs from ``allocation.cost["params"]``.
     """
-    method = method_of(config)
+    method = method_of_config(config).name
     if not allocation.feasible:
         raise ValueError(f"allocation by {allocation.solver!r} has status {allocation.status}: expected a "
                          f"feasible allocation ({allocation.message})")
     expected = expected_params(model, allocation)
-    _, handler = METHODS[method]
+    handler = method_of_config(config).compress
     t0 = time.perf_counter()
     with torch.no_grad():
         reports = list(handler(model, allocation, config, profile, progress))

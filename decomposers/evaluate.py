@@ -203,36 +203,58 @@ def throughput(model: torch.nn.Module, prompt_len: int = 512, gen_tokens: int = 
 
     was_training = model.training
     model.eval()
-    watch = None
     try:
-        with torch.inference_mode():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                with contextlib.suppress(ImportError):
-                    watch = _RSSPeak()
-            # the warm-up run is the memory run; the timed runs are not perturbed by the RSS sampler
-            with watch if watch is not None else contextlib.nullcontext():
-                run()
-            times = [run() for _ in tqdm(range(repeats), desc="throughput", unit="run", disable=not progress)]
+        times, peak, measure = _timed_runs(run, repeats, device, progress)
     finally:
         model.train(was_training)
-    if cuda:
-        peak = int(torch.cuda.max_memory_allocated(device))
-        measure = "CUDA torch.cuda.max_memory_allocated over the runs (weights + activations + KV cache)"
-    elif watch is not None:
-        peak = int(watch.peak - watch.base)
-        measure = ("CPU peak RSS above the pre-run RSS during the warm-up run, sampled every 2 ms with psutil "
-                   "(excludes resident weights)")
-    else:
-        import resource
-
-        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        measure = "CPU process lifetime peak RSS from resource.getrusage (psutil not installed; includes weights)"
     prefill = statistics.median(t[0] for t in times)
     decode = statistics.median(t[1] for t in times)
     return ThroughputResult(batch_size * prompt_len / prefill, batch_size * gen_tokens / decode, peak, measure,
                             prompt_len, gen_tokens, batch_size, repeats, str(device))
+
+
+def evaluate(model: torch.nn.Module, run, *, batch_size: int = 4, progress: bool = True, ids=None) -> PerplexityResult:
+    """Perplexity of ``model`` on the held-out evaluation split of ``run`` (a :class:`~rankalloc.profiling.run.Run`).
+
+    ``ids``: the evaluation windows (default ``run``'s, :func:`rankalloc.profiling.run.evaluation_ids`); pass them
+    to score several models on the same windows without re-tokenizing. ``run.device`` "auto" means CUDA when
+    available, else CPU, as in profiling.
+    """
+    from rankalloc.profiling.profile import resolve_device
+    from rankalloc.profiling.run import evaluation_ids
+
+    if ids is None:
+        ids = evaluation_ids(run)
+    source = f"held-out evaluation split of text {run.text.name!r} ({run.text.source_id})"
+    return perplexity(model, ids, batch_size=batch_size, device=resolve_device(run.device), progress=progress,
+                      source=source)
+
+
+def _timed_runs(run, repeats: int, device: torch.device, progress: bool):
+    """One warm-up run that is also the memory run, then ``repeats`` timed runs: ``(times, peak bytes, how)``."""
+    cuda = device.type == "cuda"
+    watch = None
+    with torch.inference_mode():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            with contextlib.suppress(ImportError):
+                watch = _RSSPeak()
+        # the warm-up run is the memory run; the timed runs are not perturbed by the RSS sampler
+        with watch if watch is not None else contextlib.nullcontext():
+            run()
+        times = [run() for _ in tqdm(range(repeats), desc="throughput", unit="run", disable=not progress)]
+    if cuda:
+        return times, int(torch.cuda.max_memory_allocated(device)), (
+            "CUDA torch.cuda.max_memory_allocated over the runs (weights + activations + KV cache)")
+    if watch is not None:
+        return times, int(watch.peak - watch.base), (
+            "CPU peak RSS above the pre-run RSS during the warm-up run, sampled every 2 ms with psutil "
+            "(excludes resident weights)")
+    import resource
+
+    return times, int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, (
+        "CPU process lifetime peak RSS from resource.getrusage (psutil not installed; includes weights)")
 
 
 def model_params(model: torch.nn.Module) -> int:

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from rankalloc.decomposers.base import (Factors, allocation_items, apply_targets, check_matrix, check_profile_component,
-                                        input_gram, linear_target, low_rank_module, weight_matrix)
+                                        input_gram, linear_target, low_rank_module)
+from rankalloc.decomposers.modules import LowRankLinear, weight_matrix
+from rankalloc.decomposers.registry import Method, profile_curves, register_method
 from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, psd_roots, svd, tail_sums
 
 
@@ -92,3 +94,8 @@ def compress_fisher_svd(model, allocation, config: FisherSVDConfig, profile, pro
         return low_rank_module(t.module, f)
 
     return apply_targets(model, targets, make, progress, "fisher_svd")
+
+
+register_method(Method("fisher_svd", FisherSVDConfig, compress_fisher_svd, profile_curves("fisher_svd"),
+                       "two-sided Fisher (K-FAC) whitened SVD: input and output-gradient Grams",
+                       modules=(LowRankLinear,), kind="fisher", solver="exact", needs=("fisher",)))

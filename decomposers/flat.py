@@ -35,9 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankalloc.allocators.costs import FlatParams
-from rankalloc.decomposers.base import (ComponentReport, allocation_items, apply_targets, check_profile_component,
-                                        empty_linear, get_module, input_gram, linear_target, replace_module,
-                                        weight_params)
+from rankalloc.decomposers.base import (allocation_items, apply_targets, check_profile_component, get_module,
+                                        input_gram, linear_target, replace_module)
+from rankalloc.decomposers.modules import LowRankLinear, empty_linear, weight_params
+from rankalloc.decomposers.registry import Method, MethodCurves, register_method
+from rankalloc.decomposers.report import ComponentReport
 from rankalloc.decomposers.host import attention_contract, attention_function
 from rankalloc.decomposers.svd import svd_build
 from rankalloc.profiling.flat import eig_desc
@@ -307,3 +309,19 @@ def compress_flat(model, allocation, config: FlatConfig, profile, progress: bool
         reports.append(ComponentReport(c.name, ch, attn_name, before, after, time.perf_counter() - t0, 0,
                                        float(dropped.sum()), {"dropped_per_head": dropped.tolist()}))
     return reports
+
+
+def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
+    """One ``vo`` component per layer (value-head rank, priced by :class:`FlatParams`) plus the other matrices; the
+    value-head ranks stop at head_dim, so that is the largest grid."""
+    from rankalloc.profiling.flat import flat_curve_set
+
+    cfg = profile.meta["config"]
+    cs = profile.extra("flat") if profile.has_extra("flat") else flat_curve_set(profile)
+    fp = FlatParams(head_dim=cfg["head_dim"], heads=cfg["heads"], kv_heads=cfg["kv_heads"])
+    return MethodCurves("flat", cs, costs={"params": fp}, resources=("params",), max_grid=int(cfg["head_dim"]))
+
+
+register_method(Method("flat", FlatConfig, compress_flat, flat_curves,
+                       "FLAT-LLM: head-wise PCA of the value outputs absorbed into V and O; whitened SVD elsewhere",
+                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs"))

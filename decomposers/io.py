@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankalloc.decomposers.base import MODULE_TYPES, CompressionReport, allocation_items, replace_module
+from rankalloc.decomposers.base import allocation_items, replace_module
+from rankalloc.decomposers.registry import MODULE_TYPES, load_builtins
+from rankalloc.decomposers.report import CompressionReport
 
 FORMAT = "rankalloc.compressed"
 FORMAT_VERSION = 1
@@ -31,6 +33,7 @@ MANIFEST = "compressed.json"
 
 def module_specs(model: nn.Module) -> dict[str, dict]:
     """``{qualified name: {"type": ..., **spec}}`` for every module of a registered compressed type."""
+    load_builtins()
     by_class = {cls: (name, spec) for name, (cls, spec, _) in MODULE_TYPES.items()}
     out = {}
     for name, mod in model.named_modules():
@@ -108,6 +111,7 @@ def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
     import transformers
     from safetensors.torch import load_file
 
+    load_builtins()
     path = Path(path)
     manifest = read_manifest(path)
     base = dict(manifest["base_config"])

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from rankalloc.decomposers.base import Factors, activation_error, check_matrix, linear_handler, low_rank_module
+from rankalloc.decomposers.modules import LowRankLinear
+from rankalloc.decomposers.registry import Method, profile_curves, register_method
 from rankalloc.decomposers.svd import whitened_svd
 from rankalloc.profiling.numerics import PRECISION, svd
 
@@ -111,3 +113,7 @@ def pgsvd_build(module, choice, W, G, config: PGSVDConfig, name: str):
 
 
 compress_pgsvd = linear_handler(pgsvd_build, name="pgsvd")
+
+register_method(Method("pgsvd", PGSVDConfig, compress_pgsvd, profile_curves("pgsvd"),
+                       "PGSVD: truncated SVD refined by alternating least squares on the input Gram",
+                       modules=(LowRankLinear,), kind="fisher_svd", solver="exact"))

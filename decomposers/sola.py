@@ -37,9 +37,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankalloc.decomposers.base import (ComponentReport, LowRankLinear, allocation_items, apply_targets, check_choice,
-                                        check_profile_component, empty_linear, get_module, input_gram, linear_target,
-                                        replace_module, weight_params)
+from rankalloc.decomposers.base import (allocation_items, apply_targets, check_choice, check_profile_component,
+                                        get_module, input_gram, linear_target, replace_module)
+from rankalloc.decomposers.modules import LowRankLinear, empty_linear, weight_params
+from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
+from rankalloc.decomposers.report import ComponentReport
 from rankalloc.decomposers.host import check_single_input
 from rankalloc.decomposers.svd import svd_build, whitened_svd
 from rankalloc.profiling.architectures import prime_count
@@ -158,8 +160,8 @@ def _prime(profile, layer: int, gamma: float, d: int, mlp_name: str) -> np.ndarr
     return np.sort(prime)
 
 
-def compress_sola(model, allocation, config: SoLAConfig, profile, progress: bool = True) -> list[ComponentReport]:
-    """Model-level handler: SoLA splits for ``#marginal`` components, whitened SVD for all others."""
+def _plans(model, allocation, config: SoLAConfig, profile):
+    """Validate the whole allocation first: ``(plain targets, [(mlp name, mlp, prime, {part: (c, ch)})])``."""
     plain, groups = [], {}
     for c, ch in allocation_items(allocation):
         if not c.name.endswith(MARGINAL):
@@ -170,7 +172,6 @@ def compress_sola(model, allocation, config: SoLAConfig, profile, progress: bool
             raise ValueError(f"component {c.name!r}: expected a marginal part of one of {PARTS}, received {proj!r}")
         check_choice(c, ch, method="sola")
         groups.setdefault(mlp_name, {})[proj] = (c, ch)
-
     plans = []
     for mlp_name, parts in groups.items():
         missing = [p for p in PARTS if p not in parts]
@@ -187,8 +188,7 @@ def compress_sola(model, allocation, config: SoLAConfig, profile, progress: bool
                 raise ValueError(f"component {t.name!r} and its marginal part are both in the allocation; "
                                  f"expected one of them")
         d, hidden = mlp.gate_proj.weight.shape
-        layer = _layer_of(parts["gate_proj"][0], mlp_name)
-        prime = _prime(profile, layer, config.gamma, d, mlp_name)
+        prime = _prime(profile, _layer_of(parts["gate_proj"][0], mlp_name), config.gamma, d, mlp_name)
         q = d - len(prime)
         for proj, (c, ch) in parts.items():
             want = (hidden, q) if proj == "down_proj" else (q, hidden)
@@ -199,39 +199,68 @@ def compress_sola(model, allocation, config: SoLAConfig, profile, progress: bool
     for t in plain:
         if not t.choice.is_dense:
             check_profile_component(profile, t.component)
+    return plain, plans
+
+
+def _split(model, profile, config: SoLAConfig, mlp_name: str, mlp, prime, parts) -> list[ComponentReport]:
+    """Split one FFN into prime and marginal paths and factorise its marginal parts; one report per part."""
+    if all(ch.is_dense for _, ch in parts.values()):  # unchanged FFN: count it as split, touch nothing
+        return [ComponentReport(c.name, ch, mlp_name, c.m * c.n, c.m * c.n, 0.0,
+                                len(prime) * (c.n if proj != "down_proj" else c.m)) for proj, (c, ch) in parts.items()]
+    G = {"gate_proj": profile.input_gram(f"{mlp_name}.gate_proj"),
+         "down_proj": profile.input_gram(f"{mlp_name}.down_proj")}
+    new = SoLAMLP.split(mlp, prime)
+    M = marginal_index(new.intermediate_size, prime)
+    replace_module(model, mlp_name, new)
+    reports = []
+    for proj, (c, ch) in parts.items():
+        t0 = time.perf_counter()
+        short = proj.split("_")[0]
+        sub_name = f"{mlp_name}.{short}_marginal"
+        sub = getattr(new, f"{short}_marginal")
+        fixed = weight_params(getattr(new, f"{short}_prime"))
+        if ch.is_dense:
+            reports.append(ComponentReport(c.name, ch, sub_name, c.m * c.n, weight_params(sub), 0.0, fixed))
+            continue
+        Gfull = G["down_proj" if proj == "down_proj" else "gate_proj"].to(PRECISION)
+        Gm = check_finite(Gfull[M][:, M] if proj == "down_proj" else Gfull, f"input Gram of {c.name}")
+        f = whitened_svd(sub.weight.detach(), Gm, int(ch.rank), config.damp, c.name)
+        low = LowRankLinear.from_factors(f.A, f.B, sub.bias, sub.weight.dtype, sub.weight.device)
+        replace_module(model, sub_name, low)
+        reports.append(ComponentReport(c.name, ch, sub_name, c.m * c.n, weight_params(low), time.perf_counter() - t0,
+                                       fixed, f.error, {"delta": f.delta}))
+    return reports
+
+
+def compress_sola(model, allocation, config: SoLAConfig, profile, progress: bool = True) -> list[ComponentReport]:
+    """Model-level handler: SoLA splits for ``#marginal`` components, whitened SVD for all others."""
+    plain, plans = _plans(model, allocation, config, profile)
 
     def make_plain(t):
         return svd_build(t.module, t.choice, t.module.weight.detach(), input_gram(profile, t), config, t.name)
 
     reports = apply_targets(model, plain, make_plain, progress, "sola (whole matrices)")
-    for mlp_name, mlp, prime, parts in tqdm(plans, desc="sola (split FFNs)", disable=not progress or not plans,
-                                            leave=False):
-        if all(ch.is_dense for _, ch in parts.values()):  # unchanged FFN: count it as split, touch nothing
-            P = len(prime)
-            for proj, (c, ch) in parts.items():
-                reports.append(ComponentReport(c.name, ch, mlp_name, c.m * c.n, c.m * c.n, 0.0,
-                                               P * (c.n if proj != "down_proj" else c.m)))
-            continue
-        G = {"gate_proj": profile.input_gram(f"{mlp_name}.gate_proj"),
-             "down_proj": profile.input_gram(f"{mlp_name}.down_proj")}
-        new = SoLAMLP.split(mlp, prime)
-        M = marginal_index(new.intermediate_size, prime)
-        replace_module(model, mlp_name, new)
-        for proj, (c, ch) in parts.items():
-            t0 = time.perf_counter()
-            short = proj.split("_")[0]
-            sub_name = f"{mlp_name}.{short}_marginal"
-            sub = getattr(new, f"{short}_marginal")
-            fixed = weight_params(getattr(new, f"{short}_prime"))
-            if ch.is_dense:
-                reports.append(ComponentReport(c.name, ch, sub_name, c.m * c.n, weight_params(sub), 0.0, fixed))
-                continue
-            Gfull = G["down_proj" if proj == "down_proj" else "gate_proj"]
-            Gm = Gfull.to(PRECISION)[M][:, M] if proj == "down_proj" else Gfull.to(PRECISION)
-            Gm = check_finite(Gm, f"input Gram of {c.name}")
-            f = whitened_svd(sub.weight.detach(), Gm, int(ch.rank), config.damp, c.name)
-            low = LowRankLinear.from_factors(f.A, f.B, sub.bias, sub.weight.dtype, sub.weight.device)
-            replace_module(model, sub_name, low)
-            reports.append(ComponentReport(c.name, ch, sub_name, c.m * c.n, weight_params(low),
-                                           time.perf_counter() - t0, fixed, f.error, {"delta": f.delta}))
+    for plan in tqdm(plans, desc="sola (split FFNs)", disable=not progress or not plans, leave=False):
+        reports += _split(model, profile, config, *plan)
     return reports
+
+
+def sola_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
+    """Attention matrices plus the marginal-neuron sub-matrices (prime fraction 0.15, the :class:`SoLAConfig` default):
+    the profile's extra ``sola`` set, or computed with ``model`` (and stored)."""
+    from rankalloc.profiling.sola import add_sola_curves
+
+    if profile.has_extra("sola"):
+        cs = profile.extra("sola")
+    elif model is None:
+        raise NeedsModel(f"method 'sola': the profile at {profile.path} has no SoLA curves; pass the model to compute "
+                         f"them (rankalloc.profiling.sola.add_sola_curves)")
+    else:
+        cs = add_sola_curves(profile, model, SoLAConfig().gamma, progress=progress).curve_set
+    fixed = sum(c.m * c.n for c in profile.components) - sum(c.m * c.n for c in cs.components)
+    return MethodCurves("sola", cs, fixed_params=int(fixed), resources=("params",))
+
+
+register_method(Method("sola", SoLAConfig, compress_sola, sola_curves,
+                       "SoLA: prime FFN neurons kept dense, the marginal ones and attention by whitened SVD",
+                       modules=(LowRankLinear, SoLAMLP), kind="fisher_svd", solver="exact"))

@@ -52,11 +52,14 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankalloc.decomposers.base import LowRankLinear, activation_error, check_matrix
+from rankalloc.decomposers.base import activation_error, check_matrix, linear_handler
+from rankalloc.decomposers.modules import LowRankLinear
+from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, svd)
 
@@ -315,3 +318,29 @@ def sslc_handler(module: nn.Module, choice, W: torch.Tensor, G: torch.Tensor, co
     info = {"predicted_error": res.error, "nnz": len(res.values), "fixed": res.fixed, "dead_channels": res.dead,
             "iterations_error": list(res.history)}
     return new, info
+
+
+SPARSITIES = (0.0, 0.01, 0.02, 0.04)
+"""Kept sparse fractions of the (rank, sparsity) table computed when a profile has none."""
+
+
+def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
+    """(rank, kept sparsity) candidates: the profile's extra ``sslc`` table, or computed with ``model`` on ranks that
+    are multiples of ``grid`` (and stored in the profile)."""
+    from rankalloc.profiling.sslc_table import add_sslc_curves
+
+    if profile.has_extra("sslc"):
+        return MethodCurves("sslc", profile.extra("sslc"))
+    if model is None:
+        raise NeedsModel(f"method 'sslc': the profile at {profile.path} has no SSLC table; pass the model to compute "
+                         f"it (rankalloc.profiling.sslc_table.add_sslc_curves)")
+    top = max(c.max_rank for c in profile.components)
+    return MethodCurves("sslc", add_sslc_curves(profile, model, np.arange(0, top + 1, grid), SPARSITIES,
+                                                progress=progress))
+
+
+compress_sslc = linear_handler(sslc_handler, sparse=True, name="sslc")
+
+register_method(Method("sslc", SSLCConfig, compress_sslc, sslc_curves,
+                       "SSLC sparse + low-rank: W ~ L + S in the activation metric, (rank, sparsity) per matrix",
+                       modules=(SparseLowRankLinear,), kind="whitened", solver="exact"))

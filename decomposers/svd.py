@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from rankalloc.decomposers.base import Factors, check_matrix, linear_handler, low_rank_module
+from rankalloc.decomposers.modules import LowRankLinear
+from rankalloc.decomposers.registry import Method, profile_curves, register_method
 from rankalloc.profiling.numerics import PRECISION, Damping, damped_cholesky, svd, tail_sums
 
 
@@ -54,3 +56,7 @@ def svd_build(module, choice, W, G, config: SVDConfig, name: str):
 
 
 compress_svd = linear_handler(svd_build, name="svd")
+
+register_method(Method("svd", SVDConfig, compress_svd, profile_curves("svd"),
+                       "SVD-LLM whitened SVD of each matrix (plain low-rank factors)", modules=(LowRankLinear,),
+                       kind="fisher_svd", solver="exact"))

@@ -403,6 +403,10 @@ class Profile:
         (self.path / "extra").mkdir(exist_ok=True)
         curve_set.write_csv(self.path / "extra" / f"{name}.csv")
 
+    def has_extra(self, name: str) -> bool:
+        """Whether :meth:`write_extra` stored a curve set ``name`` here."""
+        return (self.path / "extra" / f"{name}.csv").is_file()
+
     def extra(self, name: str):
         """The curve set stored by :meth:`write_extra` under ``name``."""
         import pandas as pd

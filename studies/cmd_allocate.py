@@ -73,13 +73,12 @@ def load_problem(curves, budget: float, cost: str = "params", kind: str | None =
 
     Raises ValueError when the budget is outside [0, 1) or unreachable, saying what is reachable.
     """
-    from rankalloc.allocators.costs import COST_MODELS
     from rankalloc.allocators.curveset import read_curves
-    from rankalloc.allocators.problem import AllocationProblem, Budget
+    from rankalloc.allocators.problem import AllocationProblem, Budget, removed_fraction
+    from rankalloc.allocators.registry import get_cost_model
 
     path = Path(curves)
-    if cost not in COST_MODELS:
-        raise ValueError(f"unknown cost {cost!r}: expected one of {', '.join(COST_MODELS)}")
+    model = get_cost_model(cost)()  # unknown name: ValueError listing the known ones
     cs = read_curves(path)
     kind = _pick_kind(cs.kinds, kind, str(path))
     if path.is_dir():
@@ -91,7 +90,6 @@ def load_problem(curves, budget: float, cost: str = "params", kind: str | None =
         curve_list = cs.curves(kind, grid=1)  # every row is a candidate; the problem checks the grid
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"--grid: expected a positive integer, received {grid!r}")
-    model = COST_MODELS[cost]()
     base = AllocationProblem(curve_list, (Budget(cost, removed=0.0),), {cost: model}, weights=cs.weights,
                              grid=grid, objective=kind, layer_scores=cs.layer_scores, name=cs.name)
     dense = base.dense_costs[cost]
@@ -100,8 +98,10 @@ def load_problem(curves, budget: float, cost: str = "params", kind: str | None =
                          f"(for kv, no component has kind k or v), so no fraction of it can be removed")
     reachable = 1.0 - base.min_costs[cost] / dense
     where = f"with these curves, --cost {cost} and grid {grid}, 0 to {reachable:.2%} removed is reachable"
-    if not (isinstance(budget, (int, float)) and 0.0 <= budget < 1.0):
-        raise ValueError(f"--budget {budget!r}: expected the fraction removed in [0, 1); {where}")
+    try:
+        removed_fraction(budget, f"--budget {budget!r}")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {where}") from None
     problem = base.with_budgets(Budget(cost, removed=float(budget)))
     why = problem.infeasibility_message()
     if why is not None:
@@ -116,19 +116,12 @@ def allocate(curves, solver: str = "exact", budget: float = 0.4, cost: str = "pa
     ``plugins`` are Python files executed first (they may register solvers and cost models).
     ``time_limit`` (seconds) is passed to solvers that take one; giving it to one that does not is an error.
     """
-    from rankalloc.allocators.registry import SOLVERS, get_solver, load_plugin, solver_options
+    from rankalloc.allocators.registry import load_plugin
+    from rankalloc.studies.options import build_solvers
 
     for plugin in plugins:
         load_plugin(plugin)
-    options = {}
-    if time_limit is not None:
-        takes = [n for n in SOLVERS if "time_limit" in solver_options(n)]
-        if solver in SOLVERS and "time_limit" not in solver_options(solver):
-            raise ValueError(f"--time-limit: solver {solver!r} takes no time limit; solvers that do: {takes}")
-        if not (time_limit > 0 and math.isfinite(time_limit)):
-            raise ValueError(f"--time-limit: expected seconds > 0, received {time_limit!r}")
-        options["time_limit"] = float(time_limit)
-    method = get_solver(solver, **options)  # unknown name: ValueError listing the known solvers
+    method = build_solvers([solver], time_limit, strict=True)[solver]  # unknown name: ValueError listing the known
     problem = load_problem(curves, budget, cost=cost, kind=kind, grid=grid)
     return method.solve(problem)
 

@@ -32,7 +32,7 @@ exit codes: 0 success, 1 error, 2 usage error.
 
 
 def add_arguments(parser) -> None:
-    from rankalloc.studies.options import add_model_options, add_plugin_option
+    from rankalloc.studies.options import add_model_options, add_plugin_option, method_choices, solver_choices
 
     parser.epilog = EPILOG
     add_model_options(parser, evaluation=True)
@@ -41,10 +41,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ratios", default="0.2,0.3,0.4", metavar="R1,R2",
                         help="budgets: fractions of the dense cost REMOVED (default 0.2,0.3,0.4)")
     parser.add_argument("--solvers", default="uniform,greedy,lagrangian,exact", metavar="S1,S2",
-                        help="solvers (default uniform,greedy,lagrangian,exact)")
+                        help=f"solvers: {solver_choices()} (default uniform,greedy,lagrangian,exact)")
     parser.add_argument("--methods", default="fisher_svd", metavar="M1,M2",
-                        help="decomposition methods: svd, fisher_svd, pgsvd, sola, sslc, flat (default fisher_svd: "
-                             "with the default kind fisher, the README's recommended combination)")
+                        help=f"decomposition methods: {method_choices()} (default fisher_svd: with the default kind "
+                             f"fisher, the README's recommended combination)")
     parser.add_argument("--kinds", default="fisher", metavar="K1,K2",
                         help="curve kinds the allocators minimise (default fisher; with --methods svd, sola, pgsvd or "
                              "flat use fisher_svd, which prices their one-sided truncation)")
@@ -59,35 +59,29 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from rankalloc.allocators.costs import COST_MODELS
-    from rankalloc.allocators.registry import SOLVERS
+    from rankalloc.allocators.registry import get_cost_model, get_solver
+    from rankalloc.decomposers.registry import get_method
+    from rankalloc.profiling import run as runs
     from rankalloc.profiling.store import Profile
-    from rankalloc.studies import pipeline as pl
     from rankalloc.studies.compare import compare, format_table
-    from rankalloc.studies.options import comma_list, fractions, load_plugins
+    from rankalloc.studies.options import comma_list, fractions, load_plugins, named
 
     load_plugins(args.plugin)
     ratios = fractions("--ratios", args.ratios)
-    solvers, methods, kinds = comma_list(args.solvers), comma_list(args.methods), comma_list(args.kinds)
-    unknown = [s for s in solvers if s not in SOLVERS]
-    if unknown or not solvers:
-        raise ValueError(f"--solvers: unknown solver(s) {unknown}; expected some of {', '.join(SOLVERS)}")
-    bad = [m for m in methods if m not in pl.METHOD_NAMES]
-    if bad or not methods:
-        raise ValueError(f"--methods: unknown method(s) {bad}; expected some of {', '.join(pl.METHOD_NAMES)}")
-    if args.cost not in COST_MODELS:
-        raise ValueError(f"--cost: unknown cost model {args.cost!r}; expected one of {', '.join(COST_MODELS)} "
-                         f"(or load a plugin defining it with --plugin)")
-    need = list(kinds) + (["fisher"] if "fisher_svd" in methods else [])
-    pk = pl.profile_kinds(need)
+    solvers = named("--solvers", comma_list(args.solvers), get_solver)
+    methods = named("--methods", comma_list(args.methods), get_method)
+    kinds = comma_list(args.kinds)
+    named("--cost", [args.cost], get_cost_model)
+    need = list(kinds) + [k for m in methods for k in get_method(m).needs]
+    pk = runs.profile_kinds(need)
     prof = Profile.load(args.profile) if args.profile else None
-    model = pl.profiled_model(prof, args.model) if prof is not None else args.model
-    run_ = pl.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                      eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device)
+    model = runs.profiled_model(prof, args.model) if prof is not None else args.model
+    run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                        eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device)
     if prof is None:
-        prof = pl.profile(run_, pk)
+        prof = runs.profile(run_, pk)
     else:
-        pl.check_same_model(run_.loaded, prof)
+        runs.check_same_model(run_.loaded, prof)
     out = Path(args.out)
     notes = []
     frame = compare(run_, prof, ratios, solvers, methods, kinds, cost=args.cost, grid=args.grid,

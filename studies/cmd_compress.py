@@ -1,7 +1,7 @@
 """Build the compressed model of an allocation and save it (safetensors + a JSON of its structure).
 
-``add_arguments``/``run`` wire :func:`rankalloc.studies.pipeline.load_allocation`,
-:func:`rankalloc.studies.pipeline.compress` and ``decomposers.save_compressed`` to ``rankalloc compress``.
+``add_arguments``/``run`` wire :func:`rankalloc.decomposers.problems.load_allocation`,
+:func:`rankalloc.decomposers.problems.compress` and ``decomposers.save_compressed`` to ``rankalloc compress``.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ exit codes: 0 success, 1 error, 2 usage error.
 
 
 def add_arguments(parser) -> None:
-    from rankalloc.studies.options import add_plugin_option
+    from rankalloc.studies.options import add_plugin_option, method_choices
 
     parser.epilog = EPILOG
     parser.add_argument("--profile", required=True, metavar="DIR", help="profile directory (from `rankalloc profile`)")
     parser.add_argument("--allocation", required=True, metavar="JSON",
                         help="allocation JSON (from `rankalloc allocate --out` or `rankalloc compare --out`)")
-    parser.add_argument("--method", default="svd", metavar="NAME",
-                        help="svd, fisher_svd, pgsvd, sola, sslc, flat (default svd)")
+    parser.add_argument("--method", default="svd", metavar="NAME", help=f"{method_choices()} (default svd)")
     parser.add_argument("--model", default=None, metavar="M",
                         help="the profiled model (default: the folder or hub id recorded in the profile)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the compressed model to")
@@ -49,22 +48,23 @@ def run(args) -> int:
     from rankalloc.decomposers.evaluate import model_params
     from rankalloc.profiling.data import load_model
     from rankalloc.profiling.store import Profile
-    from rankalloc.studies import pipeline as pl
-    from rankalloc.studies.options import load_plugins
+    from rankalloc.profiling import run as runs
+    from rankalloc.decomposers import problems
+    from rankalloc.decomposers.registry import get_method
+    from rankalloc.studies.options import load_plugins, named
 
     load_plugins(args.plugin)
-    if args.method not in pl.METHOD_NAMES:
-        raise ValueError(f"--method: unknown method {args.method!r}; expected one of {list(pl.METHOD_NAMES)}")
+    named("--method", [args.method], get_method)
     prof = Profile.load(args.profile)
     if not Path(args.allocation).is_file():
         raise FileNotFoundError(f"--allocation {args.allocation} does not exist; create it with `rankalloc allocate "
                                 f"--curves {args.profile} --budget 0.3 --out {args.allocation}`")
-    loaded = load_model(pl.profiled_model(prof, args.model), device=args.device)
-    pl.check_same_model(loaded, prof)
-    allocation = pl.load_allocation(prof, args.allocation, args.method, loaded.model)
+    loaded = load_model(runs.profiled_model(prof, args.model), device=args.device)
+    runs.check_same_model(loaded, prof)
+    allocation = problems.load_allocation(prof, args.allocation, args.method, loaded.model)
     dense_params = model_params(loaded.model)
-    linear = pl.linear_params(prof)
-    model, report = pl.compress(loaded.model, prof, allocation, args.method, inplace=True)
+    linear = runs.linear_params(prof)
+    model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True)
     kept = model_params(model)
     save_compressed(model, args.out, report)
     print(report.summary())

@@ -43,13 +43,14 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
     """
     from rankalloc.decomposers.evaluate import model_params
     from rankalloc.decomposers.io import load_compressed
-    from rankalloc.studies import pipeline as pl
+    from rankalloc.profiling import run as runs
+    from rankalloc.decomposers import evaluate as evaluation
 
     if compressed is not None and model is None:
         model = dense_model_of(compressed)
-    run = pl.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
+    run = runs.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
                      progress=progress)
-    ids = pl.evaluation_ids(run)
+    ids = runs.evaluation_ids(run)
     out = {"dense": None, "compressed": None, "params": {}}
     comp = None
     if compressed is not None:
@@ -59,12 +60,12 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
             raise ValueError(f"--compressed {compressed}: vocabulary of {vc} tokens, but the dense model "
                              f"{run.loaded.model_id!r} has {vd}; pass the model it was built from with --model")
     if compressed is None or baseline:
-        out["dense"] = pl.evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
+        out["dense"] = evaluation.evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
         out["params"]["dense"] = model_params(run.model)
     if comp is not None:
         out["params"].setdefault("dense", model_params(run.model))
         run.loaded.model.to("cpu")
-        out["compressed"] = pl.evaluate(comp, run, batch_size=batch_size, progress=progress, ids=ids)
+        out["compressed"] = evaluation.evaluate(comp, run, batch_size=batch_size, progress=progress, ids=ids)
         out["params"]["compressed"] = model_params(comp)
     out["model_id"] = run.loaded.model_id
     return out

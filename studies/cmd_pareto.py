@@ -33,19 +33,19 @@ exit codes: 0 success, 1 error, 2 usage error.
 
 
 def add_arguments(parser) -> None:
-    from rankalloc.studies.options import add_model_options, add_plugin_option
+    from rankalloc.studies.options import add_model_options, add_plugin_option, method_choices, solver_choices
 
     parser.epilog = EPILOG
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile directory (from `rankalloc profile`) or a long curves CSV")
     add_model_options(parser, evaluation=True)
     parser.add_argument("--solvers", default="uniform,greedy,lagrangian,exact", metavar="S1,S2",
-                        help="solvers (default uniform,greedy,lagrangian,exact)")
+                        help=f"solvers: {solver_choices()} (default uniform,greedy,lagrangian,exact)")
     parser.add_argument("--kind", default=None, metavar="KIND",
                         help="curve kind (default: the only one, else fisher)")
     parser.add_argument("--method", default="svd", metavar="NAME",
-                        help="decomposition method whose curves are used and which builds measured points "
-                             "(default svd)")
+                        help=f"decomposition method whose curves are used and which builds measured points: "
+                             f"{method_choices()} (default svd)")
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6", metavar="R1,R2",
                         help="budgets: fractions of the dense cost REMOVED (default 0.1,...,0.6)")
     parser.add_argument("--cost", default="params", metavar="MODEL",
@@ -62,77 +62,72 @@ def add_arguments(parser) -> None:
     add_plugin_option(parser)
 
 
-def _solvers(names, time_limit):
-    from rankalloc.allocators.registry import SOLVERS, get_solver, solver_options
+def _model_run(args, prof=None):
+    from rankalloc.profiling import run as runs
 
-    unknown = [s for s in names if s not in SOLVERS]
-    if unknown or not names:
-        raise ValueError(f"--solvers: unknown solver(s) {unknown}; expected some of {', '.join(SOLVERS)}")
-    out = {}
-    for s in names:
-        opts = {"time_limit": float(time_limit)} if time_limit is not None and "time_limit" in solver_options(s) else {}
-        out[s] = get_solver(s, **opts)
-    return out
+    run_ = runs.prepare(runs.profiled_model(prof, args.model) if prof is not None else args.model, args.text,
+                        samples=args.samples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
+                        eval_windows=args.windows, device=args.device)
+    if prof is not None:
+        runs.check_same_model(run_.loaded, prof)
+    return run_
+
+
+def load_curves(args, method):
+    """``(run or None, profile or None, MethodCurves, grid, source)`` from --profile (a directory or a curves CSV)
+    or from profiling --model on --text."""
+    from rankalloc.decomposers.problems import method_curves
+    from rankalloc.decomposers.registry import MethodCurves, NeedsModel
+    from rankalloc.profiling import run as runs
+    from rankalloc.studies.cmd_allocate import _csv_grid
+
+    if args.profile is None:
+        run_ = _model_run(args)
+        prof = runs.profile(run_, runs.profile_kinds([args.kind or "fisher", *method.needs]))
+        return run_, prof, method_curves(prof, method.name, run_.model, grid=args.grid or 16), args.grid or 16, \
+            str(prof.path)
+    path = Path(args.profile)
+    if not path.exists():
+        raise FileNotFoundError(f"--profile {path} does not exist; create it with `rankalloc profile --out {path}`"
+                                f" (add --model/--text for your own model and text)")
+    if path.is_file():
+        from rankalloc.allocators.curveset import read_curves
+
+        if not method.per_matrix or args.measure:
+            raise ValueError(f"--profile {path} is a curves CSV: it serves predicted fronts of per-matrix curves only "
+                             f"(no --measure; a method with one component per matrix, such as svd); give a profile "
+                             f"directory for more")
+        cs = read_curves(path)
+        return None, None, MethodCurves(method.name, cs), args.grid or _csv_grid(cs), str(path)
+    from rankalloc.profiling.store import Profile
+
+    prof = Profile.load(path)
+    grid = args.grid or 16
+    run_ = _model_run(args, prof) if args.measure > 0 else None
+    try:
+        curves = method_curves(prof, method.name, run_.model if run_ else None, grid=grid)
+    except NeedsModel:  # the method's curves are not in the profile yet: computed once with the model, then stored
+        run_ = _model_run(args, prof)
+        curves = method_curves(prof, method.name, run_.model, grid=grid)
+    return run_, prof, curves, grid, str(path)
 
 
 def run(args) -> int:
-    from rankalloc.allocators.costs import COST_MODELS
+    from rankalloc.allocators.registry import get_cost_model
+    from rankalloc.decomposers.registry import get_method
     from rankalloc.studies import fronts as fr
-    from rankalloc.studies import pipeline as pl
-    from rankalloc.studies.cmd_allocate import _csv_grid, _pick_kind
-    from rankalloc.studies.options import comma_list, fractions, load_plugins
+    from rankalloc.studies.cmd_allocate import _pick_kind
+    from rankalloc.studies.options import build_solvers, comma_list, fractions, load_plugins, named
 
     load_plugins(args.plugin)
     ratios = fractions("--ratios", args.ratios)
-    solvers = _solvers(comma_list(args.solvers), args.time_limit)
-    panels = comma_list(args.panels)
-    for c in [args.cost, *panels]:
-        if c not in COST_MODELS:
-            raise ValueError(f"unknown cost model {c!r}; expected one of {', '.join(COST_MODELS)} "
-                             f"(or load a plugin defining it with --plugin)")
-    if args.method not in pl.METHOD_NAMES:
-        raise ValueError(f"--method: unknown method {args.method!r}; expected one of {list(pl.METHOD_NAMES)}")
+    solvers = build_solvers(comma_list(args.solvers), args.time_limit)
+    panels = named("--panels", comma_list(args.panels), get_cost_model)
+    named("--cost", [args.cost], get_cost_model)
+    method = get_method(args.method)
     if args.measure < 0:
         raise ValueError(f"--measure: expected a count >= 0, received {args.measure}")
-
-    run_, prof = None, None
-    if args.profile is not None:
-        path = Path(args.profile)
-        if not path.exists():
-            raise FileNotFoundError(f"--profile {path} does not exist; create it with `rankalloc profile --out {path}`"
-                                    f" (add --model/--text for your own model and text)")
-        if path.is_file():
-            from rankalloc.allocators.curveset import read_curves
-
-            if args.method not in ("svd", "fisher_svd", "pgsvd") or args.measure:
-                raise ValueError(f"--profile {path} is a curves CSV: it serves predicted fronts of per-matrix "
-                                 f"curves only (no --measure, --method svd); give a profile directory for more")
-            cs = read_curves(path)
-            curves = pl.MethodCurves("svd", cs)
-            grid = args.grid or _csv_grid(cs)
-            source = str(path)
-        else:
-            from rankalloc.profiling.store import Profile
-
-            prof = Profile.load(path)
-            grid = args.grid or 16
-            needs_model = args.measure > 0 or (args.method in ("sola", "sslc")
-                                               and not (path / "extra" / f"{args.method}.csv").exists())
-            if needs_model:
-                run_ = pl.prepare(pl.profiled_model(prof, args.model), args.text, samples=args.samples,
-                                  seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
-                                  eval_windows=args.windows, device=args.device)
-                pl.check_same_model(run_.loaded, prof)
-            curves = pl.method_curves(prof, args.method, run_.model if run_ else None, grid=grid)
-            source = str(path)
-    else:
-        run_ = pl.prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                          eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device)
-        need = [args.kind or "fisher"] + (["fisher"] if args.method == "fisher_svd" else [])
-        prof = pl.profile(run_, pl.profile_kinds(need))
-        grid = args.grid or 16
-        curves = pl.method_curves(prof, args.method, run_.model, grid=grid)
-        source = str(prof.path)
+    run_, prof, curves, grid, source = load_curves(args, method)
     kind = _pick_kind(curves.curve_set.kinds, args.kind, source)
 
     main = fr.solver_fronts(prof, curves, kind, solvers, ratios, cost=args.cost, grid=grid)
@@ -150,13 +145,24 @@ def run(args) -> int:
 
     measured, dense_ppl = [], None
     if args.measure > 0:
-        ids = pl.evaluation_ids(run_)
-        dense = pl.evaluate(run_.model, run_, batch_size=args.batch_size, ids=ids)
+        from rankalloc.decomposers.evaluate import evaluate
+        from rankalloc.profiling.run import evaluation_ids
+
+        ids = evaluation_ids(run_)
+        dense = evaluate(run_.model, run_, batch_size=args.batch_size, ids=ids)
         dense_ppl = dense.ppl
         measured = fr.measure(run_, prof, main, args.method, args.measure, ids=ids, batch_size=args.batch_size)
         print(f"perplexity protocol: {dense.protocol}")
 
-    out = Path(args.out)
+    first, second = write_outputs(Path(args.out), args, kind, source, main, sheets, measured, dense_ppl, notes)
+    print(f"wrote {first}, {second}, {Path(args.out) / 'pareto.csv'}")
+    return 0
+
+
+def write_outputs(out: Path, args, kind: str, source: str, main, sheets, measured, dense_ppl, notes):
+    """The two figures and pareto.csv in ``out``, and the fronts printed; returns the figure paths."""
+    from rankalloc.studies import fronts as fr
+
     out.mkdir(parents=True, exist_ok=True)
     first = out / f"pareto_{kind}_{args.cost}.png"
     fr.plot_solver_fronts(main, first, measured, dense_ppl,
@@ -177,5 +183,5 @@ def run(args) -> int:
         print(f"dense perplexity {dense_ppl:.4f}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {first}, {second}, {out / 'pareto.csv'}")
-    return 0
+    return first, second
+

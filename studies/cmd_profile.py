@@ -1,7 +1,7 @@
 """Profile a model on calibration text: curves for every linear matrix, saved as a resumable directory.
 
-``add_arguments``/``run`` wire :func:`rankalloc.studies.pipeline.prepare` and
-:func:`rankalloc.studies.pipeline.profile` to ``rankalloc profile``.
+``add_arguments``/``run`` wire :func:`rankalloc.profiling.run.prepare` and
+:func:`rankalloc.profiling.run.profile` to ``rankalloc profile``.
 """
 
 from __future__ import annotations
@@ -64,15 +64,15 @@ def describe(prof) -> str:
 
 
 def run(args) -> int:
-    from rankalloc.studies import pipeline as pl
+    from rankalloc.profiling import run as runs
     from rankalloc.studies.options import comma_list
 
-    kinds = pl.profile_kinds(comma_list(args.kinds))
-    run_ = pl.prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+    kinds = runs.profile_kinds(comma_list(args.kinds))
+    run_ = runs.prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                       device=args.device)
-    out = Path(args.out) if args.out else pl.profile_dir(run_)
+    out = Path(args.out) if args.out else runs.profile_dir(run_)
     try:
-        prof = pl.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart,
+        prof = runs.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart,
                           fisher_samples=args.fisher_samples)
     except KeyboardInterrupt:
         print(f"rankalloc profile: {interrupted_message(out)}", file=sys.stderr)

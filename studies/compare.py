@@ -38,7 +38,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     """Solve, compress and evaluate every (method, kind, budget, solver); returns a ``pandas.DataFrame``.
 
     Args:
-        run: a :class:`~rankalloc.studies.pipeline.Run` (model, tokenizer, text, evaluation settings).
+        run: a :class:`~rankalloc.profiling.run.Run` (model, tokenizer, text, evaluation settings).
         prof: the profile of ``run.model``.
         ratios: budgets, each the fraction of the dense ``cost`` of the linear matrices REMOVED.
         solvers, methods, kinds: registered solver names, decomposition methods, curve kinds.
@@ -56,81 +56,77 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from rankalloc.allocators.registry import SOLVERS, get_solver, solver_options
-    from rankalloc.decomposers.evaluate import model_params
-    from rankalloc.studies import pipeline as pl
+    from rankalloc.decomposers.evaluate import evaluate, model_params
+    from rankalloc.decomposers.problems import method_curves, problem_for
+    from rankalloc.profiling.run import evaluation_ids, linear_params
+    from rankalloc.studies.options import build_solvers
 
-    ratios, solvers, methods, kinds = list(ratios), list(solvers), list(methods), list(kinds)
+    ratios, methods, kinds = list(ratios), list(methods), list(kinds)
     for what, items in (("ratios", ratios), ("solvers", solvers), ("methods", methods), ("kinds", kinds)):
-        if not items:
+        if not len(items):
             raise ValueError(f"compare: expected at least one of {what}, received none")
-    options = {}
-    if time_limit is not None:
-        options["time_limit"] = float(time_limit)
-    built = {}
-    for s in solvers:
-        opts = {k: v for k, v in options.items() if s in SOLVERS and k in solver_options(s)}
-        built[s] = get_solver(s, **opts)  # unknown name: ValueError listing the known ones
-    curves = {m: pl.method_curves(prof, m, run.model, grid=grid, progress=progress) for m in methods}
-    problems = {}
-    for m in methods:  # every problem first: bad kinds and unreachable budgets fail before any compression
-        for k in kinds:
-            for r in ratios:
-                problems[m, k, r] = pl.problem_for(prof, m, k, r, cost=cost, grid=grid, curves=curves[m])
-    say = log or (lambda msg: None)
+    built = build_solvers(solvers, time_limit)  # unknown name: ValueError listing the known ones
+    curves = {m: method_curves(prof, m, run.model, grid=grid, progress=progress) for m in methods}
+    cases = {(m, k, r): problem_for(prof, m, k, r, cost=cost, grid=grid, curves=curves[m])
+             for m in methods for k in kinds for r in ratios}  # every problem first: bad input fails before compressing
     outdir = Path(out) if out is not None else None
     if outdir is not None:
         outdir.mkdir(parents=True, exist_ok=True)
-
-    ids = pl.evaluation_ids(run)
-    dense = pl.evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
-    dense_model_params = model_params(run.model)
-    dense_linear = pl.linear_params(prof)
-
-    def one(m: str, k: str, r: float, problem, s: str) -> dict:
-        row = dict(method=m, solver=s, kind=k, budget_removed=float(r), cost_model=cost, status="",
-                   predicted_objective=math.nan, removed_budgeted=math.nan, removed_linear_params=math.nan,
-                   removed_model_params=math.nan, ppl=math.nan, dense_ppl=dense.ppl, solve_s=math.nan,
-                   compress_s=math.nan, allocation="")
-        try:
-            alloc = built[s].solve(problem)
-        except ValueError as exc:
-            say(f"{m}/{k} at {r:.2%} removed: solver {s} failed: {' '.join(str(exc).split())}")
-            return dict(row, status="error")
-        row.update(status=str(alloc.status), solve_s=alloc.solve_seconds)
-        if not alloc.feasible:
-            say(f"{m}/{k} at {r:.2%} removed: solver {s} found no allocation ({alloc.status}): {alloc.message}")
-            return row
-        fixed = curves[m].fixed_params if cost == "params" else 0  # SoLA's prime neurons count as kept
-        dense_cost = problem.dense_costs[cost] + fixed
-        row.update(predicted_objective=alloc.objective,
-                   removed_budgeted=1.0 - (alloc.cost[cost] + fixed) / dense_cost if dense_cost else 0.0)
-        if outdir is not None:
-            row["allocation"] = _name(m, k, s, r)
-            record = pl.allocation_record(alloc, prof, m, cost, r)
-            (outdir / row["allocation"]).write_text(json.dumps(record, indent=1) + "\n")
-        t0 = time.perf_counter()
-        model, _ = pl.compress(run.model, prof, alloc, m, progress=False)
-        row["compress_s"] = time.perf_counter() - t0
-        kept = model_params(model)
-        row["removed_linear_params"] = (dense_model_params - kept) / dense_linear
-        row["removed_model_params"] = 1.0 - kept / dense_model_params
-        row["ppl"] = pl.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
-        return row
-
+    ids = evaluation_ids(run)
+    dense = evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
+    ctx = dict(run=run, prof=prof, cost=cost, curves=curves, outdir=outdir, ids=ids, batch_size=batch_size,
+               dense_ppl=dense.ppl, dense_model_params=model_params(run.model), dense_linear=linear_params(prof),
+               say=log or (lambda msg: None))
     rows = []
-    bar = tqdm(total=len(problems) * len(solvers), desc="compare", unit="solve", disable=not progress)
-    for (m, k, r), problem in problems.items():
-        for s in solvers:
+    bar = tqdm(total=len(cases) * len(built), desc="compare", unit="solve", disable=not progress)
+    for (m, k, r), problem in cases.items():
+        for s, solver in built.items():
             bar.set_postfix_str(f"{m}/{k} {s} at {r:.0%} removed")
-            rows.append(one(m, k, r, problem, s))
+            rows.append(_row(ctx, m, k, r, problem, s, solver))
             gc.collect()  # the compressed copy is gone; give its memory back before the next one
             bar.update(1)
     bar.close()
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    frame.attrs.update(dense_ppl=dense.ppl, protocol=dense.protocol, dense_model_params=dense_model_params,
-                       dense_linear_params=dense_linear, profile=str(prof.path))
+    frame.attrs.update(dense_ppl=dense.ppl, protocol=dense.protocol, dense_model_params=ctx["dense_model_params"],
+                       dense_linear_params=ctx["dense_linear"], profile=str(prof.path))
     return frame
+
+
+def _row(ctx: dict, m: str, k: str, r: float, problem, s: str, solver) -> dict:
+    """One solve, compression and evaluation of :func:`compare` (NaN measurements when no allocation came back)."""
+    from rankalloc.decomposers.evaluate import evaluate, model_params
+    from rankalloc.decomposers.problems import allocation_record, compress
+
+    cost = ctx["cost"]
+    row = dict(method=m, solver=s, kind=k, budget_removed=float(r), cost_model=cost, status="",
+               predicted_objective=math.nan, removed_budgeted=math.nan, removed_linear_params=math.nan,
+               removed_model_params=math.nan, ppl=math.nan, dense_ppl=ctx["dense_ppl"], solve_s=math.nan,
+               compress_s=math.nan, allocation="")
+    try:
+        alloc = solver.solve(problem)
+    except ValueError as exc:
+        ctx["say"](f"{m}/{k} at {r:.2%} removed: solver {s} failed: {' '.join(str(exc).split())}")
+        return dict(row, status="error")
+    row.update(status=str(alloc.status), solve_s=alloc.solve_seconds)
+    if not alloc.feasible:
+        ctx["say"](f"{m}/{k} at {r:.2%} removed: solver {s} found no allocation ({alloc.status}): {alloc.message}")
+        return row
+    fixed = ctx["curves"][m].fixed_params if cost == "params" else 0  # SoLA's prime neurons count as kept
+    dense_cost = problem.dense_costs[cost] + fixed
+    row.update(predicted_objective=alloc.objective,
+               removed_budgeted=1.0 - (alloc.cost[cost] + fixed) / dense_cost if dense_cost else 0.0)
+    if ctx["outdir"] is not None:
+        row["allocation"] = _name(m, k, s, r)
+        record = allocation_record(alloc, ctx["prof"], m, cost, r)
+        (ctx["outdir"] / row["allocation"]).write_text(json.dumps(record, indent=1) + "\n")
+    t0 = time.perf_counter()
+    model, _ = compress(ctx["run"].model, ctx["prof"], alloc, m, progress=False)
+    row["compress_s"] = time.perf_counter() - t0
+    kept, dense_params = model_params(model), ctx["dense_model_params"]
+    row["removed_linear_params"] = (dense_params - kept) / ctx["dense_linear"]
+    row["removed_model_params"] = 1.0 - kept / dense_params
+    row["ppl"] = evaluate(model, ctx["run"], batch_size=ctx["batch_size"], progress=False, ids=ctx["ids"]).ppl
+    return row
 
 
 def _cell(col: str, v) -> str:

@@ -72,13 +72,13 @@ def solver_fronts(prof, curves, kind: str, solvers: Mapping[str, object], ratios
                   cost: str = "params", grid: int = 16, progress: bool = True) -> SolverFronts:
     """Sweep every solver over ``ratios`` (fractions of the dense ``cost`` removed) on ``curves``.
 
-    ``curves``: a :class:`~rankalloc.studies.pipeline.MethodCurves`. ``prof``: its profile (None for
+    ``curves``: a :class:`~rankalloc.decomposers.registry.MethodCurves`. ``prof``: its profile (None for
     curves read from a CSV). Unknown kinds or cost models and unreachable budgets raise ``ValueError``
-    (from :func:`~rankalloc.studies.pipeline.problem_for`). A solver raising ``ValueError`` on the
+    (from :func:`~rankalloc.decomposers.problems.problem_for`). A solver raising ``ValueError`` on the
     problem (e.g. IPRS without layer scores) gives no front and a note instead.
     """
     from rankalloc.allocators.pareto import pareto_sweep
-    from rankalloc.studies.pipeline import problem_for
+    from rankalloc.decomposers.problems import problem_for
 
     if not ratios:
         raise ValueError("solver_fronts: expected at least one budget, received none")
@@ -119,17 +119,19 @@ def measure(run, prof, sf: SolverFronts, method: str, n: int, *, ids=None, batch
     from tqdm.auto import tqdm
 
     from rankalloc.decomposers.evaluate import model_params
-    from rankalloc.studies import pipeline as pl
+    from rankalloc.profiling import run as runs
+    from rankalloc.decomposers import problems
+    from rankalloc.decomposers import evaluate as evaluation
 
     if ids is None:
-        ids = pl.evaluation_ids(run)
+        ids = runs.evaluation_ids(run)
     dense_params = model_params(run.model)
-    linear = pl.linear_params(prof)
+    linear = runs.linear_params(prof)
     todo = [(name, p) for name, front in sf.fronts.items() for p in pick(front.points, n)]
     out = []
     for name, p in tqdm(todo, desc="measuring front points", disable=not progress):
-        model, _ = pl.compress(run.model, prof, p.allocation, method, progress=False)
-        ppl = pl.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
+        model, _ = problems.compress(run.model, prof, p.allocation, method, progress=False)
+        ppl = evaluation.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
         out.append(Measured(name, sf.removed(p.allocation), p.objective, ppl,
                             (dense_params - model_params(model)) / linear))
         del model

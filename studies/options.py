@@ -16,6 +16,8 @@ def comma_list(text: str) -> list[str]:
 
 def fractions(option: str, text: str) -> list[float]:
     """Comma-separated fractions REMOVED, each in [0, 1); ``ValueError`` naming ``option`` otherwise."""
+    from rankalloc.allocators.problem import removed_fraction
+
     out = []
     for item in comma_list(text):
         try:
@@ -23,9 +25,7 @@ def fractions(option: str, text: str) -> list[float]:
         except ValueError:
             raise ValueError(f"{option}: expected comma-separated fractions removed such as 0.2,0.3, "
                              f"received {item!r}") from None
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{option}: expected fractions removed in [0, 1), received {item}")
-        out.append(v)
+        out.append(removed_fraction(v, option))
     if not out:
         raise ValueError(f"{option}: expected at least one fraction removed, received {text!r}")
     return out
@@ -55,6 +55,55 @@ def add_model_options(parser: argparse.ArgumentParser, *, calibration: bool = Tr
                             help=f"evaluation windows at most (default {windows})")
         parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                             help="windows per forward pass when evaluating (default 4)")
+
+
+def named(option: str, names, lookup) -> list[str]:
+    """``names`` checked one by one with the registry's own ``lookup`` (``get_solver``, ``get_method``,
+    ``get_cost_model``); its ``ValueError`` (which lists the known names) is prefixed with ``option``."""
+    names = list(names)
+    if not names:
+        raise ValueError(f"{option}: expected at least one name, received none")
+    for n in names:
+        try:
+            lookup(n)
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+    return names
+
+
+def solver_choices() -> str:
+    from rankalloc.allocators.registry import SOLVERS
+
+    return ", ".join(SOLVERS)
+
+
+def method_choices() -> str:
+    from rankalloc.decomposers.registry import method_names
+
+    return ", ".join(method_names())
+
+
+def build_solvers(names, time_limit: float | None = None, *, strict: bool = False) -> dict:
+    """The registered solvers ``names`` (``--solvers``), each given ``time_limit`` if it takes one.
+
+    ``strict``: a solver that takes no time limit is an error when one is given (``rankalloc allocate``, one
+    solver); otherwise the limit goes to those that take it (``compare``, ``pareto``).
+    """
+    import math
+
+    from rankalloc.allocators.registry import SOLVERS, get_solver, solver_options
+
+    names = named("--solvers" if not strict else "--solver", names, get_solver)
+    if time_limit is not None and not (time_limit > 0 and math.isfinite(time_limit)):
+        raise ValueError(f"--time-limit: expected seconds > 0, received {time_limit!r}")
+    out = {}
+    for n in names:
+        takes = "time_limit" in solver_options(n)
+        if strict and time_limit is not None and not takes:
+            raise ValueError(f"--time-limit: solver {n!r} takes no time limit; solvers that do: "
+                             f"{[s for s in SOLVERS if 'time_limit' in solver_options(s)]}")
+        out[n] = get_solver(n, **({"time_limit": float(time_limit)} if time_limit is not None and takes else {}))
+    return out
 
 
 def add_plugin_option(parser: argparse.ArgumentParser) -> None:

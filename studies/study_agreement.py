@@ -39,7 +39,7 @@ ALLOCATORS = (
 def allocations_for(prof, ratios, allocators=ALLOCATORS, grid: int = 16) -> dict:
     """``label -> Allocation`` for every (solver, kind) of ``allocators`` at every ratio (method svd)."""
     from rankalloc.allocators.registry import get_solver
-    from rankalloc.studies.pipeline import method_curves, problem_for
+    from rankalloc.decomposers.problems import method_curves, problem_for
 
     curves = method_curves(prof, "svd", grid=grid)
     out = {}
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     import rankalloc  # noqa: F401
     from rankalloc.profiling.predict import curve_kind_agreement
     from rankalloc.profiling.text import calibration_ids
-    from rankalloc.studies.pipeline import prepare, profile
+    from rankalloc.profiling.run import prepare, profile
 
     t0 = time.perf_counter()
     out = Path(args.out)

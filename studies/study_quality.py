@@ -145,7 +145,7 @@ def solver_gaps(prof, kind: str, ratios, solvers=("exact", "lagrangian", "greedy
     import pandas as pd
 
     from rankalloc.allocators.registry import get_solver
-    from rankalloc.studies.pipeline import method_curves, problem_for
+    from rankalloc.decomposers.problems import method_curves, problem_for
 
     curves = method_curves(prof, "svd", grid=grid)
     rows = []
@@ -171,6 +171,35 @@ def gap_table(gaps) -> str:
     return "\n".join(lines)
 
 
+def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, speed, total_linear, total_model):
+    """Solve, compress (timed, with the process peak RSS) and evaluate one combo at one ratio."""
+    from rankalloc.allocators.registry import get_solver
+    from rankalloc.decomposers.evaluate import evaluate, model_params
+    from rankalloc.decomposers.evaluate import throughput as measure_speed
+    from rankalloc.decomposers.problems import compress, problem_for
+
+    watch = _rss_watch()
+    t0 = time.perf_counter()
+    with watch if watch is not None else contextlib.nullcontext():
+        problem = problem_for(prof, method=method, kind=kind, removed=ratio, grid=grid, curves=curves)
+        allocation = get_solver(solver).solve(problem)
+        model, report = compress(run, prof, allocation, method=method, progress=False)
+    t1 = time.perf_counter()
+    res = evaluate(model, run, progress=False)
+    kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
+    row = dict(method=method, kind=kind, solver=solver, grid=grid, ratio=ratio, status=str(allocation.status),
+               objective=allocation.objective, lower_bound=allocation.lower_bound,
+               removed_linear=1 - kept_linear / total_linear, removed_model=1 - model_params(model) / total_model,
+               ppl=res.ppl, dense_ppl=dense.ppl, ppl_vs_uniform=float("nan"), nonfinite=res.nonfinite_tokens,
+               solve_s=allocation.solve_seconds, compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds,
+               compress_rss_mib=watch.peak / 2**20 if watch is not None else float("nan"))
+    if speed is not None:
+        sp = measure_speed(model, prompt_len=run.eval_seqlen, progress=False)
+        row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s,
+                   dense_prefill_tok_s=speed.prefill_tokens_per_s, dense_decode_tok_s=speed.decode_tokens_per_s)
+    return row, model, allocation
+
+
 def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True,
                 throughput: bool = False):
     """Rows of (method, kind, solver, grid, ratio, objective, removed, ppl, ...) as a DataFrame.
@@ -183,11 +212,10 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     """
     import pandas as pd
 
-    from rankalloc.allocators.registry import get_solver
-    from rankalloc.decomposers.evaluate import model_params
-    from rankalloc.studies.pipeline import compress, evaluate, linear_params, method_curves, problem_for
-
+    from rankalloc.decomposers.evaluate import evaluate, model_params
     from rankalloc.decomposers.evaluate import throughput as measure_speed
+    from rankalloc.decomposers.problems import method_curves
+    from rankalloc.profiling.run import linear_params
 
     dense = evaluate(run.model, run, progress=progress)
     speed = measure_speed(run.model, prompt_len=run.eval_seqlen, progress=False) if throughput else None
@@ -205,29 +233,10 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
             key = (method, grid)
             if key not in curves:  # SoLA / SSLC / FLAT curve sets are built (and stored) on first use, untimed
                 curves[key] = method_curves(prof, method, run.model, grid=grid, progress=progress)
-            watch = _rss_watch()
-            t0 = time.perf_counter()
-            with watch if watch is not None else contextlib.nullcontext():
-                problem = problem_for(prof, method=method, kind=kind, removed=ratio, grid=grid, curves=curves[key])
-                allocation = get_solver(solver).solve(problem)
-                model, report = compress(run, prof, allocation, method=method, progress=False)
-            t1 = time.perf_counter()
-            res = evaluate(model, run, progress=False)
-            kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
-            row = dict(method=method, kind=kind, solver=solver, grid=grid, ratio=ratio, status=str(allocation.status),
-                       objective=allocation.objective, lower_bound=allocation.lower_bound,
-                       removed_linear=1 - kept_linear / total_linear,
-                       removed_model=1 - model_params(model) / total_model,
-                       ppl=res.ppl, dense_ppl=dense.ppl, ppl_vs_uniform=float("nan"),
-                       nonfinite=res.nonfinite_tokens, solve_s=allocation.solve_seconds,
-                       compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds,
-                       compress_rss_mib=watch.peak / 2**20 if watch is not None else float("nan"))
-            if speed is not None:
-                sp = measure_speed(model, prompt_len=run.eval_seqlen, progress=False)
-                row.update(prefill_tok_s=sp.prefill_tokens_per_s, decode_tok_s=sp.decode_tokens_per_s,
-                           dense_prefill_tok_s=speed.prefill_tokens_per_s, dense_decode_tok_s=speed.decode_tokens_per_s)
+            row, model, allocation = _quality_row(run, prof, curves[key], method, kind, solver, grid, ratio, dense,
+                                                  speed, total_linear, total_model)
             rows.append(row)
-            print(f"{ratio:.0%} {method:6s} {kind:11s} {solver:10s} ppl {res.ppl:9.2f}  removed(linear) "
+            print(f"{ratio:.0%} {method:6s} {kind:11s} {solver:10s} ppl {row['ppl']:9.2f}  removed(linear) "
                   f"{row['removed_linear']:.4f}  objective {allocation.objective:.4g} [{allocation.status}]",
                   flush=True)
             del model
@@ -279,7 +288,7 @@ def main(argv=None) -> int:
         return 0
 
     import rankalloc  # noqa: F401
-    from rankalloc.studies.pipeline import prepare, profile
+    from rankalloc.profiling.run import prepare, profile
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def method_case(name, model, profile):
     if name == "flat":
         return FlatConfig(), allocation_of(flat_choices(profile), FLAT_COSTS)
     if name == "sslc":
-        cfg_cls, _ = METHODS["sslc"]
+        cfg_cls = METHODS["sslc"].config
         choices = {c: Choice(max(1, c.max_rank // 4), 0.05) if c.kind in ("q", "up") else varied(c)
                    for c in profile.components}
         return cfg_cls(iterations=2), allocation_of(choices)

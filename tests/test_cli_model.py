@@ -105,20 +105,22 @@ def test_evaluate_round_trip_matches_the_in_memory_model(workdir, compressed):
     latter equals the perplexity of the same allocation compressed in memory (so save/load and the
     command lose nothing), and the dense figure equals the dense model's on the same windows."""
     from rankalloc.profiling.store import Profile
-    from rankalloc.studies import pipeline as pl
+    from rankalloc.profiling import run as runs
+    from rankalloc.decomposers import problems
+    from rankalloc.decomposers import evaluate as evaluation
 
     out = compressed["evaluate"]
     assert out.startswith("protocol: 4 non-overlapping windows of 64 tokens")
     dense_ppl, comp_ppl = _ppl(out, "dense"), _ppl(out, "compressed")
     assert math.isfinite(dense_ppl) and math.isfinite(comp_ppl)
-    run = pl.prepare(str(workdir["model"]), str(workdir["text"]), samples=8, seqlen=64, eval_windows=4,
+    run = runs.prepare(str(workdir["model"]), str(workdir["text"]), samples=8, seqlen=64, eval_windows=4,
                      device="cpu", progress=False)
     prof = Profile.load(workdir["profile"])
-    allocation = pl.load_allocation(prof, compressed["alloc"], "svd")
-    model, report = pl.compress(run.model, prof, allocation, "svd", progress=False)
+    allocation = problems.load_allocation(prof, compressed["alloc"], "svd")
+    model, report = problems.compress(run.model, prof, allocation, "svd", progress=False)
     assert report.params_after == json.loads(compressed["alloc"].read_text())["cost"]["params"]
-    assert pl.evaluate(model, run, progress=False).ppl == pytest.approx(comp_ppl, rel=1e-6)
-    assert pl.evaluate(run.model, run, progress=False).ppl == pytest.approx(dense_ppl, rel=1e-6)
+    assert evaluation.evaluate(model, run, progress=False).ppl == pytest.approx(comp_ppl, rel=1e-6)
+    assert evaluation.evaluate(run.model, run, progress=False).ppl == pytest.approx(dense_ppl, rel=1e-6)
 
 
 def test_evaluate_counts_the_parameters_compress_kept(compressed):

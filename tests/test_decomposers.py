@@ -7,6 +7,7 @@ method compresses fresh copies of it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,21 +16,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model
-from rankalloc.allocators.allocation import Status, finish
 from rankalloc.allocators.costs import FlatParams
-from rankalloc.allocators.problem import DENSE, AllocationProblem, Budget, Choice, Component, Curve
-from rankalloc.decomposers import (METHODS, FisherSVDConfig, FlatConfig, LowRankLinear, PGSVDConfig, SoLAConfig,
+from rankalloc.allocators.problem import DENSE, AllocationProblem, Choice, Component
+from rankalloc.decomposers import (METHODS, MODULE_TYPES, FisherSVDConfig, FlatConfig, LowRankLinear, PGSVDConfig, SoLAConfig,
                                    SVDConfig, compress_, load_compressed, pgsvd, rank_pattern, save_compressed,
                                    whitened_svd)
 from rankalloc.decomposers.base import activation_error
 from rankalloc.decomposers.fisher_svd import fisher_svd, fisher_weighted_error
 from rankalloc.decomposers.flat import FlatAttention, value_bases
 from rankalloc.decomposers.pgsvd import truncated_svd
-from rankalloc.decomposers.sola import SoLAMLP, marginal_name
+from rankalloc.decomposers.sola import SoLAMLP
 from rankalloc.profiling.architectures import prime_count
 
-from decomposer_cases import (ALL_METHODS, FLAT_COSTS, GAMMA, HEAD_DIM, HEADS, KV_HEADS, allocation_of, flat_choices,
-                              linear_choices, method_case, sola_choices, varied, vo_component, weight_count)
+from decomposer_cases import (ALL_METHODS, FLAT_COSTS, GAMMA, HEAD_DIM, HEADS, KV_HEADS, allocation_of, linear_choices,
+                              method_case, sola_choices, varied, vo_component, weight_count)
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -49,15 +49,14 @@ def setup(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- registry and configs
 def test_registry_names_every_method():
-    """The registry holds the five methods written here (plus sslc whenever decomposers/sslc.py exists)."""
-    assert {"svd", "fisher_svd", "pgsvd", "sola", "flat"} <= set(METHODS)
-    for name, (cfg, handler) in METHODS.items():
-        assert callable(handler) and cfg() is not None, name
-    try:
-        import rankalloc.decomposers.sslc  # noqa: F401
-        assert "sslc" in METHODS
-    except ModuleNotFoundError:
-        assert "sslc" not in METHODS
+    """Each of the six methods registered itself from its own module, with a config that builds with defaults and
+    the module classes it puts into a model (for save/load)."""
+    assert {"svd", "fisher_svd", "pgsvd", "sola", "flat", "sslc"} <= set(METHODS)
+    for name, m in METHODS.items():
+        assert callable(m.compress) and callable(m.curves) and m.config() is not None, name
+        assert m.config.__module__ == f"rankalloc.decomposers.{name}", name  # one file per method
+        for cls in m.modules:
+            assert MODULE_TYPES[cls.spec_type][0] is cls
 
 
 @pytest.mark.parametrize("bad", [lambda: SVDConfig(damp=0), lambda: FisherSVDConfig(output_damp=-1),
@@ -236,7 +235,7 @@ def test_dense_choices_leave_the_model_untouched(setup, method):
     model, ids, profile = setup
     m = copy.deepcopy(model)
     _, alloc = method_case(method, m, profile)
-    config = METHODS[method][0]()
+    config = METHODS[method].config()
     dense = allocation_of({c: Choice(DENSE) for c in alloc.problem.components}, alloc.problem.costs)
     report = compress_(m, dense, config, profile, progress=False)
     assert report.params_after == report.params_before
@@ -251,7 +250,7 @@ def test_full_rank_choices_keep_the_outputs(setup, method):
     model, ids, profile = setup
     m = copy.deepcopy(model)
     _, alloc = method_case(method, m, profile)
-    config = METHODS[method][0]()
+    config = METHODS[method].config()
     full = {c: Choice(HEAD_DIM if c.kind == "vo" else c.max_rank) for c in alloc.problem.components}
     compress_(m, allocation_of(full, alloc.problem.costs), config, profile, progress=False)
     assert any(isinstance(x, (LowRankLinear, FlatAttention, SoLAMLP)) for x in m.modules())
@@ -407,18 +406,18 @@ def test_realized_count_mismatch_raises_runtime_error(setup):
     model, _, profile = setup
     q = next(c for c in profile.components if c.name.endswith("0.self_attn.q_proj"))
     alloc = allocation_of({q: Choice(4)})
-    cfg_cls, handler = METHODS["svd"]
+    original = METHODS["svd"]
 
     def wrong(model, allocation, config, profile, progress=True):
-        reports = handler(model, allocation, config, profile, progress)
+        reports = original.compress(model, allocation, config, profile, progress)
         return [type(r)(**{**r.__dict__, "params_after": r.params_after + 1}) for r in reports]
 
-    METHODS["svd"] = (cfg_cls, wrong)
+    METHODS["svd"] = dataclasses.replace(original, compress=wrong)
     try:
         with pytest.raises(RuntimeError, match="realized"):
             compress_(copy.deepcopy(model), alloc, SVDConfig(), profile, progress=False)
     finally:
-        METHODS["svd"] = (cfg_cls, handler)
+        METHODS["svd"] = original
 
 
 def test_rank_pattern_lists_low_rank_choices_only(setup):

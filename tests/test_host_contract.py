@@ -19,7 +19,7 @@ from torch import nn
 
 from conftest import tiny_model
 from decomposer_cases import ALL_METHODS, allocation_of, flat_choices, linear_choices, method_case, varied
-from rankalloc.decomposers import FlatConfig, SVDConfig, SoLAConfig, compress_, load_compressed, save_compressed
+from rankalloc.decomposers import FlatConfig, SVDConfig, compress_, load_compressed, save_compressed
 from rankalloc.decomposers.host import (AttentionContract, attention_contract, cache_argument, output_cache,
                                         transformers_version, with_cache)
 

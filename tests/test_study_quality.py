@@ -27,7 +27,7 @@ def test_run_quality_grid_memory_and_throughput(tmp_path):
     uniform snapped to grid 16 does; greedy on grid 4 lands within 5 points of 30%; every row has a finite
     perplexity, a positive process peak RSS while compressing and positive prefill/decode speeds; ppl_vs_uniform is
     relative to the grid-16 uniform row (1 there, ppl/uniform elsewhere)."""
-    from rankalloc.studies.pipeline import prepare, profile
+    from rankalloc.profiling.run import prepare, profile
 
     torch.manual_seed(0)
     run = prepare(str(save_tiny_model_dir(tmp_path / "model")), str(write_text_file(tmp_path / "text.txt")),

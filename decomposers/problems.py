@@ -1,0 +1,156 @@
+# From a method's curves to its budget problem and back: budgets as fractions removed, allocations on disk.
+"""The budget problem of a registered method, allocations saved as JSON, and the copy-then-compress wrapper.
+
+Budgets are fractions REMOVED of the dense cost of the profiled linear matrices (SoLA's prime neurons, kept dense
+outside its curves, count as kept). Every function takes explicit arguments; nothing reads a command-line
+namespace.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from rankalloc.allocators.problem import AllocationProblem, Budget, removed_fraction
+from rankalloc.allocators.registry import get_cost_model
+from rankalloc.decomposers.registry import MethodCurves, get_method
+
+
+def method_curves(prof, method: str = "svd", model=None, *, grid: int = 16, progress: bool = True) -> MethodCurves:
+    """The curve set of the registered ``method`` for profile ``prof`` (``model`` computes what the profile lacks)."""
+    return get_method(method).curves(prof, model, grid=grid, progress=progress)
+
+
+def method_grid(mc: MethodCurves, grid: int) -> int:
+    """``grid``, capped at what the method's candidates admit (FLAT's value-head ranks stop at head_dim)."""
+    return grid if mc.max_grid is None else min(grid, mc.max_grid)
+
+
+def reachable_removed(problem: AllocationProblem, resource: str, fixed: float = 0.0) -> float:
+    """The largest fraction of ``resource`` removable on the problem's grid (``fixed`` dense cost kept)."""
+    dense = problem.dense_costs[resource] + fixed
+    return 1.0 - (problem.min_costs[resource] + fixed) / dense if dense > 0 else 0.0
+
+
+def _cost_model(mc: MethodCurves, cost: str):
+    if mc.resources is not None and cost not in mc.resources:
+        raise ValueError(f"method {mc.method!r} is priced in {list(mc.resources)} only; received cost {cost!r}")
+    return mc.costs[cost] if cost in mc.costs else get_cost_model(cost)()
+
+
+def problem_for(prof, method: str = "svd", kind: str = "fisher", removed: float = 0.2, *,
+                cost: str = "params", grid: int = 16, extra_budgets: Sequence[Budget] = (),
+                model=None, curves: MethodCurves | None = None) -> AllocationProblem:
+    """The allocation problem of ``method`` at ``removed`` (fraction of the dense ``cost`` removed).
+
+    ``curves``: the method's curves from :func:`method_curves` (computed here when None; pass them when building
+    many problems). Raises ``ValueError`` for an unknown method, cost model or curve kind (listing the known ones),
+    and for a budget outside [0, 1) or beyond what the grid can reach (saying what is reachable).
+    """
+    get_method(method)
+    mc = curves if curves is not None else method_curves(prof, method, model, grid=grid)
+    if mc.method != method:
+        raise ValueError(f"problem_for: curves of method {mc.method!r} given for method {method!r}")
+    costs = {cost: _cost_model(mc, cost)}
+    cs = mc.curve_set
+    if kind not in cs.kinds:
+        hint = " (profile with kinds including 'fisher')" if kind in ("fisher", "fisher_svd") else ""
+        raise ValueError(f"method {method!r}: curve kind {kind!r} is not available{hint}; this profile offers "
+                         f"{list(cs.kinds)} for it")
+    g = method_grid(mc, grid)
+    base = AllocationProblem.from_profiles(cs, costs, Budget(cost, removed=0.0), kind=kind, grid=g,
+                                           name=f"{method}/{kind}")
+    fixed = mc.fixed_params if cost == "params" else 0
+    where = (f"with method {method}, cost {cost} and grid {g}, 0 to {reachable_removed(base, cost, fixed):.2%} "
+             f"removed is reachable")
+    try:
+        removed_fraction(removed, f"budget {removed!r}")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {where}") from None
+    if base.dense_costs[cost] <= 0:
+        raise ValueError(f"cost {cost!r}: the dense {cost} cost of these matrices is 0 (for kv, no k/v "
+                         f"projection), so no fraction of it can be removed")
+    if fixed:
+        limit = (1.0 - removed) * (base.dense_costs[cost] + fixed) - fixed
+        if limit < 0:
+            raise ValueError(f"budget {removed:g} ({removed:.2%} removed) is unreachable: {method} keeps "
+                             f"{fixed:,} parameters dense; {where}")
+        budget = Budget(cost, limit=limit)
+    else:
+        budget = Budget(cost, removed=float(removed))
+    problem = base.with_budgets(budget, *extra_budgets)
+    why = problem.infeasibility_message()
+    if why is not None:
+        raise ValueError(f"budget {removed:g} ({removed:.2%} removed) is unreachable: {why}; {where}")
+    return problem
+
+
+def allocation_record(allocation, prof, method: str, cost: str, removed: float) -> dict:
+    """What gets written as an allocation JSON: :meth:`Allocation.to_dict` plus the inputs that produced it
+    (read back by :func:`load_allocation`)."""
+    out = allocation.to_dict()
+    out.update({"method": method, "kind": allocation.problem.objective, "cost_model": cost,
+                "grid": allocation.problem.grid, "budget_removed": {cost: float(removed)},
+                "curves": str(getattr(prof, "path", ""))})
+    return out
+
+
+def load_allocation(prof, data, method: str = "svd", model=None):
+    """Rebuild the :class:`Allocation` saved in ``data`` (a dict or a JSON path) against ``prof``'s curves.
+
+    The choices are re-priced on the method's curves (every rank is a candidate, so any grid works) under the saved
+    absolute budgets. Raises ``ValueError`` when the JSON names components the method's curves do not have, lacks
+    some, or was priced with a cost model that is not registered.
+    """
+    from rankalloc.allocators.allocation import Allocation
+
+    if not isinstance(data, Mapping):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"allocation file {path} does not exist; create one with "
+                                    f"`rankalloc allocate --curves PROFILE_DIR --budget 0.3 --out {path}`")
+        data = json.loads(path.read_text())
+    for key in ("choices", "budget"):
+        if key not in data:
+            raise ValueError(f"allocation JSON: missing {key!r}; expected the output of `rankalloc allocate --out`")
+    saved = data.get("method")
+    if saved is not None and saved != method:
+        raise ValueError(f"the allocation was made for method {saved!r}; compress it with --method {saved}, "
+                         f"received {method!r}")
+    kind = data.get("kind") or data.get("objective_kind")
+    mc = method_curves(prof, method, model)
+    if kind not in mc.curve_set.kinds:
+        raise ValueError(f"the allocation optimised curve kind {kind!r}, which the {method} curves of {prof.path} "
+                         f"do not have ({list(mc.curve_set.kinds)}); was it made from another profile?")
+    names = {c.name for c in mc.curve_set.components}
+    unknown = sorted(set(data["choices"]) - names)
+    if unknown:
+        raise ValueError(f"the allocation names {len(unknown)} components that the {method} curves of {prof.path} "
+                         f"do not have (e.g. {unknown[:3]}); was it made from another profile or method?")
+    costs = {res: _cost_model(mc, res) for res in data["budget"]}
+    budgets = tuple(Budget(res, limit=float(limit)) for res, limit in data["budget"].items())
+    problem = AllocationProblem(mc.curve_set.curves(kind, grid=1), budgets, costs, grid=1, objective=kind,
+                                layer_scores=mc.curve_set.layer_scores, name=f"{method}/{kind}")
+    return Allocation.from_dict(problem, data)
+
+
+def compress(model, prof, allocation, method: str = "svd", *, config=None, inplace: bool = False,
+             progress: bool = True):
+    """Build the compressed model of ``allocation`` with ``method``; returns ``(model, report)``.
+
+    ``model``: the dense model (or a :class:`~rankalloc.profiling.run.Run`); it is deep-copied unless ``inplace``.
+    ``config``: the method's config (default: its config class with default settings).
+    """
+    from rankalloc.decomposers.base import compress_
+
+    m = get_method(method)
+    if config is None:
+        config = m.config()
+    elif type(config) is not m.config:
+        raise ValueError(f"method {method!r} takes a {m.config.__name__}, received {type(config).__name__}")
+    model = getattr(model, "model", model) if not hasattr(model, "forward") else model
+    model = model if inplace else copy.deepcopy(model)
+    report = compress_(model, allocation, config, prof, progress=progress)
+    return model, report
