@@ -67,6 +67,32 @@ def fisher_svd(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, d
     return Factors(A, B, float(tail_sums(sigma)[rank]))
 
 
+def fisher_projection(W: torch.Tensor, basis: dict, rank: int, name: str = "matrix", Sx=None) -> Factors:
+    """Rank-``rank`` two-sided Fisher factors from a compact profile's stored basis (``profile.fisher_basis``).
+
+    The optimum of ``tr(G_g E G_x E^T)`` is a projection of ``W`` (``profiling.fisher.fisher_component``):
+    ``right``: ``A = W S_x V_r``, ``B = V_r^T S_x^{-1}`` with the profile's input root ``S_x``; ``left``:
+    ``A = S_g^{-T} U_r``, ``B = U_r^T S_g^T W``. It is the same matrix the Gram-based :func:`fisher_svd` builds.
+    ``Factors.error`` is NaN: the predicted error lives in the profile's ``fisher`` curve.
+    """
+    W = W.detach().to(PRECISION)
+    m, n = W.shape
+    stop = (basis["right"] if "right" in basis else basis["left_a"]).shape[1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= stop:
+        raise ValueError(f"{name} ({m}x{n}): the compact profile keeps its Fisher basis up to the break-even rank "
+                         f"{stop} (above it dense is cheaper); expected a rank in [0, {stop}], received {rank!r} "
+                         f"(profile with --store full for every rank)")
+    if "right" in basis:
+        V = basis["right"][:, :rank].to(device=W.device, dtype=PRECISION)
+        Sx = Sx.to(device=W.device, dtype=PRECISION)
+        A = W @ (Sx @ V)
+        B = torch.linalg.solve_triangular(Sx.T, V, upper=True).T  # V_r^T S_x^{-1}
+    else:
+        A = basis["left_a"][:, :rank].to(device=W.device, dtype=PRECISION)
+        B = basis["left_b"][:rank].to(device=W.device, dtype=PRECISION) @ W
+    return Factors(A, B, float("nan"))
+
+
 def fisher_weighted_error(E: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor) -> float:
     """``tr(G_g E G_x E^T)`` in float64 (the K-FAC estimate of the loss increase, up to a factor 1/2)."""
     E = E.detach().to(PRECISION)
@@ -82,15 +108,20 @@ def compress_fisher_svd(model, allocation, config: FisherSVDConfig, profile, pro
 
     keys = profile.meta.get("gram_keys", {})
     shared: dict = {}  # the input roots of the last Gram seen: q/k/v and gate/up read one input
+    stored_grams = profile.has_output_grams()
 
     def make(t):
+        W = weight_matrix(t.module).detach()
+        if not stored_grams:  # compact profile: the stored two-sided basis
+            S = profile.input_root(t.name)[0] if "right" in (basis := profile.fisher_basis(t.name)) else None
+            return low_rank_module(t.module, fisher_projection(W, basis, int(t.choice.rank), t.name, S))
         Gg = profile.output_gram(t.name)
         Gx = input_gram(profile, t)
         key = keys.get(t.name, t.name)
         if shared.get("key") != key:
             shared.update(key=key, roots=psd_roots(Gx, f"input Gram of {t.name}", Damping(config.damp)))
-        f = fisher_svd(weight_matrix(t.module).detach(), Gx, Gg, int(t.choice.rank), config.damp,
-                       config.output_damp, t.name, x_roots=shared["roots"])
+        f = fisher_svd(W, Gx, Gg, int(t.choice.rank), config.damp, config.output_damp, t.name,
+                       x_roots=shared["roots"])
         return low_rank_module(t.module, f)
 
     return apply_targets(model, targets, make, progress, "fisher_svd")

@@ -8,7 +8,7 @@
    ``position_embeddings``, ``position_ids``...) as the model itself builds them. Recording every
    layer, not only layer 0, matters for Gemma-2/3, whose sliding-window layers get other masks.
    The last recorder raises to stop the pass before the final norm and LM head.
-2. :func:`run_layer` moves one layer to the compute device, runs it on the cached inputs batch by
+2. :func:`run_layer` runs one resident layer (:mod:`~rankalloc.profiling.weights`) on the cached inputs batch by
    batch, and returns the outputs (the next layer's inputs). With ``collect=True`` forward hooks
    on its linear maps accumulate, in float64:
 
@@ -297,24 +297,23 @@ class LayerAccumulator:
 
 
 @torch.no_grad()
-def run_layer(structure: DecoderStructure, layer: int, inputs: list[torch.Tensor], calls: list,
-              device: torch.device, config: StreamConfig, collect: bool = True
-              ) -> tuple[list[torch.Tensor], LayerStats | None]:
-    """Run decoder layer ``layer`` on ``inputs`` (one tensor per batch); return outputs and its statistics.
+def run_layer(structure: DecoderStructure, layer: int, module: torch.nn.Module, inputs: list[torch.Tensor],
+              calls: list, device: torch.device, config: StreamConfig, collect: bool = True
+              ) -> tuple[list[torch.Tensor], LayerStats | None, bool]:
+    """Run the resident decoder layer ``module`` on ``inputs`` (one tensor per batch).
 
-    The layer is moved to ``device`` for the call and back to where it was afterwards.
+    Returns its outputs (the next layer's inputs), its statistics (with ``collect``) and whether it returns tuples.
     """
-    module = structure.layers[layer]
-    home = next(module.parameters()).device
     acc = LayerAccumulator(structure, layer, device, config.gram_dtype) if collect else None
-    outputs = []
-    module.to(device)
+    outputs, as_tuple = [], False
     try:
         if acc is not None:
             acc.attach()
         t0 = time.perf_counter()
         for x, (args, kwargs) in zip(inputs, calls):
-            y = _layer_output(module(x, *args, **kwargs))
+            out = module(x, *args, **kwargs)
+            as_tuple = isinstance(out, (tuple, list))
+            y = _layer_output(out)
             outputs.append(y)
             if acc is not None:
                 acc.add_cosines(x, y)
@@ -323,7 +322,6 @@ def run_layer(structure: DecoderStructure, layer: int, inputs: list[torch.Tensor
     finally:
         if acc is not None:
             acc.remove()
-        module.to(home)
     stats = acc.stats() if acc is not None else None
     for b, y in enumerate(outputs):
         if not torch.isfinite(y).all():
@@ -331,4 +329,4 @@ def run_layer(structure: DecoderStructure, layer: int, inputs: list[torch.Tensor
                                  f"non-finite activations (NaN/Inf)")
     if stats is not None:
         stats.timings["forward"] = total - stats.timings["gram"] - stats.timings["value_cov"]
-    return outputs, stats
+    return outputs, stats, as_tuple

@@ -42,8 +42,7 @@ import torch
 
 from rankalloc.profiling.numerics import (PRECISION, Damping, check_finite, damped_cholesky, singular_values, svd,
                                           tail_sums)
-from rankalloc.profiling.probe import (check_calibration_ids, component_module, on_device, profile_damping,
-                                      read_weight, token_loss_sum)
+from rankalloc.profiling.probe import on_device, token_loss_sum
 
 
 def loss_token_count(ids: torch.Tensor) -> int:
@@ -142,15 +141,19 @@ def _fisher_tail(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, name: str,
 
 def _fisher_svd_tail(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, name: str,
                      damping: Damping) -> torch.Tensor:
-    """``sum_{i>r} sigma_i^2 u_i^T G_g u_i`` with ``W S_x = U Sigma V^T`` (the one-sided truncation)."""
-    m = W.shape[0]
+    """``sum_{i>r} sigma_i^2 u_i^T (G_g + delta I) u_i`` with ``W S_x = U Sigma V^T`` (the one-sided truncation).
+
+    ``G_g`` is read, never copied: ``u^T (G_g + delta I) u = u^T G_g u + delta``, by blocks of columns."""
     U, s, _ = svd(W @ Sx, f"whitened weight of {name}")
     Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
-    Gg = 0.5 * (Gg + Gg.T)
-    Gg = Gg + damping.damp * torch.diagonal(Gg).mean() * torch.eye(m, dtype=PRECISION)  # as psd_power damps it
-    terms = (s ** 2) * torch.einsum("ik,ij,jk->k", U, Gg, U).clamp_min(0.0)
+    delta = damping.damp * torch.diagonal(Gg).mean()  # the relative damping psd_power applies
+    quad = torch.empty(U.shape[1], dtype=PRECISION, device=U.device)
+    for j in range(0, U.shape[1], 512):
+        Uj = U[:, j:j + 512]
+        quad[j:j + 512] = (Uj * (Gg @ Uj)).sum(0)  # G_g is symmetric: no symmetrized copy is needed
+    terms = (s ** 2) * (quad + delta).clamp_min(0.0)
     tail = torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0])
-    return torch.cat([tail, torch.zeros(1, dtype=PRECISION)])
+    return torch.cat([tail, torch.zeros(1, dtype=PRECISION, device=tail.device)])
 
 
 def fisher_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_tokens: int,
@@ -179,62 +182,43 @@ def fisher_svd_curve(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, n_toke
     return (_fisher_svd_tail(W, Sx, Gg, name, damping) * _scale(n_tokens, n_loss_tokens)).numpy()
 
 
-def add_fisher_curves(profile, model: torch.nn.Module, ids: torch.Tensor, device="cpu", batch_size: int = 4,
-                      progress: bool = True, kinds: tuple[str, ...] = ("fisher", "fisher_svd"),
-                      gram_dtype: str | None = None, reuse_grams: bool = True,
-                      samples: int | None = None) -> dict[str, dict]:
-    """Compute output-gradient Grams on the calibration ``ids``, store them, and write the curve kinds.
+def break_even(m: int, n: int) -> int:
+    """The largest rank worth storing a basis for: at ``r >= mn / (m + n)`` the dense matrix is cheaper."""
+    return max(0, min(min(m, n), (m * n) // (m + n)))
 
-    ``ids`` must be the profile's calibration ids (its input Grams count ``profile.tokens`` positions).
-    ``kinds``: "fisher" (two-sided K-FAC truncation) and/or "fisher_svd" (one-sided SVD-LLM truncation).
-    ``gram_dtype``: default the profile's own setting. The whole model must fit on ``device``
-    (one full backward pass per batch). ``reuse_grams``: when the profile already stores every
-    output-gradient Gram (an earlier run, or an interrupted one that got past the backward passes),
-    the curves are computed from them without another backward pass.
-    ``samples``: accumulate the output-gradient Grams on the first ``samples`` calibration sequences
-    only (default all). The backward passes dominate profiling time on a CPU, and ``G_g`` is
-    normalised by its own predicted-token count, so a subset keeps the scale; the count is
-    recorded as ``meta["fisher_loss_tokens"]`` (:attr:`Profile.fisher_loss_tokens`).
+
+def fisher_component(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, scale: float, name: str,
+                     damping: Damping = Damping(), basis: bool = True) -> dict:
+    """Both loss-unit curves of one matrix and, with ``basis``, what its two-sided Fisher truncation needs later.
+
+    ``Sx``: the Cholesky factor of the damped input Gram; ``Gg``: the output-gradient Gram (consumed: it is
+    factored in place). Returns ``{"fisher": curve, "fisher_svd": curve, "basis": {...}}`` where the basis is the
+    side of ``M = S_g^T W S_x = U Sigma V^T`` that is cheaper to keep up to the break-even rank ``r*``:
+
+    - ``right`` (``n <= 2 m``): ``V_{:, :r*}`` (``n x r*``); the rank-r truncation is ``W S_x V_r V_r^T S_x^{-1}``;
+    - ``left``: ``A = S_g^{-T} U_{:, :r*}`` (``m x r*``) and ``B = U_{:, :r*}^T S_g^T`` (``r* x m``); the truncation is
+      ``A_r B_r W``.
+
+    Both are the optimum of ``tr(G_g E G_x E^T)`` (Eckart-Young in the whitened basis, projected back).
     """
-    unknown = set(kinds) - {"fisher", "fisher_svd"}
-    if unknown or not kinds:
-        raise ValueError(f"kinds: expected a non-empty subset of ('fisher', 'fisher_svd'), received {kinds!r}")
-    check_calibration_ids(profile, ids)
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
-                                or not 1 <= samples <= ids.shape[0]):
-        raise ValueError(f"samples: expected an integer in 1..{ids.shape[0]} (the calibration sequences), "
-                         f"received {samples!r}")
-    gids = ids if samples is None else ids[:samples]
-    n_loss = loss_token_count(gids)
-    damping = profile_damping(profile)
-    comps = list(profile.components)
-    modules = {c.name: component_module(model, c.name) for c in comps}
-    if reuse_grams and profile.has_output_grams() and profile.fisher_loss_tokens == n_loss:
-        output_gram = profile.output_gram
+    m, n = W.shape
+    W = W.to(PRECISION)
+    Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
+    out = {"fisher_svd": (_fisher_svd_tail(W, Sx, Gg, name, damping) * scale).numpy()}
+    big = Gg.numel() * 8 > 2 ** 28  # above 256 MB the Gram is factored in place (a failure is then final)
+    Sg, _ = damped_cholesky(Gg, f"output-gradient Gram of {name}", damping, overwrite=big)
+    M = Sg.T @ (W @ Sx)
+    if not basis:
+        out["fisher"] = (tail_sums(singular_values(M, f"K-FAC whitened weight of {name}")) * scale).numpy()
+        return out
+    U, sigma, Vh = svd(M, f"K-FAC whitened weight of {name}")
+    del M
+    out["fisher"] = (tail_sums(sigma) * scale).numpy()
+    r = break_even(m, n)
+    if n <= 2 * m:
+        out["basis"] = {"right": Vh[:r].T.contiguous()}
     else:
-        gram_dtype = gram_dtype or profile.meta.get("settings", {}).get("gram_dtype", "float64")
-        grams = output_gradient_grams(model, gids, modules, device, batch_size, progress, gram_dtype)
-        profile.write_output_grams(grams)
-        profile.meta["fisher_loss_tokens"] = n_loss
-        profile.meta["fisher_samples"] = int(gids.shape[0])
-        profile._write_meta()
-        output_gram = grams.__getitem__
-    scale = _scale(profile.tokens, n_loss)
-    tail_fn = {"fisher": _fisher_tail, "fisher_svd": _fisher_svd_tail}
-    out: dict[str, dict] = {k: {} for k in kinds}
-    from tqdm.auto import tqdm
-
-    keys = profile.meta["gram_keys"]
-    shared_key, Sx = None, None  # matrices reading one input (q/k/v, gate/up) share its Cholesky factor
-    for c in tqdm(comps, desc="fisher curves", disable=not progress):
-        W = read_weight(modules[c.name], c.name).to(PRECISION)
-        Gg = output_gram(c.name)
-        if keys[c.name] != shared_key:
-            Sx, _ = damped_cholesky(profile.input_gram(c.name), f"input Gram of {c.name}", damping)
-            shared_key = keys[c.name]
-        _check_shapes(W, Sx, Gg, c.name)
-        for k in kinds:
-            out[k][c.name] = (tail_fn[k](W, Sx, Gg, c.name, damping) * scale).numpy()
-    for k in kinds:
-        profile.write_kind(k, out[k])
+        Ur = U[:, :r]
+        A = torch.linalg.solve_triangular(Sg.T, Ur, upper=True)  # S_g^{-T} U_r
+        out["basis"] = {"left_a": A, "left_b": (Ur.T @ Sg.T).contiguous()}
     return out

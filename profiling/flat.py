@@ -82,6 +82,19 @@ def flat_fisher_curve(C: torch.Tensor, Gg: torch.Tensor, n_tokens: int, n_loss_t
     return (out / (2.0 * n_tokens * n_loss_tokens)).numpy()
 
 
+def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_loss: int) -> dict[str, np.ndarray]:
+    """FLAT's value-head loss curve of one layer, computed in the layer-streamed backward from the value
+    projection's output-gradient Gram (the compact store keeps no such Gram)."""
+    if c.kind != "v":
+        return {}
+    try:
+        C = profile.value_covariance(c.layer)
+    except ValueError:
+        return {}
+    curve = flat_fisher_curve(C, Gg, profile.tokens, n_loss, f"value covariance of layer {c.layer}")
+    return {f"fisher:{vo_name(c.name)}": curve}
+
+
 def head_bases(profile, layer: int) -> torch.Tensor:
     """Eigenvectors of each KV head's value covariance as columns, by descending eigenvalue:
     ``(kv_heads, head_dim, head_dim)`` float64; ``Q[h][:, :r]`` is the basis FLAT keeps at head rank r."""
@@ -133,8 +146,11 @@ def flat_curve_set(profile, kinds=None) -> CurveSet:
                   "energy": dropped / total if total > 0 else np.zeros_like(dropped)}
         curves["relative"] = np.sqrt(curves["energy"])
         if {"fisher", "fisher_svd"} & set(kinds):
-            curves["fisher"] = curves["fisher_svd"] = flat_fisher_curve(
-                C, profile.output_gram(v.name), profile.tokens, n_loss, f"value covariance of layer {layer}")
+            stored = profile.fisher_extra("fisher", vo.name, layer)
+            if stored is None:
+                stored = flat_fisher_curve(C, profile.output_gram(v.name), profile.tokens, n_loss,
+                                           f"value covariance of layer {layer}")
+            curves["fisher"] = curves["fisher_svd"] = stored
         comps.append(vo)
         ranks[vo.name] = np.arange(head_dim + 1)
         for k in kinds:

@@ -64,30 +64,69 @@ def dead_channels(G: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(d <= 0, as_tuple=False).flatten()
 
 
-def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping()) -> tuple[torch.Tensor, float]:
+def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping(), *, overwrite: bool = False,
+                    reload=None) -> tuple[torch.Tensor, float]:
     """Lower-triangular ``S`` with ``S S^T = G + delta I`` (float64), and the ``delta`` used.
 
-    ``G`` is symmetrized. The first try uses ``delta = damp * mean(diag(G))``, and each retry
-    multiplies it by ``growth``.
+    Only the lower triangle of ``G`` is read (Grams here are exactly symmetric). The first try uses
+    ``delta = damp * mean(diag(G))``, and each retry multiplies it by ``growth``. ``overwrite=True`` factors in
+    place (no second ``n x n`` copy: at a 14336-wide input that is 1.6 GB saved); a failed try then needs the
+    original back, from ``reload()`` (e.g. the Gram stored on disk), else a copy is taken for the retries.
     """
     G = check_finite(G.to(PRECISION), f"Gram matrix of {name}")
-    G = 0.5 * (G + G.T)
-    mean_diag = torch.diagonal(G).mean().item()
+    diag = torch.diagonal(G).clone()
+    mean_diag = diag.mean().item()
     if not mean_diag > 0:
         raise NumericalError(f"Gram matrix of {name} is zero: the input was never active on the calibration "
                              f"data (use more or different calibration text)")
-    eye = torch.eye(G.shape[0], dtype=PRECISION, device=G.device)
     damp = damping.damp
-    for _ in range(damping.retries + 1):
+    info = torch.zeros((), dtype=torch.int32, device=G.device)
+    for attempt in range(damping.retries + 1):
         delta = damp * mean_diag
-        S, info = torch.linalg.cholesky_ex(G + delta * eye)
-        if info.item() == 0 and torch.isfinite(S).all():
-            return S, delta
+        if overwrite:
+            if attempt:
+                G = reload().to(PRECISION) if reload is not None else G
+            work = G
+        else:
+            work = G.clone()
+        torch.diagonal(work).copy_(diag + delta)
+        torch.linalg.cholesky_ex(work, out=(work, info))
+        if info.item() == 0 and torch.isfinite(torch.diagonal(work)).all():
+            return work.tril_(), delta
+        if overwrite and reload is None:  # the in-place try destroyed G: keep a copy for the next ones
+            raise NumericalError(f"Cholesky of the Gram matrix of {name} ({G.shape[0]}x{G.shape[0]}) failed at "
+                                 f"delta {delta:.3g} = {damp:.3g} x mean diagonal, and it was factored in place "
+                                 f"with no copy to retry from")
         damp *= damping.growth
     raise NumericalError(
         f"Cholesky of the Gram matrix of {name} ({G.shape[0]}x{G.shape[0]}) failed after {damping.retries} "
         f"damping retries (last delta {delta:.3g} = {damp / damping.growth:.3g} x mean diagonal). "
         f"Increase damping or use more calibration samples.")
+
+
+def pack_lower(S: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The lower triangle of a square ``S``, row by row, as a flat ``n (n + 1) / 2`` tensor in ``dtype``.
+
+    Row by row, so no index tensor of the triangle's size is built (at n = 14336 that would be 1.6 GB)."""
+    n = S.shape[0]
+    out = torch.empty(n * (n + 1) // 2, dtype=dtype, device=S.device)
+    pos = 0
+    for i in range(n):
+        out[pos:pos + i + 1] = S[i, :i + 1]
+        pos += i + 1
+    return out
+
+
+def unpack_lower(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The float64 lower-triangular ``n x n`` matrix that :func:`pack_lower` flattened."""
+    if v.numel() != n * (n + 1) // 2:
+        raise ValueError(f"packed triangle of {v.numel()} values does not fit a {n}x{n} matrix")
+    S = torch.zeros(n, n, dtype=PRECISION, device=v.device)
+    pos = 0
+    for i in range(n):
+        S[i, :i + 1] = v[pos:pos + i + 1]
+        pos += i + 1
+    return S
 
 
 def psd_roots(G: torch.Tensor, name: str, damping: Damping = Damping()) -> tuple[torch.Tensor, torch.Tensor]:

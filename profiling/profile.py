@@ -1,17 +1,15 @@
 # Profiling entry point: SVD-LLM whitening (Wang et al., 2024, Sec. 3.1) statistics and curves, layer by layer.
 """``profile_model``: a model plus calibration token ids in, a profile directory out.
 
-One streaming pass (:mod:`~rankalloc.profiling.calibration`) gathers each layer's float64 input
-Grams, value-output covariance and layer score; right after each layer, every component's
-whitened spectrum and curves (:mod:`~rankalloc.profiling.spectra`) are computed and the layer is
-written to the store (:mod:`~rankalloc.profiling.store`). Loss-aware kinds (``fisher``,
-``probe``) are added afterwards by their own modules through ``Profile.write_kind``.
+The passes (:mod:`~rankalloc.profiling.stream`) keep one decoder layer resident at a time, in memory or read from
+the checkpoint (:mod:`~rankalloc.profiling.weights`): the forward gathers each layer's float64 input Grams, value
+covariance and layer score, and right after each layer its spectra, curves and Cholesky roots are written
+(:mod:`~rankalloc.profiling.store`). ``fisher`` adds the chunked head and the layer-streamed backward.
 
-Resume: the store marks a layer finished only after its files are in place. A rerun with the
-same cache key recomputes the inputs of the first unfinished layer by re-running the finished
-layers' forward passes (no statistics, no disk cache of activations; the same batches and
-kernels on the same device give bit-identical inputs), then carries on. Timings in the meta
-cover only the work each run actually did.
+Resume: the store marks a layer finished only after its files are in place. A rerun with the same cache key
+recomputes the inputs of the first unfinished layer by re-running the finished layers (no statistics; the same
+batches and kernels on the same device give bit-identical inputs), then carries on. An interrupted backward
+restarts from the top (its layer inputs are recomputed). Timings in the meta cover the work each run did.
 """
 
 from __future__ import annotations
@@ -24,18 +22,21 @@ import numpy as np
 import torch
 
 from rankalloc.profiling.architectures import ModulePatterns, find_structure, weight_of
-from rankalloc.profiling.calibration import StreamConfig, capture_inputs, run_layer
-from rankalloc.profiling.numerics import Damping, check_finite, damped_cholesky
-from rankalloc.profiling.spectra import BASE_KINDS, SpectrumConfig, component_spectrum
-from rankalloc.profiling.store import Profile
+from rankalloc.profiling.backward import Boundaries
+from rankalloc.profiling.calibration import StreamConfig
+from rankalloc.profiling.numerics import Damping, check_finite
+from rankalloc.profiling.spectra import BASE_KINDS, SpectrumConfig
+from rankalloc.profiling.store import STORES, Profile
+from rankalloc.profiling.stream import (Pass, _capture, _fisher_rows, _flush, backward_pass, fisher_sequences,
+                                        forward_pass, head_gradients)
+from rankalloc.profiling.weights import Weights
 
 LOSS_KINDS = {
-    "fisher": ("rankalloc.profiling.fisher", "add_fisher_curves"),
-    "fisher_svd": ("rankalloc.profiling.fisher", "add_fisher_curves"),  # written together with "fisher"
+    "fisher": ("rankalloc.profiling.stream", "backward_pass"),  # the layer-streamed backward (gives fisher_svd too)
+    "fisher_svd": ("rankalloc.profiling.stream", "backward_pass"),
     "probe": ("rankalloc.profiling.probe", "add_probe_curves"),
 }
-"""Curve kinds computed after the streaming pass: kind -> (module, function(profile, model, ids, device=,
-batch_size=)). Imported lazily."""
+"""Curve kinds computed after the forward streaming: kind -> (module, function). ``probe`` is imported lazily."""
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQLEN = 512
@@ -105,39 +106,11 @@ def resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed) -> tupl
     return ids, f"{split.source_id}@{text.text_fingerprint(split)}"
 
 
-def _settings(stream: StreamConfig, spec: SpectrumConfig, patterns, save_grams: bool) -> dict:
+def _settings(stream: StreamConfig, spec: SpectrumConfig, patterns, store: str) -> dict:
     d = spec.damping
     return {"batch_size": stream.batch_size, "gram_dtype": stream.gram_dtype, "spectrum": spec.method,
             "damping": {"damp": d.damp, "retries": d.retries, "growth": d.growth},
-            "patterns": (patterns or ModulePatterns()).to_dict(), "save_grams": save_grams}
-
-
-def layer_results(structure, stats, spec: SpectrumConfig, timings: dict) -> tuple[dict, dict]:
-    """Spectra and curves of every component of one layer, plus its Grams, as numpy arrays to store."""
-    arrays: dict[str, np.ndarray] = {"t": np.float64(stats.score), "cos_sum": np.float64(stats.cos_sum),
-                                     "tokens": np.int64(stats.tokens)}
-    grams = {}
-    kind_of = {c.name: c.kind for c in structure.layer_components(stats.layer)}
-    for g in structure.layer_groups(stats.layer):
-        G = stats.grams[g.key]
-        what = g.key if len(g.members) == 1 else f"{g.key} (input shared by {', '.join(g.members)})"
-        t0 = time.perf_counter()
-        S, delta = damped_cholesky(G, what, spec.damping)
-        timings["cholesky"] = timings.get("cholesky", 0.0) + time.perf_counter() - t0
-        for name in g.members:
-            cs = component_spectrum(weight_of(structure.modules[name]), S, delta, name, spec, timings)
-            arrays[f"sigma:{name}"] = cs.sigma
-            if cs.sigma_w is not None:
-                arrays[f"sigma_w:{name}"] = cs.sigma_w
-            arrays[f"delta:{name}"] = np.float64(cs.delta)
-            for kind, e in cs.curves.items():
-                arrays[f"{kind}:{name}"] = e
-        grams[g.key] = G.cpu().numpy()
-        if any(kind_of[n] == "down" for n in g.members):  # a_i^2 = sum_t h_i^2 is the Gram diagonal
-            arrays["neuron_norms"] = np.sqrt(np.diagonal(grams[g.key]).copy())
-    if stats.value_cov is not None:
-        arrays["value_cov"] = stats.value_cov.cpu().numpy()
-    return arrays, grams
+            "patterns": (patterns or ModulePatterns()).to_dict(), "store": store}
 
 
 def _loss_kind(kind: str):
@@ -154,46 +127,52 @@ def _loss_kind(kind: str):
     return getattr(mod, fn)
 
 
-@torch.no_grad()
-def _stream(model, structure, ids, profile: Profile, stream: StreamConfig, spec: SpectrumConfig,
-            device: torch.device, save_grams: bool, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    finished = set(profile.finished_layers)
-    todo = [l for l in range(structure.num_layers) if l not in finished]
-    if not todo:
-        return
-    t0 = time.perf_counter()
-    captured = capture_inputs(model, structure, ids, stream.batch_size, device)
-    capture_s = time.perf_counter() - t0
-    hidden, captured.hidden = captured.hidden, None  # keep one copy of the activations alive, not two
-    bar = tqdm(total=structure.num_layers, initial=len(finished), unit="layer", disable=not progress,
-               desc=f"profiling {profile.meta.get('model_id') or 'model'}")
-    try:
-        for layer in range(max(todo) + 1):
-            if layer in finished:  # resume: recompute this layer's outputs only
-                hidden, _ = run_layer(structure, layer, hidden, captured.calls[layer], device, stream, collect=False)
-                continue
-            outputs, stats = run_layer(structure, layer, hidden, captured.calls[layer], device, stream)
-            timings = dict(stats.timings)
-            if capture_s:
-                timings["capture"], capture_s = capture_s, 0.0
-            arrays, grams = layer_results(structure, stats, spec, timings)
-            t1 = time.perf_counter()
-            profile._write_layer(layer, arrays, grams if save_grams else None, stats.score)
-            timings["write"] = time.perf_counter() - t1
-            _add_timings(profile, timings)
-            hidden = outputs
-            bar.update(1)
-            bar.set_postfix(layer=layer, t=f"{stats.score:.3f}")
-    finally:
-        bar.close()
+def default_gram_budget(weights: Weights, structure) -> float:
+    """Bytes of output-gradient Grams accumulated in one backward pass: half the largest resident part (a decoder
+    layer, the embedding or the head, in the working dtype), at least 256 MB."""
+    return max(largest_block_bytes(weights.model, structure) / 2, 2.0 ** 28)
 
 
-def _add_timings(profile: Profile, timings: dict) -> None:
-    for k, v in timings.items():
-        profile.meta["timings"][k] = profile.meta["timings"].get(k, 0.0) + float(v)
-    profile._write_meta()
+def largest_block_bytes(model, structure) -> int:
+    """The largest of one decoder layer, the embedding and the head, in bytes of the working dtype."""
+    def size(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0
+    parts = [structure.layers[0]] + [getattr(model, f, lambda: None)() for f in ("get_input_embeddings",
+                                                                                 "get_output_embeddings")]
+    return max(size(m) for m in parts)
+
+
+def _fisher(p: Pass, calls, last, as_tuple, boundaries, fisher_samples, gram_budget, extras) -> None:
+    """The chunked head, the layer-streamed backward, and the fisher kinds written (see ``profiling.stream``)."""
+    fids, n_loss = fisher_sequences(p.ids, fisher_samples)
+    if fids.shape[0] < p.ids.shape[0] and fids.shape[0] % p.stream.batch_size:
+        calls = _capture(p, fids).calls  # the last Fisher batch is shorter: its own masks
+    grads, _ = head_gradients(p, last, fids, as_tuple)
+    curves = backward_pass(p, boundaries, calls, grads, n_loss, gram_budget, extras)
+    p.profile.meta["fisher_loss_tokens"] = n_loss
+    p.profile.meta["fisher_samples"] = int(fids.shape[0])
+    p.profile._write_meta()
+    for kind in ("fisher", "fisher_svd"):
+        p.profile.write_kind(kind, curves[kind])
+    boundaries.remove()
+
+
+def _passes(p: Pass, wanted, fisher_samples, gram_budget, extras) -> None:
+    todo = {l for l in range(p.structure.num_layers) if l not in set(p.profile.finished_layers)}
+    fisher = "fisher" in wanted and "fisher" not in p.profile.kinds
+    if todo or fisher:
+        rows = p.ids.shape[0] if fisher_samples is None else fisher_samples
+        boundaries = Boundaries(p.profile.path / "scratch") if fisher else None
+        t0 = time.perf_counter()
+        last, calls, as_tuple = forward_pass(p, boundaries, rows, todo)
+        p.add("forward_pass", time.perf_counter() - t0)
+        if not (p.profile.path / "curves.csv").exists():
+            p.profile._write_curves()
+        if fisher:
+            t0 = time.perf_counter()
+            _fisher(p, calls, _fisher_rows(last, rows), as_tuple, boundaries, fisher_samples, gram_budget, extras)
+            p.add("fisher", time.perf_counter() - t0)
+        _flush(p)
 
 
 def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | None = None,
@@ -201,62 +180,105 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
                   gamma: float = 0.15, patterns: ModulePatterns | None = None, batch_size: int = 8,
                   resume: bool = True, progress: bool = True, model_id: str | None = None,
                   fingerprint: str | None = None, gram_dtype: str = "float64", spectrum: str = "svd",
-                  damping: Damping = Damping(), save_grams: bool = True,
-                  fisher_samples: int | None = None) -> Profile:
+                  damping: Damping = Damping(), store: str = "compact", fisher_samples: int | None = None,
+                  weights: Weights | None = None, gram_budget: float | None = None,
+                  extras: tuple[str, ...] = ("sola", "flat")) -> Profile:
     """Profile ``model`` on calibration tokens and write the profile directory ``out``.
 
     Args:
         model: a Hugging Face causal LM (any family :func:`~rankalloc.profiling.architectures.find_structure`
-            recognises, or one described by ``patterns``). It stays where it is; each decoder layer
-            visits ``device`` in turn.
-        calibration: a LongTensor ``(n_samples, seqlen)`` of token ids, or text (a ``TextSplit``, a
-            path to a text file, a list of strings) tokenized with ``tokenizer`` by
-            ``rankalloc.profiling.text.calibration_ids`` (default 128 x 512).
-        out: the profile directory. An unfinished run with the same cache key resumes there;
-            another key raises ``ValueError`` (``resume=False`` overwrites instead).
-        kinds: curve kinds wanted. The four spectral kinds ``whitened, energy, relative, epsilon`` are
-            always stored (one pass of SVDs; they are not part of the cache key, so runs asking for
-            different kinds share a profile); the loss-aware ``fisher``, ``probe`` are computed
-            afterwards when asked for and missing.
-        gamma: SoLA's prime-neuron fraction, recorded for ``Profile.prime_neurons``.
-        batch_size: sequences per forward batch. gram_dtype: ``"float64"`` or ``"float32"`` (see
-            :mod:`~rankalloc.profiling.calibration`). spectrum: ``"svd"`` or ``"gram-eigh"`` (see
-            :mod:`~rankalloc.profiling.spectra`). damping: relative Cholesky damping.
-        save_grams: store the float64 input Grams (decomposers need them; 8 n^2 bytes each).
-        model_id, fingerprint: recorded in the meta; the fingerprint (computed from the config and
-            weights when not given) is part of the cache key.
-        fisher_samples: accumulate the Fisher output-gradient Grams on the first ``fisher_samples``
-            calibration sequences only (default all; the backward passes dominate CPU time). Recorded
-            in the settings when given.
+            recognises, or one described by ``patterns``), in memory or as an out-of-core skeleton whose
+            ``weights`` (:class:`~rankalloc.profiling.weights.Weights`) read it from its checkpoint. Each decoder
+            layer visits ``device`` in turn; one is resident at a time.
+        calibration: a LongTensor ``(n_samples, seqlen)`` of token ids, or text (a ``TextSplit``, a path to a
+            text file, a list of strings) tokenized with ``tokenizer`` (default 128 x 512).
+        out: the profile directory. An unfinished run with the same cache key resumes there; another key raises
+            ``ValueError`` (``resume=False`` overwrites instead).
+        kinds: curve kinds wanted. The four spectral kinds are always stored; ``fisher`` (which also gives
+            ``fisher_svd``) runs the chunked head and the layer-streamed backward; ``probe`` is measured after.
+        store: ``"compact"`` (float32 input roots and Fisher bases, no larger than the model) or ``"full"`` (every
+            float64 Gram too); see :mod:`~rankalloc.profiling.store`.
+        fisher_samples: the Fisher Grams on the first N calibration sequences only (default all).
+        gram_budget: bytes of output-gradient Grams per backward pass (default :func:`default_gram_budget`).
+        extras: method curves computed in the backward while the output Grams exist: ``sola`` (marginal FFN
+            parts at ``gamma``) and ``flat`` (value heads).
+        gamma, patterns, batch_size, gram_dtype, spectrum, damping, model_id, fingerprint: as before.
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     unknown = [k for k in kinds if k not in BASE_KINDS and k not in LOSS_KINDS]
     if unknown:
         raise ValueError(f"kinds: unknown curve kinds {unknown}; expected some of {BASE_KINDS + tuple(LOSS_KINDS)}")
+    if store not in STORES:
+        raise ValueError(f"store: expected one of {STORES}, received {store!r}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma: expected a fraction in [0, 1], received {gamma!r}")
     stream = StreamConfig(batch_size=batch_size, gram_dtype=gram_dtype)
     spec = SpectrumConfig(kinds=BASE_KINDS, method=spectrum, damping=damping)
     dev = resolve_device(device)
     ids, source_id = resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed)
-
+    weights = weights or Weights(model)
     structure = find_structure(model, patterns)
+    _check_inputs(model, weights, structure, ids, fisher_samples)
+    extra_fns = _extras(extras)
+    meta = _meta(model, weights, structure, ids, source_id, seed, stream, spec, patterns, store, fisher_samples,
+                 gamma, dev, model_id, fingerprint, tokenizer)
+    profile = Profile.start(out, meta, resume=resume)
+    was_training = model.training
+    model.eval()
+    try:
+        p = Pass(weights, structure, ids, profile, stream, spec, dev, store, progress)
+        budget = gram_budget if gram_budget is not None else default_gram_budget(weights, structure)
+        _passes(p, kinds, fisher_samples, budget, extra_fns)
+        for kind in kinds:
+            if kind == "probe" and kind not in profile.kinds:
+                if weights.out_of_core:
+                    raise ValueError("probe curves need the whole model in memory; profile probe on an in-memory model")
+                t0 = time.perf_counter()
+                _loss_kind(kind)(profile, model, ids, device=dev, batch_size=batch_size, progress=progress)
+                profile = Profile.load(profile.path)
+                profile.meta["timings"][kind] = profile.meta["timings"].get(kind, 0.0) + time.perf_counter() - t0
+                profile._write_meta()
+    finally:
+        model.train(was_training)
+    return Profile.load(profile.path)
+
+
+def _extras(names) -> tuple:
+    import rankalloc.profiling.flat as flat_mod
+    import rankalloc.profiling.sola as sola_mod
+
+    known = {"sola": sola_mod.fisher_extras, "flat": flat_mod.fisher_extras}
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"extras: expected some of {sorted(known)}, received {list(names)}")
+    return tuple(known[n] for n in names)
+
+
+def _check_inputs(model, weights, structure, ids, fisher_samples) -> None:
     vocab = model.get_input_embeddings().weight.shape[0] if hasattr(model, "get_input_embeddings") else None
     if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"calibration ids: expected token ids in [0, {vocab}) for this model, received "
                          f"[{int(ids.min())}, {int(ids.max())}] (tokenizer of another model?)")
-    for c in structure.components:
-        check_finite(weight_of(structure.modules[c.name]).detach(), f"weight of {c.name}")
+    if fisher_samples is not None and (isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int)
+                                       or not 1 <= fisher_samples <= ids.shape[0]):
+        raise ValueError(f"fisher_samples: expected an integer in 1..{ids.shape[0]} (the calibration sequences), "
+                         f"received {fisher_samples!r}")
+    if not weights.out_of_core:
+        for c in structure.components:
+            check_finite(weight_of(structure.modules[c.name]).detach(), f"weight of {c.name}")
 
+
+def _meta(model, weights, structure, ids, source_id, seed, stream, spec, patterns, store, fisher_samples, gamma,
+          dev, model_id, fingerprint, tokenizer) -> dict:
     config = getattr(model, "config", None)
-    meta = {
+    return {
         "model_id": model_id or getattr(config, "_name_or_path", "") or type(model).__name__,
         "fingerprint": fingerprint or _fingerprint(model, tokenizer),
         "source_id": source_id,
         "calibration_hash": calibration_hash(ids),
         "n_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": int(seed),
         "tokens": int(ids.numel()),
-        "settings": dict(_settings(stream, spec, patterns, save_grams),
+        "settings": dict(_settings(stream, spec, patterns, store),
                          **({"fisher_samples": int(fisher_samples)} if fisher_samples is not None else {})),
         "gamma": float(gamma),
         "version": _version(),
@@ -268,24 +290,6 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
         "gram_keys": {n: g.key for g in structure.groups for n in g.members},
         "kinds": [],
     }
-    profile = Profile.start(out, meta, resume=resume)
-    was_training = model.training
-    model.eval()
-    try:
-        _stream(model, structure, ids, profile, stream, spec, dev, save_grams, progress)
-        if not (profile.path / "curves.csv").exists():
-            profile._write_curves()
-        for kind in kinds:
-            if kind in LOSS_KINDS and kind not in profile.kinds:
-                t0 = time.perf_counter()
-                extra = {"samples": fisher_samples} if kind in ("fisher", "fisher_svd") and fisher_samples else {}
-                _loss_kind(kind)(profile, model, ids, device=dev, batch_size=batch_size, progress=progress, **extra)
-                profile = Profile.load(profile.path)
-                _add_timings(profile, {kind: time.perf_counter() - t0})  # e.g. "fisher": backward Grams + curves
-                profile._write_meta()
-    finally:
-        model.train(was_training)
-    return profile
 
 
 def _version() -> str:

@@ -89,9 +89,10 @@ def profile_dir(run: Run, root: str | Path | None = None) -> Path:
     (``fisher``, ``probe``) are added to the same directory when first asked for.
     """
     from rankalloc.profiling.data import cache_dir
+    from rankalloc.profiling.store import FORMAT
     from rankalloc.profiling.text import text_fingerprint
 
-    key = json.dumps({"model": run.loaded.fingerprint, "text": text_fingerprint(run.text), "samples": run.samples,
+    key = json.dumps({"format": FORMAT, "model": run.loaded.fingerprint, "text": text_fingerprint(run.text), "samples": run.samples,
                       "seqlen": run.seqlen, "seed": run.seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = Path(root) if root is not None else cache_dir() / "profiles"

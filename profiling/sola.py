@@ -101,6 +101,22 @@ def marginal_curves(W: torch.Tensor, Gx: torch.Tensor, rows, cols, kinds, name: 
     return out
 
 
+def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_loss: int) -> dict[str, np.ndarray]:
+    """The SoLA marginal ``fisher`` and ``fisher_svd`` curves of one FFN component at the profile's gamma, computed
+    in the layer-streamed backward while its output-gradient Gram exists (the compact store keeps no such Gram)."""
+    if c.kind not in FFN_KINDS:
+        return {}
+    d = int(profile.meta["config"]["intermediate"])
+    marginal = np.setdiff1d(np.arange(d), profile.prime_neurons(c.layer, float(profile.meta.get("gamma", 0.15))))
+    if len(marginal) == 0:
+        return {}
+    rows, cols = marginal_index(c, marginal, d)
+    name = c.name + SUFFIX
+    cv = marginal_curves(W, profile.input_gram(c.name), rows, cols, ("fisher", "fisher_svd"), name,
+                         profile_damping(profile), Gg, profile.tokens, n_loss)
+    return {f"{k}:{name}": v for k, v in cv.items()}
+
+
 def fixed_prime_params(components, prime_count: dict[int, int], d: int) -> int:
     """Dense parameters of the prime parts: ``sum`` over FFN components of ``m n - m' n'``."""
     total = 0
@@ -156,9 +172,17 @@ def sola_curve_set(profile, model_or_weights, gamma: float = 0.15, kinds=None, p
         rows, cols = marginal_index(c, marginal, d)
         sub = Component(c.name + SUFFIX, c.m if rows is None else len(rows), c.n if cols is None else len(cols),
                         c.kind, c.layer)
-        Gg = profile.output_gram(c.name) if ({"fisher", "fisher_svd"} & set(kinds)) else None
-        cv = marginal_curves(_weights(model_or_weights, c.name), profile.input_gram(c.name), rows, cols, kinds,
-                             sub.name, damping, Gg, profile.tokens, n_loss)
+        loss = [k for k in kinds if k in ("fisher", "fisher_svd")]
+        stored = {k: profile.fisher_extra(k, sub.name, c.layer) for k in loss} if not profile.has_output_grams() \
+            else {}
+        if any(v is None for v in stored.values()):
+            raise ValueError(f"{sub.name}: the profile at {profile.path} holds no SoLA loss curves for it (they are "
+                             f"computed in the Fisher backward at the profile's gamma {profile.meta.get('gamma')}; "
+                             f"gamma {gamma} needs a profile with --store full)")
+        Gg = profile.output_gram(c.name) if loss and not stored else None
+        cv = marginal_curves(_weights(model_or_weights, c.name), profile.input_gram(c.name), rows, cols,
+                             [k for k in kinds if k not in stored], sub.name, damping, Gg, profile.tokens, n_loss)
+        cv.update(stored)
         comps.append(sub)
         ranks[sub.name] = np.arange(sub.max_rank + 1)
         for k in kinds:

@@ -3,17 +3,27 @@
 
 Layout of a profile directory::
 
-    meta.json                        model id + fingerprint, calibration hash, settings, layer scores,
-                                     components, finished layers, cache key (see KEY_FIELDS)
+    meta.json                        model id + fingerprint, calibration hash, settings (the store mode among
+                                     them), layer scores, components, finished layers, cache key (KEY_FIELDS)
     layers/layer_XXX.npz             per layer: sigma:<name> (of W S), sigma_w:<name> (of W),
                                      delta:<name> (damping), <kind>:<name> curves, neuron_norms,
                                      value_cov (kv_heads, head_dim, head_dim), t (= t_l), tokens
-    grams/layer_XXX.safetensors      float64 input Grams sum_t x x^T, one per input group (q/k/v share
-                                     one, gate/up another), keyed by the group's first member
-    output_grams/layer_XXX.safetensors   float64 output-gradient Grams (Fisher), keyed by component
+    roots/layer_XXX.safetensors      per input group (keyed by its first member): the Cholesky factor S of the
+                                     damped input Gram, S S^T = G + delta I, lower triangle packed row by row
+                                     (float32 in the compact store, float64 in the full one)
+    fisher/layer_XXX.safetensors     per component, what its two-sided Fisher truncation needs (fisher kinds):
+                                     <name>|right (n x r*) or <name>|left_a (m x r*) and <name>|left_b (r* x m)
+    extra_fisher/layer_XXX.npz       SoLA marginal and FLAT value-head loss curves, computed in the backward
+    grams/layer_XXX.safetensors      float64 input Grams sum_t x x^T (full store only)
+    output_grams/layer_XXX.safetensors   float64 output-gradient Grams (full store only)
     kinds/<kind>.npz                 curve kinds added after profiling (write_kind), keyed by component
     extra/<name>.csv                 other curve sets (write_extra): sola, flat, sslc ...
     curves.csv                       long-format curves of every kind; written once all layers are done
+    scratch/                         layer inputs kept for the layer-streamed backward; removed when done
+
+Store modes (``settings["store"]``): ``compact`` (default) keeps what the curves and every decomposer need at no
+more than the model's own size: float32 input roots (the input Gram is ``S S^T - delta I``) and the Fisher bases
+up to the break-even rank ``r* = mn / (m + n)``. ``full`` also keeps every float64 Gram (8 n^2 bytes each).
 
 Every file is written to a temporary name and moved into place with ``os.replace``, so an
 interrupted run never leaves a half-written file. Reading curves needs numpy and pandas only;
@@ -23,61 +33,22 @@ torch is imported lazily by the Gram and covariance accessors.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from rankalloc.allocators.problem import Component, Curve
+from rankalloc.profiling.files import _load_tensor, _load_tensors, atomic_save_tensors, atomic_savez, atomic_write_bytes
 
-FORMAT = 1
+FORMAT = 2
+STORES = ("compact", "full")
+"""Profile store modes; see the module docstring."""
+
 KEY_FIELDS = ("fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen", "seed", "settings")
 """Meta fields that must agree for a run to resume into an existing profile directory."""
 
 BASE_CURVE_KINDS = ("whitened", "energy", "relative", "epsilon")
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_savez(path: Path, arrays: dict) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(path: Path, arrays: dict) -> None:
-    from safetensors.numpy import save_file
-
-    tmp = _tmp(path)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _load_tensors(path: Path) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(path))
-
-
-def _load_tensor(path: Path, key: str):
-    """One tensor of a safetensors file, read alone (the file holds a whole layer's Grams); None if absent."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return f.get_tensor(key) if key in f.keys() else None
 
 
 class Profile:
@@ -110,6 +81,9 @@ class Profile:
         path = Path(path)
         if (path / "meta.json").exists():
             old = cls.load(path)
+            if resume and old.meta.get("format") != FORMAT:
+                raise ValueError(f"{path} holds a profile in format {old.meta.get('format')!r} (this rankalloc writes "
+                                 f"format {FORMAT}); profile again with --restart, or use another --out directory")
             if resume:
                 diff = [k for k in KEY_FIELDS if old.meta.get(k) != meta.get(k)]
                 if diff:
@@ -119,7 +93,7 @@ class Profile:
                 return old
             old.clear()
         path.mkdir(parents=True, exist_ok=True)
-        for sub in ("layers", "grams"):
+        for sub in ("layers", "roots"):
             (path / sub).mkdir(exist_ok=True)
         prof = cls(path, dict(meta, format=FORMAT, finished_layers=[], layer_scores={}, timings={}))
         prof._write_meta()
@@ -127,7 +101,7 @@ class Profile:
 
     def clear(self) -> None:
         """Delete this profile's own files (nothing else in the directory)."""
-        for sub in ("layers", "grams", "output_grams", "kinds", "extra"):
+        for sub in ("layers", "roots", "fisher", "extra_fisher", "grams", "output_grams", "kinds", "extra"):
             d = self.path / sub
             if d.is_dir():
                 for f in d.iterdir():
@@ -135,6 +109,9 @@ class Profile:
                         f.unlink()
         for f in ("curves.csv", "meta.json"):
             (self.path / f).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(self.path / "scratch", ignore_errors=True)
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -270,35 +247,61 @@ class Profile:
         self._frame = None
 
     # ------------------------------------------------------------------ statistics (torch)
-    def input_gram(self, name: str):
-        """``sum_t x_t x_t^T`` over the calibration tokens of the input of ``name`` (torch float64, n x n)."""
+    @property
+    def store_mode(self) -> str:
+        return self.meta.get("settings", {}).get("store", "full")
+
+    def _group(self, name: str) -> tuple[Component, str]:
+        return self.component(name), self.meta["gram_keys"][name]
+
+    def input_root(self, name: str):
+        """``(S, delta)``: the lower Cholesky factor of the damped input Gram of ``name``, ``S S^T = G + delta I``
+        (torch float64, n x n), exactly the whitening the profile's curves were computed with."""
         import torch
 
-        c = self.component(name)
-        key = self.meta["gram_keys"][name]
+        from rankalloc.profiling.numerics import unpack_lower
+
+        c, key = self._group(name)
+        f = self._layer_file("roots", c.layer, "safetensors")
+        packed = _load_tensor(f, key) if f.exists() else None
+        if packed is None:
+            raise ValueError(f"{name}: no input root {key!r} in {f} (layer {c.layer} unfinished, or a profile "
+                             f"written before store modes existed: profile it again)")
+        return unpack_lower(torch.from_numpy(packed), c.n), self.damping_delta(name)
+
+    def input_gram(self, name: str):
+        """``sum_t x_t x_t^T`` over the calibration tokens of the input of ``name`` (torch float64, n x n): stored
+        in the full store, else ``S S^T - delta I`` from the stored root (float32 round-off)."""
+        import torch
+
+        c, key = self._group(name)
         f = self._layer_file("grams", c.layer, "safetensors")
-        if not f.exists():
-            raise ValueError(f"{name}: input Grams were not stored (save_grams=False, or layer {c.layer} unfinished)")
-        G = _load_tensor(f, key)
-        if G is None:
-            raise ValueError(f"{name}: its input Gram {key!r} is missing from {f}")
-        return torch.from_numpy(G)
+        if f.exists():
+            G = _load_tensor(f, key)
+            if G is None:
+                raise ValueError(f"{name}: its input Gram {key!r} is missing from {f}")
+            return torch.from_numpy(G)
+        S, delta = self.input_root(name)
+        G = S @ S.T
+        G.diagonal().sub_(delta)
+        return G
 
     def output_gram(self, name: str):
-        """``sum_t g_t g_t^T``, ``g = dL/d(output)`` of ``name`` (torch float64, m x m), if profiled."""
+        """``sum_t g_t g_t^T``, ``g = dL/d(output)`` of ``name`` (torch float64, m x m); full store only."""
         import torch
 
         c = self.component(name)
         f = self._layer_file("output_grams", c.layer, "safetensors")
         G = _load_tensor(f, name) if f.exists() else None
         if G is None:
-            raise ValueError(f"{name}: no output-gradient Gram in the profile at {self.path}; profile with "
-                             f"kinds including 'fisher' to compute them")
+            how = ("profile with kinds including 'fisher'" if "fisher" not in self.kinds else
+                   "this compact profile keeps the Fisher bases instead; profile with --store full to keep every "
+                   "float64 Gram")
+            raise ValueError(f"{name}: no output-gradient Gram in the profile at {self.path}; {how}")
         return torch.from_numpy(G)
 
     def has_output_grams(self) -> bool:
-        """True when every component's output-gradient Gram is stored (``fisher`` kinds can be recomputed
-        from the profile alone, without another backward pass)."""
+        """True when every component's output-gradient Gram is stored (full store with ``fisher``)."""
         from safetensors import safe_open
 
         by_layer: dict[int, set] = {}
@@ -312,6 +315,32 @@ class Profile:
                 if not names <= set(h.keys()):
                     return False
         return True
+
+    def fisher_basis(self, name: str) -> dict:
+        """What the two-sided Fisher truncation of ``name`` needs (``profiling.fisher.fisher_component``):
+        ``{"right": V}`` or ``{"left_a": A, "left_b": B}`` (torch float64), up to the break-even rank."""
+        import torch
+
+        c = self.component(name)
+        f = self._layer_file("fisher", c.layer, "safetensors")
+        if f.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="numpy") as h:
+                keys = [k for k in h.keys() if k.split("|")[0] == name]
+                if keys:
+                    return {k.split("|")[1]: torch.from_numpy(h.get_tensor(k)).to(torch.float64) for k in keys}
+        raise ValueError(f"{name}: no Fisher basis in the profile at {self.path}; profile with kinds including "
+                         f"'fisher'")
+
+    def fisher_extra(self, kind: str, name: str, layer: int) -> np.ndarray | None:
+        """A SoLA or FLAT loss curve of layer ``layer`` computed in the backward (``extra_fisher``), or None."""
+        f = self._layer_file("extra_fisher", layer, "npz")
+        if not f.exists():
+            return None
+        with np.load(f) as z:
+            key = f"{kind}:{name}"
+            return z[key] if key in z.files else None
 
     def neuron_norms(self, layer: int) -> np.ndarray:
         """``a_i = ||h_{:,i}||_2`` over the calibration tokens, ``h`` the input of down_proj of ``layer``."""
@@ -340,14 +369,28 @@ class Profile:
         return torch.from_numpy(arrays["value_cov"])
 
     # ------------------------------------------------------------------ writers
-    def _write_layer(self, layer: int, arrays: dict, grams: dict | None, score: float) -> None:
+    def _write_layer(self, layer: int, arrays: dict, roots: dict, grams: dict | None, score: float) -> None:
         """Store one finished layer, then record it in meta (so a crash never marks a layer half-written)."""
         atomic_savez(self._layer_file("layers", layer, "npz"), arrays)
+        atomic_save_tensors(self._layer_file("roots", layer, "safetensors"), roots)
         if grams is not None:
+            (self.path / "grams").mkdir(exist_ok=True)
             atomic_save_tensors(self._layer_file("grams", layer, "safetensors"), grams)
         self.meta["finished_layers"] = sorted(set(self.finished_layers) | {layer})
         self.meta["layer_scores"][str(layer)] = float(score)
         self._write_meta()
+
+    def write_fisher_layer(self, layer: int, bases: dict, extras: dict, grams: dict | None) -> None:
+        """Store one layer's Fisher bases (``{name: {part: array}}``), SoLA/FLAT loss curves and, in the full
+        store, its float64 output-gradient Grams."""
+        for sub in ("fisher", "extra_fisher"):
+            (self.path / sub).mkdir(exist_ok=True)
+        atomic_save_tensors(self._layer_file("fisher", layer, "safetensors"),
+                            {f"{n}|{part}": a for n, parts in bases.items() for part, a in parts.items()})
+        atomic_savez(self._layer_file("extra_fisher", layer, "npz"), extras)
+        if grams is not None:
+            (self.path / "output_grams").mkdir(exist_ok=True)
+            atomic_save_tensors(self._layer_file("output_grams", layer, "safetensors"), grams)
 
     def _check_complete(self, what: str) -> None:
         if len(self.finished_layers) != self.num_layers:

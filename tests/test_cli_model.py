@@ -155,15 +155,15 @@ def test_compress_refuses_another_models_profile(workdir, compressed, tmp_path, 
 def test_profile_interrupt_leaves_a_resumable_store(workdir, tmp_path, monkeypatch, capsys):
     """Ctrl-C after layer 0 is stored: exit 130 saying to rerun to resume from layer 1; the rerun
     finishes and its curves equal those of the uninterrupted profile."""
-    import rankalloc.profiling.profile as profile_mod
+    import rankalloc.profiling.stream as profile_mod
     from rankalloc.studies.cli import main
 
     real = profile_mod.layer_results
 
-    def interrupt_at_layer_1(structure, stats, *args, **kwargs):
+    def interrupt_at_layer_1(p, stats):
         if stats.layer == 1:
             raise KeyboardInterrupt
-        return real(structure, stats, *args, **kwargs)
+        return real(p, stats)
 
     argv = ["profile", "--model", str(workdir["model"]), "--text", str(workdir["text"]), *COMMON,
             "--kinds", "whitened", "--out", str(tmp_path / "p")]

@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     model = tiny_model("llama")
     ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
     profile = profile_model(model, ids, out=tmp_path_factory.mktemp("profile"), device="cpu",
-                            kinds=("whitened", "fisher"), progress=False)
+                            kinds=("whitened", "fisher"), progress=False, store="full")
     return model, ids, profile
 
 

@@ -37,7 +37,7 @@ def family(request, tmp_path_factory):
     model = tiny_model(request.param, **FAMILIES[request.param])
     ids = torch.randint(3, model.config.vocab_size, (8, 48), generator=torch.Generator().manual_seed(1))
     profile = profile_model(model, ids, out=tmp_path_factory.mktemp(f"profile-{request.param}"), device="cpu",
-                            kinds=("whitened", "fisher"), progress=False)
+                            kinds=("whitened", "fisher"), progress=False, store="full")
     return request.param, model, ids, profile
 
 

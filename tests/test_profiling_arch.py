@@ -133,7 +133,7 @@ def test_user_patterns_profile_end_to_end(tmp_path):
     st = find_structure(model, CUSTOM)
     assert [c.kind for c in st.layer_components(1)] == ["q", "k", "v", "o", "up", "down"]
     ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
-    prof = profile_model(model, ids, out=tmp_path, patterns=CUSTOM, batch_size=2, progress=False)
+    prof = profile_model(model, ids, out=tmp_path, patterns=CUSTOM, batch_size=2, progress=False, store="full")
     xs = []
     h = model.blocks[1].ffn.w2.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, 40).double()))
     with torch.no_grad():

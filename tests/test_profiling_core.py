@@ -15,7 +15,7 @@ from conftest import tiny_config, tiny_model, tiny_tokenizer
 from rankalloc.profiling.architectures import find_structure, weight_of
 from rankalloc.profiling.calibration import LayerStats, accumulate_gram, finish_gram, gram_block
 from rankalloc.profiling.numerics import Damping, NonFiniteError, NumericalError, damped_cholesky, svd
-from rankalloc.profiling.profile import LOSS_KINDS, layer_results, profile_model
+from rankalloc.profiling.profile import profile_model
 from rankalloc.profiling.spectra import SpectrumConfig
 from rankalloc.profiling.store import Profile
 
@@ -27,6 +27,7 @@ def rand_ids(n=8, t=32, vocab=384, seed=0):
 def run(model, ids, out, **kw):
     kw.setdefault("batch_size", 4)
     kw.setdefault("progress", False)
+    kw.setdefault("store", "full")  # these tests check float64 Grams exactly; the compact store has its own tests
     return profile_model(model, ids, out=out, **kw)
 
 
@@ -377,13 +378,20 @@ def test_zero_and_indefinite_grams_raise_numerical_error_naming_the_matrix(tmp_p
         model.model.layers[0].input_layernorm.weight.zero_()
     with pytest.raises(NumericalError, match=r"model\.layers\.0\.self_attn\.q_proj"):
         run(model, rand_ids(4, 16), tmp_path)
-    struct = find_structure(tiny_model("llama"))
+    from rankalloc.profiling.calibration import StreamConfig
+    from rankalloc.profiling.stream import Pass, layer_results
+    from rankalloc.profiling.weights import Weights
+
+    fresh = tiny_model("llama")
+    struct = find_structure(fresh)
     grams = {g.key: torch.eye(g.n, dtype=torch.float64) for g in struct.layer_groups(0)}
     bad = "model.layers.0.mlp.gate_proj"
     grams[bad][0, 0] = -20.0  # indefinite beyond what 1 retry of damping repairs
     stats = LayerStats(0, grams, None, 1.0, 1)
+    p = Pass(Weights(fresh), struct, None, None, StreamConfig(), SpectrumConfig(damping=Damping(retries=1)),
+             torch.device("cpu"), "full", False)
     with pytest.raises(NumericalError, match=r"model\.layers\.0\.mlp\.gate_proj.*up_proj.*failed after 1"):
-        layer_results(struct, stats, SpectrumConfig(damping=Damping(retries=1)), {})
+        layer_results(p, stats)
 
 
 def test_bad_calibration_inputs(tmp_path):
@@ -404,9 +412,11 @@ def test_bad_calibration_inputs(tmp_path):
 
 def test_missing_loss_module_is_a_clear_error(tmp_path, monkeypatch):
     """A loss-aware kind whose module is not installed raises ValueError naming the module."""
-    monkeypatch.setitem(LOSS_KINDS, "fisher", ("rankalloc.profiling._not_there", "add_fisher_curves"))
+    from rankalloc.profiling.profile import LOSS_KINDS
+
+    monkeypatch.setitem(LOSS_KINDS, "probe", ("rankalloc.profiling._not_there", "add_probe_curves"))
     with pytest.raises(ValueError, match="_not_there"):
-        run(tiny_model("llama"), rand_ids(4, 8), tmp_path, kinds=("whitened", "fisher"))
+        run(tiny_model("llama"), rand_ids(4, 8), tmp_path, kinds=("whitened", "probe"))
 
 
 def test_too_short_text_is_refused(tmp_path):

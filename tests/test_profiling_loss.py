@@ -15,6 +15,7 @@ import torch
 from conftest import ARCHES, tiny_model
 from rankalloc.allocators.costs import FlatParams, Params
 from rankalloc.allocators.problem import Choice, Curve
+from rankalloc.profiling.architectures import find_structure
 from rankalloc.profiling.fisher import (fisher_curve, fisher_svd_curve, loss_token_count, output_gradient_grams)
 from rankalloc.profiling.flat import dropped_eigenvalues, eig_desc, flat_curve_set, head_bases
 from rankalloc.profiling.numerics import damped_cholesky, psd_power, svd
@@ -89,7 +90,7 @@ def profiled(sampled, tmp_path_factory):
     """A finished profile with every base kind plus fisher, fisher_svd and probe."""
     model, ids = sampled
     prof = profile_model(model, ids, out=tmp_path_factory.mktemp("loss_profile"), batch_size=8, progress=False,
-                         kinds=("whitened", "energy", "relative", "epsilon", "fisher", "probe"))
+                         kinds=("whitened", "energy", "relative", "epsilon", "fisher", "probe"), store="full")
     return model, ids, prof
 
 
@@ -201,38 +202,52 @@ def test_fisher_curve_cholesky_route_equals_symmetric_roots():
     np.testing.assert_allclose(curve, (want / (2 * 50 * 40)).numpy(), rtol=1e-9, atol=1e-12 * float(want[0]))
 
 
-def test_fisher_curves_reuse_stored_output_grams(profiled, monkeypatch):
-    """add_fisher_curves on a profile that already stores every output Gram runs no backward pass and writes
-    the same curves (to 1e-12) as the run that computed the Grams."""
-    import rankalloc.profiling.fisher as fisher
+STREAM_FAMILIES = {"llama": {}, "gemma3": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+                   "gpt2": {}, "phi3": {}}
 
-    model, ids, prof = profiled
-    assert prof.has_output_grams()
-    before = prof.curve_set(["fisher", "fisher_svd"])
 
-    def no_backward(*args, **kwargs):
-        raise AssertionError("output-gradient Grams recomputed")
+@pytest.mark.parametrize("arch", sorted(STREAM_FAMILIES))
+def test_layer_streamed_backward_equals_the_full_backward(arch, tmp_path):
+    """The output-gradient Grams of the layer-streamed backward (one layer resident, the head in chunks) equal those
+    of a full-model backward to 1e-10 relative in float64, on Llama, Gemma3 (sliding and full layers), GPT-2
+    (Conv1D) and Phi-3 (fused qkv and gate_up); also when the Grams are accumulated in several groups."""
+    model = tiny_model(arch, **STREAM_FAMILIES[arch]).double()
+    ids = torch.randint(3, 300, (6, 20), generator=torch.Generator().manual_seed(0))
+    st = find_structure(model)
+    want = output_gradient_grams(model, ids, st.modules, batch_size=4, progress=False)
+    for budget, sub in ((None, "one"), (1.0, "many")):  # 1 byte: every Gram in a group of its own
+        prof = profile_model(model, ids, out=tmp_path / sub, batch_size=4, progress=False,
+                             kinds=("whitened", "fisher"), store="full", gram_budget=budget, extras=())
+        for name, G in want.items():
+            got = prof.output_gram(name)
+            assert float((got - G).abs().max()) <= 1e-10 * float(G.abs().max()), (sub, name)
+        assert not (prof.path / "scratch").exists()  # the stored layer inputs are removed at the end
 
-    monkeypatch.setattr(fisher, "output_gradient_grams", no_backward)
-    again = fisher.add_fisher_curves(prof, model, ids, progress=False)
-    for k in ("fisher", "fisher_svd"):
-        for c in prof.components:
-            np.testing.assert_allclose(again[k][c.name], before.errors[k][c.name], rtol=1e-12, atol=0)
-    with pytest.raises(AssertionError, match="recomputed"):
-        fisher.add_fisher_curves(prof, model, ids, progress=False, reuse_grams=False)
+
+def test_fisher_added_to_a_finished_profile_equals_profiling_it_at_once(sampled, tmp_path):
+    """A profile finished with the spectral kinds, asked again with fisher, runs only the forward (no statistics)
+    and the streamed backward; its curves equal a profile made with fisher from the start."""
+    model, ids = sampled
+    ids = ids[:8]
+    at_once = profile_model(model, ids, out=tmp_path / "a", batch_size=4, progress=False,
+                            kinds=("whitened", "fisher"))
+    first = profile_model(model, ids, out=tmp_path / "b", batch_size=4, progress=False, kinds=("whitened",))
+    assert "fisher" not in first.kinds
+    later = profile_model(model, ids, out=tmp_path / "b", batch_size=4, progress=False, kinds=("whitened", "fisher"))
+    for kind in ("whitened", "fisher", "fisher_svd"):
+        a, b = at_once.curve_set([kind]), later.curve_set([kind])
+        for c in at_once.components:
+            np.testing.assert_allclose(b.errors[kind][c.name], a.errors[kind][c.name], rtol=1e-12, atol=0)
 
 
 def test_fisher_on_a_calibration_subset(sampled, tmp_path):
-    """profile_model(fisher_samples=k): the output Grams are those of the first k sequences, the meta records
-    k (settings) and k (T - 1) predicted tokens, and the curves use that count: fisher_svd(r) equals
-    fisher_svd_curve(W, Gx, Gg_k, N_x, k (T - 1)). A later call over all sequences recomputes the Grams
-    instead of reusing the subset's; a subset size outside 1..n is refused."""
-    from rankalloc.profiling.fisher import add_fisher_curves
-
+    """profile_model(fisher_samples=k), k not a multiple of the batch size: the output Grams are those of the first
+    k sequences, the meta records k (settings) and k (T - 1) predicted tokens, and the curves use that count:
+    fisher_svd(r) equals fisher_svd_curve(W, Gx, Gg_k, N_x, k (T - 1)). A subset size outside 1..n is refused."""
     model, ids = sampled
     ids = ids[:8]
     prof = profile_model(model, ids, out=tmp_path / "p", batch_size=4, progress=False,
-                         kinds=("whitened", "fisher"), fisher_samples=3)
+                         kinds=("whitened", "fisher"), fisher_samples=3, store="full")
     T = ids.shape[1]
     assert prof.meta["settings"]["fisher_samples"] == 3 and prof.fisher_loss_tokens == 3 * (T - 1)
     name = "model.layers.1.mlp.down_proj"
@@ -242,12 +257,9 @@ def test_fisher_on_a_calibration_subset(sampled, tmp_path):
     curve = fisher_svd_curve(read_weight(mods[name], name), prof.input_gram(name), want, prof.tokens, 3 * (T - 1),
                              name)
     np.testing.assert_allclose(prof.curve_set(["fisher_svd"]).errors["fisher_svd"][name], curve, rtol=1e-9)
-    add_fisher_curves(prof, model, ids, progress=False)
-    assert prof.fisher_loss_tokens == 8 * (T - 1)
-    full = output_gradient_grams(model, ids, mods, batch_size=4, progress=False)[name]
-    assert torch.allclose(prof.output_gram(name), full, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match=r"samples: expected an integer in 1\.\.8"):
-        add_fisher_curves(prof, model, ids, progress=False, samples=9)
+    with pytest.raises(ValueError, match=r"fisher_samples: expected an integer in 1\.\.8"):
+        profile_model(model, ids, out=tmp_path / "q", batch_size=4, progress=False, kinds=("whitened", "fisher"),
+                      fisher_samples=9)
 
 
 def test_fisher_svd_curve_equals_kfac_of_svd_truncation():

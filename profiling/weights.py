@@ -1,0 +1,268 @@
+# Out-of-core weights (the streaming lifecycle of GPTQ / llm-compressor: one decoder layer resident at a time).
+"""Where a model's parameters live, and how one part of it is made resident on a device and released again.
+
+- In memory: the model holds real tensors; :meth:`Weights.resident` moves a part to the compute device for the
+  block and back afterwards.
+- Out of core: the model is a skeleton whose parameters are on the ``meta`` device (built from its config with
+  :func:`skeleton`; buffers such as rotary tables are real). :meth:`Weights.resident` reads the part's tensors
+  from the checkpoint's safetensors files (one shard or an indexed set) straight onto the device, in the working
+  dtype, and puts them back on ``meta`` afterwards, so peak memory is one part (a decoder layer, the embedding or
+  the head) plus the activations.
+
+A missing, truncated or mis-shaped tensor is an error naming the file and the tensor; nothing is ever left at a
+random initialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """The safetensors tensors of a Hugging Face model folder: ``name -> file`` from its index (or one file)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        index, single = self.folder / INDEX, self.folder / SINGLE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{index}: not a safetensors index (expected a JSON with weight_map): {exc}") from None
+            self.files = {k: self.folder / v for k, v in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(single), framework="pt") as f:
+                    self.files = {k: single for k in f.keys()}
+            except Exception as exc:  # safetensors raises its own error types for a damaged header
+                raise ValueError(f"{single}: unreadable safetensors file ({exc})") from None
+        else:
+            raise ValueError(f"{self.folder}: no {SINGLE} or {INDEX}; out-of-core loading needs safetensors weights")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, names, device, dtype, shapes: dict | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` on ``device`` in ``dtype`` (each shard opened once, closed after reading)."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise ValueError(f"checkpoint {self.folder}: no tensor {missing[0]!r} ({len(missing)} missing); the "
+                             f"weights do not match the config (truncated download or another model?)")
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, keys in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for k in keys:
+                        t = f.get_tensor(k)
+                        want = None if shapes is None else shapes.get(k)
+                        if want is not None and tuple(t.shape) != tuple(want):
+                            raise ValueError(f"checkpoint {path}: tensor {k!r} has shape {tuple(t.shape)}, the "
+                                             f"model expects {tuple(want)}")
+                        out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            except ValueError:
+                raise
+            except Exception as exc:  # SafetensorError, OSError on a truncated file
+                raise ValueError(f"checkpoint {path}: cannot read tensor(s) {keys[:3]} ({exc})") from None
+        return out
+
+
+def skeleton(config, dtype: torch.dtype = torch.float32):
+    """The causal LM of ``config`` with every parameter on ``meta`` (no memory, no random init); buffers are real."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def _release(module: torch.nn.Module) -> None:
+    """Put every parameter of ``module`` back on ``meta`` (frees its memory; shapes and dtypes stay)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                           requires_grad=p.requires_grad)
+
+
+class Weights:
+    """A model and the source of its parameters (``checkpoint=None``: they are in memory already)."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint | None = None):
+        self.model, self.checkpoint = model, checkpoint
+        self.dtype = next(model.parameters()).dtype
+        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+
+    @property
+    def out_of_core(self) -> bool:
+        return self.checkpoint is not None
+
+    def _tied_source(self, name: str) -> str | None:
+        """The stored name of a tied parameter that the checkpoint lacks (the LM head tied to the embedding)."""
+        cfg = getattr(self.model, "config", None)
+        if getattr(cfg, "tie_word_embeddings", False) and self.model.get_output_embeddings() is not None:
+            head = self.model.get_output_embeddings().weight
+            if self._names.get(id(head)) == name or name.endswith("lm_head.weight"):
+                emb = self.model.get_input_embeddings().weight
+                for n, p in self.model.named_parameters(remove_duplicate=False):
+                    if p is emb:
+                        return n
+        return None
+
+    def load(self, module: torch.nn.Module, prefix: str, device) -> None:
+        """Read ``module``'s parameters (named ``prefix + local name`` in the checkpoint) onto ``device``."""
+        params = [(local, p) for local, p in module.named_parameters(remove_duplicate=False)]
+        keys = {}
+        for local, p in params:
+            key = prefix + local
+            if key not in self.checkpoint:
+                key = self._tied_source(key) or key
+            keys[local] = key
+        tensors = self.checkpoint.read(sorted(set(keys.values())), device, self.dtype,
+                                       {keys[local]: p.shape for local, p in params})
+        for local, p in params:
+            owner, _, leaf = local.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub._parameters[leaf] = torch.nn.Parameter(tensors[keys[local]], requires_grad=p.requires_grad)
+
+    @contextlib.contextmanager
+    def resident(self, module: torch.nn.Module, prefix: str, device):
+        """``module`` with real parameters on ``device`` inside the block (see the module docstring)."""
+        device = torch.device(device)
+        if not self.out_of_core:
+            home = next(module.parameters(), torch.empty(0)).device
+            module.to(device)
+            try:
+                yield module
+            finally:
+                module.to(home)
+            return
+        self.load(module, prefix, device)
+        try:
+            yield module
+        finally:
+            _release(module)
+
+    def matrix(self, module: torch.nn.Module, name: str) -> torch.Tensor:
+        """The ``(out, in)`` weight of the linear map ``name`` (a view in memory; read from the checkpoint out of
+        core, without loading anything else)."""
+        from rankalloc.profiling.architectures import weight_of
+
+        w = module.weight
+        if w.device.type != "meta":
+            return weight_of(module).detach()
+        t = self.checkpoint.read([name + ".weight"], "cpu", self.dtype, {name + ".weight": w.shape})[name + ".weight"]
+        return t if isinstance(module, torch.nn.Linear) else t.T
+
+    def prefix_of(self, module: torch.nn.Module) -> str:
+        for name, m in self.model.named_modules():
+            if m is module:
+                return name + "." if name else ""
+        raise ValueError(f"{type(module).__name__}: not a module of this model")
+
+
+def load_out_of_core(folder, dtype: torch.dtype = torch.float32):
+    """``(skeleton model, Weights)`` for a local model folder: nothing but the non-layer small parts is read.
+
+    The decoder layers, the embedding and the LM head stay on ``meta`` until made resident; the other parameters
+    (final norm, learned position embeddings, projections) are small and loaded now.
+    """
+    import transformers
+
+    from rankalloc.profiling.architectures import find_structure
+
+    folder = Path(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = skeleton(config, dtype)
+    weights = Weights(model, Checkpoint(folder))
+    structure = find_structure(model)
+    big = {id(m) for m in structure.layers} | {id(model.get_input_embeddings())}
+    head = model.get_output_embeddings()
+    if head is not None:
+        big.add(id(head))
+    for name, sub in model.named_modules():
+        if id(sub) in big or any(p is None for p in sub._parameters.values()):
+            continue
+        if sub._parameters and not _inside(model, name, big):
+            own = torch.nn.Module()
+            own._parameters = sub._parameters
+            weights.load(own, name + "." if name else "", "cpu")
+    return model, weights
+
+
+def _inside(model, name: str, big: set) -> bool:
+    """Whether module ``name`` lies inside one of the ``big`` parts (those are loaded on demand)."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        if id(model.get_submodule(".".join(parts[:i]))) in big:
+            return True
+    return False
+
+
+def write_random_checkpoint(config, folder, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A model folder (config.json + indexed safetensors shards) of ``config`` with random weights of its real shapes.
+
+    Written one part at a time (the embedding, each decoder layer, the rest), each initialised by the model's own
+    ``_init_weights`` and released before the next, so a model larger than memory can be written. Random weights
+    time the same as real ones; they are for benchmarks and tests.
+    """
+    from safetensors.torch import save_file
+
+    from rankalloc.profiling.architectures import find_structure
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = skeleton(config, dtype)
+    structure = find_structure(model)
+    weights = Weights(model)
+    parts = [("embed", model.get_input_embeddings())] + [(f"layer{i}", m) for i, m in enumerate(structure.layers)]
+    head = model.get_output_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if head is not None and not tied:
+        parts.append(("head", head))
+    covered = {id(p) for _, m in parts for p in m.parameters()}
+    rest = torch.nn.Module()
+    rest._parameters = {}
+    weight_map, files = {}, []
+    for i, (label, module) in enumerate(parts + [("rest", None)]):
+        if module is None:  # every parameter no part above holds: norms, position embeddings, projections
+            tensors = {}
+            for name, p in model.named_parameters():
+                if id(p) not in covered:
+                    sub_name, _, leaf = name.rpartition(".")
+                    sub = model.get_submodule(sub_name)
+                    sub.to_empty(device="cpu", recurse=False)
+                    model._init_weights(sub)
+                    tensors[name] = sub._parameters[leaf].detach().to(dtype).contiguous()
+        else:
+            module.to_empty(device="cpu")
+            for sub in module.modules():
+                model._init_weights(sub)
+            prefix = weights.prefix_of(module)
+            tensors = {prefix + n: p.detach().to(dtype).contiguous() for n, p in module.named_parameters()}
+        shard = f"model-{i + 1:05d}-of-{len(parts) + 1:05d}.safetensors"
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+        files.append(shard)
+        if module is not None:
+            _release(module)
+    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(folder)
+    return folder
