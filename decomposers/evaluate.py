@@ -90,6 +90,32 @@ def _check_ids(ids, model) -> None:
                          f"[{lo}, {hi}]")
 
 
+def _window_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, int, int]:
+    """Summed float64 next-token NLL, scored tokens and non-finite positions of one batch of windows.
+
+    A transformers causal LM runs its base model to the final-normed hidden states, and the head runs on
+    ``LOGIT_CHUNK`` tokens at a time (:func:`rankalloc.profiling.head.chunked_nll`): no windows x tokens x vocab
+    tensor is built. A model without a separate base model is scored from its full logits, chunk by chunk.
+    """
+    from rankalloc.profiling.head import chunked_nll
+
+    base = getattr(model, "base_model", model)
+    if base is not model and model.get_output_embeddings() is not None:
+        out = base(input_ids=batch, use_cache=False)
+        normed = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return chunked_nll(model, normed, batch, LOGIT_CHUNK, torch.float64)
+    logits, targets = _logits(model(input_ids=batch, use_cache=False)), batch[:, 1:]
+    total, bad, scored = 0.0, 0, 0
+    for b in range(batch.shape[0]):
+        for c in range(0, batch.shape[1] - 1, LOGIT_CHUNK):
+            lg = logits[b, c:min(c + LOGIT_CHUNK, batch.shape[1] - 1)].to(torch.float64)
+            tg = targets[b, c:c + lg.shape[0]]
+            bad += int((~torch.isfinite(lg).all(dim=-1)).sum())
+            total += float((torch.logsumexp(lg, dim=-1) - lg.gather(-1, tg[:, None]).squeeze(-1)).sum())
+            scored += lg.shape[0]
+    return total, scored, bad
+
+
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, device=None, progress: bool = True,
                source: str = "") -> PerplexityResult:
     """Perplexity of ``model`` on the windows ``ids`` (``(W, T)`` LongTensor); see the module docstring.
@@ -113,16 +139,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, d
         with torch.inference_mode():
             for start in tqdm(range(0, W, batch_size), desc="perplexity", unit="batch", disable=not progress):
                 batch = ids[start:start + batch_size].to(device)
-                logits = _logits(model(input_ids=batch, use_cache=False))
-                targets = batch[:, 1:]
-                for b in range(batch.shape[0]):
-                    for c in range(0, T - 1, LOGIT_CHUNK):
-                        lg = logits[b, c:min(c + LOGIT_CHUNK, T - 1)].to(torch.float64)
-                        tg = targets[b, c:c + lg.shape[0]]
-                        nonfinite += int((~torch.isfinite(lg).all(dim=-1)).sum())
-                        nll = torch.logsumexp(lg, dim=-1) - lg.gather(-1, tg[:, None]).squeeze(-1)
-                        total += float(nll.sum())
-                        scored += lg.shape[0]
+                t, n, bad = _window_nll(model, batch)
+                total, scored, nonfinite = total + t, scored + n, nonfinite + bad
     finally:
         model.train(was_training)
     nll = total / scored

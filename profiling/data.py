@@ -202,12 +202,21 @@ def default_model_dir(progress: bool = True) -> Path:
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A causal LM in eval mode with its tokenizer, a human-readable id and a cache fingerprint."""
+    """A causal LM in eval mode with its tokenizer, a human-readable id and a cache fingerprint.
+
+    ``weights`` (:class:`~rankalloc.profiling.weights.Weights`) says where the parameters live: in memory, or out
+    of core (``model`` is then a skeleton whose decoder layers, embedding and head are read from the checkpoint one
+    at a time)."""
 
     model: torch.nn.Module
     tokenizer: object
     model_id: str
     fingerprint: str
+    weights: object = None
+
+    @property
+    def out_of_core(self) -> bool:
+        return self.weights is not None and self.weights.out_of_core
 
 
 def _tokenizer_payload(tokenizer) -> dict:
@@ -223,14 +232,21 @@ def _tokenizer_payload(tokenizer) -> dict:
     return tok
 
 
-def _weights_payload(model: torch.nn.Module) -> list:
-    params = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta"]
+def _weights_payload(model: torch.nn.Module, weights=None) -> list:
+    """Checksums of 8 evenly spaced parameter tensors; out of core they are read from the checkpoint (the same
+    tensors in the same dtype, so the fingerprint is the one the in-memory model gets)."""
+    params = [(n, p) for n, p in model.named_parameters()]
+    if weights is None or not weights.out_of_core:
+        params = [(n, p) for n, p in params if p.device.type != "meta"]
     if not params:
         raise ValueError(f"{type(model).__name__} has no materialized parameters to fingerprint")
     picks = sorted({round(i * (len(params) - 1) / max(_CHECKSUM_TENSORS - 1, 1)) for i in range(_CHECKSUM_TENSORS)})
     out = []
     for i in picks:
         name, p = params[i]
+        if p.device.type == "meta":
+            key = name if name in weights.checkpoint else weights._tied_source(name)
+            p = weights.checkpoint.read([key], "cpu", p.dtype, {key: p.shape})[key]
         flat = p.detach().reshape(-1).to("cpu", torch.float64)
         stride = max(1, flat.numel() // _CHECKSUM_ELEMENTS)
         sample = hashlib.sha256(flat[::stride].contiguous().numpy().tobytes()).hexdigest()
@@ -238,14 +254,14 @@ def _weights_payload(model: torch.nn.Module) -> list:
     return out
 
 
-def model_fingerprint(model: torch.nn.Module, tokenizer) -> str:
+def model_fingerprint(model: torch.nn.Module, tokenizer, weights=None) -> str:
     """Short sha256 of (architecture + config, tokenizer vocab/merges, checksums of 8 weight tensors).
 
     Paths, library versions and dtype labels in the config are ignored; the weights themselves (their dtype
     included) are not, so the same checkpoint loaded in another dtype gets another fingerprint."""
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _CONFIG_NOISE}
     payload = {"class": type(model).__name__, "config": cfg, "tokenizer": _tokenizer_payload(tokenizer),
-               "weights": _weights_payload(model)}
+               "weights": _weights_payload(model, weights)}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -255,8 +271,12 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", progress: bool = True) -> LoadedModel:
-    """Load ``model`` (None: the default SmolLM2; a local HF folder; or a hub id) in eval mode."""
+               device: str | torch.device = "cpu", progress: bool = True, out_of_core: bool = False) -> LoadedModel:
+    """Load ``model`` (None: the default SmolLM2; a local HF folder; or a hub id) in eval mode.
+
+    ``out_of_core``: build the model as a skeleton and read its parts from the folder's safetensors files when
+    used (:mod:`~rankalloc.profiling.weights`); for models larger than memory. Needs a local folder.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None:
@@ -277,6 +297,18 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     else:
         raise ValueError(f"model must be None, a folder path or a hub id, got {type(model).__name__}")
 
+    if out_of_core:
+        if not isinstance(folder, Path):
+            raise ValueError(f"model {model_id!r}: out-of-core loading reads a local folder's safetensors files; "
+                             f"download the hub model first and pass its folder")
+        from rankalloc.profiling.weights import load_out_of_core
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except OSError as err:
+            raise ValueError(f"could not load the tokenizer of {str(folder)!r}: {err}") from err
+        net, weights = load_out_of_core(folder, dtype)
+        return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer, weights), weights)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

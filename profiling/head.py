@@ -87,7 +87,8 @@ def chunked_nll(model, normed: torch.Tensor, ids: torch.Tensor, chunk: int = LOG
                 continue
             lg = head_logits(model, flat[s:s + chunk][keep]).to(dtype)
             nonfinite += int((~torch.isfinite(lg).all(dim=-1)).sum())
-            total += float(F.cross_entropy(lg, tg[keep], reduction="sum"))
+            t = tg[keep]
+            total += float((torch.logsumexp(lg, dim=-1) - lg.gather(-1, t[:, None]).squeeze(-1)).sum())
             count += int(keep.sum())
     return total, count, nonfinite
 

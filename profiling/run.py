@@ -54,10 +54,11 @@ def _positive(what: str, value, least: int) -> None:
 
 def prepare(model: str | None = None, text=None, *, samples: int = 128, seqlen: int = 512, seed: int = 0,
             eval_seqlen: int | None = None, eval_windows: int = 60, device: str = "auto",
-            progress: bool = True) -> Run:
+            progress: bool = True, out_of_core: bool = False) -> Run:
     """Load the model (default SmolLM2-135M-Instruct) and the text (default gensim Wikipedia).
 
-    ``eval_seqlen`` defaults to ``seqlen``. Nothing is tokenized yet.
+    ``eval_seqlen`` defaults to ``seqlen``. Nothing is tokenized yet. ``out_of_core``: read one part of the model at
+    a time from its safetensors files (:func:`rankalloc.profiling.data.load_model`).
     """
     from rankalloc.profiling.data import load_model
     from rankalloc.profiling.text import load_text
@@ -66,8 +67,8 @@ def prepare(model: str | None = None, text=None, *, samples: int = 128, seqlen: 
     for what, value, least in (("samples", samples, 1), ("seqlen", seqlen, 2), ("eval_seqlen", eval_seqlen, 2),
                                ("eval_windows", eval_windows, 1)):
         _positive(what, value, least)
-    return Run(load_model(model, progress=progress), load_text(text, progress=progress), samples, seqlen, seed,
-               eval_seqlen, eval_windows, device)
+    return Run(load_model(model, progress=progress, out_of_core=out_of_core), load_text(text, progress=progress),
+               samples, seqlen, seed, eval_seqlen, eval_windows, device)
 
 
 def profile_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
@@ -101,7 +102,7 @@ def profile_dir(run: Run, root: str | Path | None = None) -> Path:
 
 def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | None = None, *,
             batch_size: int | None = None, resume: bool = True, progress: bool = True,
-            fisher_samples: int | None = None):
+            fisher_samples: int | None = None, store: str = "compact"):
     """Profile ``run`` into ``out`` (default :func:`profile_dir`), or open the finished profile there.
 
     An interrupted run resumes from its first unfinished layer when called again with the same arguments;
@@ -127,7 +128,7 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
                          seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
                          model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
                          batch_size=batch_size or 8, resume=resume, progress=progress,
-                         fisher_samples=fisher_samples)
+                         fisher_samples=fisher_samples, store=store, weights=run.loaded.weights)
 
 
 def linear_params(prof) -> int:
