@@ -30,6 +30,7 @@ list[ComponentReport]``, one report per component of the allocation. A per-matri
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -86,11 +87,48 @@ class Factors:
         return int(self.A.shape[1])
 
 
+_FACTORS: dict | None = None
+
+
+@contextlib.contextmanager
+def factorize_once():
+    """Inside the block each matrix is factorized once and every rank asked of it is a truncation of that
+    factorization (``compare``, ``pareto`` and the quality study compress many allocations of one model).
+
+    The cached factors are kept up to the break-even rank (or the largest rank asked, if higher), in the dtype of the module they become, so a
+    truncation gives the same module as a fresh factorization at that rank (columns of ``A`` and rows of ``B`` do
+    not depend on the rank)."""
+    global _FACTORS
+    outer = _FACTORS
+    _FACTORS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FACTORS = outer
+
+
+def truncation(key: tuple, W: torch.Tensor, rank: int, compute: Callable[[int], Factors]) -> Factors:
+    """``compute(rank)`` (factors at ``rank`` with ``info["tails"]``, the error at every rank), or its truncation from
+    the cache of :func:`factorize_once`. ``key`` names the method, matrix and settings; a checksum of ``W`` is
+    added, so another weight under the same name is never served another's factors."""
+    if _FACTORS is None:
+        return compute(rank)
+    full = (*key, tuple(W.shape), float(W.detach().double().sum()), float(W.detach().double().abs().max()))
+    hit = _FACTORS.get(full)
+    if hit is None or hit.rank < rank:
+        m, n = W.shape
+        f = compute(max(rank, (m * n) // (m + n)))  # every rank below break-even is served by the first call
+        hit = Factors(f.A.to(W.dtype), f.B.to(W.dtype), f.error, f.delta, f.info)
+        _FACTORS[full] = hit
+    return Factors(hit.A[:, :rank], hit.B[:rank], float(hit.info["tails"][rank]), hit.delta)
+
+
 def low_rank_module(module: nn.Module, factors: Factors) -> tuple[LowRankLinear, dict]:
     """The :class:`LowRankLinear` replacing ``module`` (its bias, dtype and device), and report info."""
     W = weight_matrix(module)
     new = LowRankLinear.from_factors(factors.A, factors.B, getattr(module, "bias", None), W.dtype, W.device)
-    return new, {"predicted_error": factors.error, "delta": factors.delta, **factors.info}
+    info = {k: v for k, v in factors.info.items() if k != "tails"}  # the error at every rank stays out of reports
+    return new, {"predicted_error": factors.error, "delta": factors.delta, **info}
 
 
 # ----------------------------------------------------------------------------- module lookup and validation

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rankalloc.decomposers.base import (Factors, allocation_items, apply_targets, check_matrix, check_profile_component,
-                                        input_gram, linear_target, low_rank_module)
+                                        input_gram, linear_target, low_rank_module, truncation)
 from rankalloc.decomposers.modules import LowRankLinear, weight_matrix
 from rankalloc.decomposers.registry import Method, profile_curves, register_method
 from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, psd_roots, svd, tail_sums
@@ -64,7 +65,8 @@ def fisher_svd(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, d
     U, sigma, Vh = svd(Gg_half @ W @ Gx_half, f"G_g^1/2 W G_x^1/2 of {name}")
     A = Gg_ihalf @ (U[:, :rank] * sigma[:rank])
     B = Vh[:rank] @ Gx_ihalf
-    return Factors(A, B, float(tail_sums(sigma)[rank]))
+    tails = tail_sums(sigma)
+    return Factors(A, B, float(tails[rank]), info={"tails": tails.cpu().numpy()})
 
 
 def fisher_projection(W: torch.Tensor, basis: dict, rank: int, name: str = "matrix", Sx=None) -> Factors:
@@ -90,7 +92,7 @@ def fisher_projection(W: torch.Tensor, basis: dict, rank: int, name: str = "matr
     else:
         A = basis["left_a"][:, :rank].to(device=W.device, dtype=PRECISION)
         B = basis["left_b"][:rank].to(device=W.device, dtype=PRECISION) @ W
-    return Factors(A, B, float("nan"))
+    return Factors(A, B, float("nan"), info={"tails": np.full(rank + 1, np.nan)})
 
 
 def fisher_weighted_error(E: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor) -> float:
@@ -110,18 +112,21 @@ def compress_fisher_svd(model, allocation, config: FisherSVDConfig, profile, pro
     shared: dict = {}  # the input roots of the last Gram seen: q/k/v and gate/up read one input
     stored_grams = profile.has_output_grams()
 
-    def make(t):
-        W = weight_matrix(t.module).detach()
+    def factors(t, W, r):
         if not stored_grams:  # compact profile: the stored two-sided basis
             S = profile.input_root(t.name)[0] if "right" in (basis := profile.fisher_basis(t.name)) else None
-            return low_rank_module(t.module, fisher_projection(W, basis, int(t.choice.rank), t.name, S))
-        Gg = profile.output_gram(t.name)
+            return fisher_projection(W, basis, r, t.name, S)
         Gx = input_gram(profile, t)
         key = keys.get(t.name, t.name)
         if shared.get("key") != key:
             shared.update(key=key, roots=psd_roots(Gx, f"input Gram of {t.name}", Damping(config.damp)))
-        f = fisher_svd(W, Gx, Gg, int(t.choice.rank), config.damp, config.output_damp, t.name,
-                       x_roots=shared["roots"])
+        return fisher_svd(W, Gx, profile.output_gram(t.name), r, config.damp, config.output_damp, t.name,
+                          x_roots=shared["roots"])
+
+    def make(t):
+        W = weight_matrix(t.module).detach()
+        f = truncation(("fisher_svd", t.name, config.damp, config.output_damp, stored_grams), W,
+                       int(t.choice.rank), lambda r: factors(t, W, r))
         return low_rank_module(t.module, f)
 
     return apply_targets(model, targets, make, progress, "fisher_svd")

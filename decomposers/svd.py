@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rankalloc.decomposers.base import Factors, check_matrix, linear_handler, low_rank_module
+from rankalloc.decomposers.base import Factors, check_matrix, linear_handler, low_rank_module, truncation
 from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.registry import Method, profile_curves, register_method
 from rankalloc.profiling.numerics import PRECISION, Damping, damped_cholesky, svd, tail_sums
@@ -47,12 +47,16 @@ def whitened_svd(W: torch.Tensor, G: torch.Tensor, rank: int, damp: float = 1e-6
     U, sigma, Vh = svd(W @ S, f"W S of {name}")
     A = U[:, :rank] * sigma[:rank]
     B = torch.linalg.solve_triangular(S, Vh[:rank], upper=False, left=False)  # B S = V_r^T
-    return Factors(A, B, float(tail_sums(sigma)[rank]), delta)
+    tails = tail_sums(sigma)
+    return Factors(A, B, float(tails[rank]), delta, {"tails": tails.cpu().numpy()})
 
 
 def svd_build(module, choice, W, G, config: SVDConfig, name: str):
-    """Per-matrix builder: the :class:`LowRankLinear` of :func:`whitened_svd` at ``choice.rank``."""
-    return low_rank_module(module, whitened_svd(W, G, int(choice.rank), config.damp, name))
+    """Per-matrix builder: the :class:`LowRankLinear` of :func:`whitened_svd` at ``choice.rank`` (one factorization
+    per matrix inside :func:`~rankalloc.decomposers.base.factorize_once`)."""
+    f = truncation(("svd", name, config.damp), W, int(choice.rank),
+                   lambda r: whitened_svd(W, G, r, config.damp, name))
+    return low_rank_module(module, f)
 
 
 compress_svd = linear_handler(svd_build, name="svd")

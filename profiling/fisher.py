@@ -40,8 +40,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from rankalloc.profiling.numerics import (PRECISION, Damping, check_finite, damped_cholesky, singular_values, svd,
-                                          tail_sums)
+from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
+                                          singular_values, svd, tail_sums)
 from rankalloc.profiling.probe import on_device, token_loss_sum
 
 
@@ -140,18 +140,21 @@ def _fisher_tail(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, name: str,
 
 
 def _fisher_svd_tail(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, name: str,
-                     damping: Damping) -> torch.Tensor:
+                     damping: Damping, method: str = "svd") -> torch.Tensor:
     """``sum_{i>r} sigma_i^2 u_i^T (G_g + delta I) u_i`` with ``W S_x = U Sigma V^T`` (the one-sided truncation).
 
-    ``G_g`` is read, never copied: ``u^T (G_g + delta I) u = u^T G_g u + delta``, by blocks of columns."""
-    U, s, _ = svd(W @ Sx, f"whitened weight of {name}")
+    ``sigma_i^2 u_i^T G u_i = b_i^T G b_i`` with ``b_i = W S_x v_i`` (or ``sigma_i u_i``), taken by blocks of
+    columns; ``G_g`` is read, never copied, and ``u^T (G_g + delta I) u = u^T G_g u + delta``."""
+    A = W @ Sx
+    sigma, Q, side = small_side(A, f"whitened weight of {name}", method)
     Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
     delta = damping.damp * torch.diagonal(Gg).mean()  # the relative damping psd_power applies
-    quad = torch.empty(U.shape[1], dtype=PRECISION, device=U.device)
-    for j in range(0, U.shape[1], 512):
-        Uj = U[:, j:j + 512]
-        quad[j:j + 512] = (Uj * (Gg @ Uj)).sum(0)  # G_g is symmetric: no symmetrized copy is needed
-    terms = (s ** 2) * (quad + delta).clamp_min(0.0)
+    k = len(sigma)
+    terms = torch.empty(k, dtype=PRECISION, device=A.device)
+    for j in range(0, k, 512):
+        B = Q[:, j:j + 512] * sigma[j:j + 512] if side == "left" else A @ Q[:, j:j + 512]  # sigma_i u_i
+        terms[j:j + 512] = (B * (Gg @ B)).sum(0) + delta * sigma[j:j + 512] ** 2  # G_g is symmetric
+    terms = terms.clamp_min(0.0)
     tail = torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0])
     return torch.cat([tail, torch.zeros(1, dtype=PRECISION, device=tail.device)])
 
@@ -187,38 +190,59 @@ def break_even(m: int, n: int) -> int:
     return max(0, min(min(m, n), (m * n) // (m + n)))
 
 
+def small_side(A: torch.Tensor, name: str, method: str = "svd"):
+    """``(sigma, vectors, side)`` of ``A`` (m x n): its singular values (descending) and the singular vectors of its
+    smaller side, ``side`` "left" (``U``, m x k, when m < n) or "right" (``V``, n x k).
+
+    ``method="svd"``: LAPACK's thin SVD. ``"gram-eigh"``: ``eigh`` of the smaller Gram (``A A^T`` or ``A^T A``), about
+    ten times cheaper at LLaMA shapes; each ``sigma_i^2`` then carries an absolute error of about
+    ``1e-16 n sigma_1^2`` (see :mod:`~rankalloc.profiling.spectra`)."""
+    side = "left" if A.shape[0] < A.shape[1] else "right"
+    if method == "svd":
+        U, sigma, Vh = svd(A, name)
+        return sigma, (U if side == "left" else Vh.T), side
+    G = A @ A.T if side == "left" else A.T @ A
+    try:
+        lam, Q = torch.linalg.eigh(G)
+    except RuntimeError as exc:
+        raise NumericalError(f"eigh of the Gram of {name} ({tuple(A.shape)}) did not converge: {exc}") from None
+    return torch.flip(lam, [0]).clamp_min(0).sqrt(), torch.flip(Q, [1]), side
+
+
 def fisher_component(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, scale: float, name: str,
-                     damping: Damping = Damping(), basis: bool = True) -> dict:
+                     damping: Damping = Damping(), basis: bool = True, method: str = "svd") -> dict:
     """Both loss-unit curves of one matrix and, with ``basis``, what its two-sided Fisher truncation needs later.
 
-    ``Sx``: the Cholesky factor of the damped input Gram; ``Gg``: the output-gradient Gram (consumed: it is
-    factored in place). Returns ``{"fisher": curve, "fisher_svd": curve, "basis": {...}}`` where the basis is the
-    side of ``M = S_g^T W S_x = U Sigma V^T`` that is cheaper to keep up to the break-even rank ``r*``:
+    ``Sx``: the Cholesky factor of the damped input Gram; ``Gg``: the output-gradient Gram (consumed when large: it
+    is factored in place). Returns ``{"fisher": curve, "fisher_svd": curve, "basis": {...}}``; the basis is the
+    smaller side of ``M = S_g^T W S_x = U Sigma V^T`` up to the break-even rank ``r*``:
 
-    - ``right`` (``n <= 2 m``): ``V_{:, :r*}`` (``n x r*``); the rank-r truncation is ``W S_x V_r V_r^T S_x^{-1}``;
+    - ``right`` (``n <= m``): ``V_{:, :r*}`` (``n x r*``); the rank-r truncation is ``W S_x V_r V_r^T S_x^{-1}``;
     - ``left``: ``A = S_g^{-T} U_{:, :r*}`` (``m x r*``) and ``B = U_{:, :r*}^T S_g^T`` (``r* x m``); the truncation is
       ``A_r B_r W``.
 
     Both are the optimum of ``tr(G_g E G_x E^T)`` (Eckart-Young in the whitened basis, projected back).
+    ``method``: how singular values and vectors are obtained (:func:`small_side`).
     """
     m, n = W.shape
     W = W.to(PRECISION)
     Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
-    out = {"fisher_svd": (_fisher_svd_tail(W, Sx, Gg, name, damping) * scale).numpy()}
+    out = {"fisher_svd": (_fisher_svd_tail(W, Sx, Gg, name, damping, method) * scale).numpy()}
     big = Gg.numel() * 8 > 2 ** 28  # above 256 MB the Gram is factored in place (a failure is then final)
     Sg, _ = damped_cholesky(Gg, f"output-gradient Gram of {name}", damping, overwrite=big)
     M = Sg.T @ (W @ Sx)
-    if not basis:
+    if not basis and method == "svd":
         out["fisher"] = (tail_sums(singular_values(M, f"K-FAC whitened weight of {name}")) * scale).numpy()
         return out
-    U, sigma, Vh = svd(M, f"K-FAC whitened weight of {name}")
+    sigma, Q, side = small_side(M, f"K-FAC whitened weight of {name}", method)
     del M
     out["fisher"] = (tail_sums(sigma) * scale).numpy()
-    r = break_even(m, n)
-    if n <= 2 * m:
-        out["basis"] = {"right": Vh[:r].T.contiguous()}
-    else:
-        Ur = U[:, :r]
-        A = torch.linalg.solve_triangular(Sg.T, Ur, upper=True)  # S_g^{-T} U_r
-        out["basis"] = {"left_a": A, "left_b": (Ur.T @ Sg.T).contiguous()}
+    if basis:
+        r = break_even(m, n)
+        if side == "right":
+            out["basis"] = {"right": Q[:, :r].contiguous()}
+        else:
+            Ur = Q[:, :r]
+            out["basis"] = {"left_a": torch.linalg.solve_triangular(Sg.T, Ur, upper=True),  # S_g^{-T} U_r
+                            "left_b": (Ur.T @ Sg.T).contiguous()}
     return out

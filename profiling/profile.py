@@ -179,7 +179,7 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
                   seqlen: int | None = None, seed: int = 0, device="auto", kinds=BASE_KINDS,
                   gamma: float = 0.15, patterns: ModulePatterns | None = None, batch_size: int = 8,
                   resume: bool = True, progress: bool = True, model_id: str | None = None,
-                  fingerprint: str | None = None, gram_dtype: str = "float64", spectrum: str = "svd",
+                  fingerprint: str | None = None, gram_dtype: str = "float64", spectrum: str = "auto",
                   damping: Damping = Damping(), store: str = "compact", fisher_samples: int | None = None,
                   weights: Weights | None = None, gram_budget: float | None = None,
                   extras: tuple[str, ...] = ("sola", "flat")) -> Profile:

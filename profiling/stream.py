@@ -27,7 +27,7 @@ from rankalloc.profiling.backward import Boundaries, gram_groups, layer_backward
 from rankalloc.profiling.calibration import StreamConfig, batches, capture_inputs, run_layer
 from rankalloc.profiling.fisher import fisher_component, loss_token_count
 from rankalloc.profiling.numerics import damped_cholesky, pack_lower, unpack_lower
-from rankalloc.profiling.spectra import SpectrumConfig, component_spectrum
+from rankalloc.profiling.spectra import SpectrumConfig, component_spectrum, resolve_method
 from rankalloc.profiling.weights import Weights
 
 
@@ -218,7 +218,8 @@ def _component_curves(p: Pass, c, Gg, counts, curves, bases, extra, keep, extras
     for fn in extras:
         extra.update(fn(p.profile, c, W, Gg, n_loss))
     S, _ = p.profile.input_root(c.name)
-    out = fisher_component(W, S.to(p.device), Gg, scale, c.name, p.spec.damping)
+    out = fisher_component(W, S.to(p.device), Gg, scale, c.name, p.spec.damping,
+                           method=resolve_method(p.spec.method, W.shape))
     curves["fisher"][c.name], curves["fisher_svd"][c.name] = out["fisher"], out["fisher_svd"]
     bases[c.name] = out["basis"]
     p.add("fisher_curves", time.perf_counter() - t0)

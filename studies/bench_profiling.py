@@ -1,17 +1,21 @@
-# Benchmark of the profiling core (SVD-LLM whitening statistics, Wang et al., 2024, Sec. 3.1): time and memory.
-"""Wall time, peak memory and the forward / Gram / Cholesky / spectrum split of one full profile.
+# Benchmark of the profiling passes (SVD-LLM whitening statistics, Wang et al., 2024, Sec. 3.1; K-FAC Grams by a
+# layer-streamed backward): wall time against the compute floor, peak memory against one resident block.
+"""Wall time, peak memory, the split between the passes, and the compute floor of one profile.
 
 (a) the default SmolLM2-135M profile, 128 x 512 tokens of the default calibration text, on CPU::
 
-    python -m rankalloc.studies.bench_profiling
+    python -m rankalloc.studies.bench_profiling --kinds whitened,energy,relative,epsilon,fisher
 
-(b) LLaMA-2-7B shapes with random weights (hidden 4096, MLP 11008, 32 layers) and random ids,
-    128 x 2048, on GPU::
+(b) an out-of-core run on random weights of the LLaMA-3-8B shape (hidden 4096, MLP 14336, 32 heads, 8 KV heads,
+    vocabulary 128256, untied head) with ``L`` decoder layers, written to disk as a checkpoint first (in a child
+    process) and read back one part at a time::
 
-    python -m rankalloc.studies.bench_profiling --shape llama2-7b --random --device cuda --spectrum gram-eigh
+    python -m rankalloc.studies.bench_profiling --shape llama3-8b --layers 4 --random --samples 4 --seqlen 128 \\
+        --kinds whitened,fisher --json OUT.json
 
-A CPU smoke run of (b): ``--shape llama2-7b --random --layers 1 --samples 2 --seqlen 64 --device cpu``.
-Not a test: it prints figures for the README and the reports.
+The floor is the FLOPs of a forward for the input Grams, then a forward and a backward (activation gradients) for
+the output gradients, head included, plus the Gram products, each counted at the matmul rate measured here on
+matrices of the model's widths (float32 for the passes, float64 for the Grams). Not a test: it prints figures.
 """
 
 from __future__ import annotations
@@ -19,138 +23,220 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      tie_word_embeddings=False),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                      tie_word_embeddings=False),
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def random_model(shape: str, layers: int | None, dtype: str, device: str, seed: int = 0):
-    """A random-weight LlamaForCausalLM of ``shape``'s sizes, built directly on ``device``."""
-    import torch
+def shape_config(shape: str, layers: int | None = None):
     import transformers as tf
 
     sizes = dict(SHAPES[shape])
     if layers is not None:
         sizes["num_hidden_layers"] = layers
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(**sizes, bos_token_id=1, eos_token_id=2)
-    with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-    return model.eval()
+    return tf.LlamaConfig(**sizes, bos_token_id=1, eos_token_id=2)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads): robust to other load on a shared machine."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def bench(*, model: str | None = None, shape: str | None = None, random: bool = False, layers: int | None = None,
-          samples: int = 128, seqlen: int | None = None, device: str = "auto", batch_size: int | None = None,
-          gram_dtype: str = "float64", spectrum: str = "svd", dtype: str = "float32", kinds=None,
-          save_grams: bool = True, out: str | None = None, progress: bool = True,
-          fisher_samples: int | None = None) -> dict:
-    """Run one profile and return its figures (seconds, GiB)."""
+def write_checkpoint(folder: str, shape: str, layers: int | None, dtype: str, seed: int = 0) -> None:
+    """A random-weight checkpoint of ``shape`` (run in a child process, so its memory is not the bench's)."""
     import torch
 
-    from rankalloc.profiling.profile import profile_model, resolve_device
+    from rankalloc.profiling.weights import write_random_checkpoint
+
+    write_random_checkpoint(shape_config(shape, layers), folder, getattr(torch, dtype), seed)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def matmul_rate(dtype, n: int, k: int, repeats: int = 3) -> float:
+    """FLOP/s of an ``n x k`` by ``k x k`` matmul in ``dtype`` on this machine (best of ``repeats``)."""
+    import torch
+
+    a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, k, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n * k * k / best
+
+
+def compute_floor(config, components, tokens: int, fisher_tokens: int, seqlen: int, fisher: bool,
+                  rate32: float, rate64: float) -> dict:
+    """Seconds of the unavoidable arithmetic (see the module docstring) at the measured rates."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    layers = config.num_hidden_layers
+    linear = sum(c.m * c.n for c in components)
+    attention = 4.0 * seqlen * head_dim * heads * layers  # QK^T and AV per token, every position
+    forward = tokens * (2.0 * linear + attention)
+    input_grams = tokens * sum(n * n for n in {(c.layer, c.n): c.n for c in components}.values())
+    out = {"forward_flops": forward, "input_gram_flops": input_grams}
+    seconds = forward / rate32 + input_grams / rate64
+    if fisher:
+        fwd = fisher_tokens * (2.0 * linear + attention + 2.0 * hidden * vocab)  # head included
+        out.update(fisher_forward_backward_flops=2 * fwd, output_gram_flops=2.0 * fisher_tokens *
+                   sum(c.m * c.m for c in components))
+        seconds += 2 * fwd / rate32 + out["output_gram_flops"] / rate64
+    out["floor_s"] = seconds
+    return out
+
+
+def store_bytes(path: Path, layers: int) -> dict:
+    """Disk use of the profile's files by folder, and the per-layer figure of the layer folders."""
+    by = {}
+    for f in path.rglob("*"):
+        if f.is_file():
+            key = f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else "top"
+            by[key] = by.get(key, 0) + f.stat().st_size
+    per_layer = sum(by.get(k, 0) for k in ("layers", "roots", "fisher", "extra_fisher", "grams", "output_grams"))
+    return {"by_folder": by, "per_layer_bytes": per_layer / max(layers, 1), "total_bytes": sum(by.values())}
+
+
+def _load(a, tmp: str):
+    """``(model, weights, tokenizer or None, model id, fingerprint, load seconds)``."""
+    import torch
+
+    t0 = time.perf_counter()
+    if a.random:
+        if a.shape is None:
+            raise ValueError(f"--random needs --shape (one of {sorted(SHAPES)})")
+        ckpt = Path(tmp) / "checkpoint"
+        cmd = [sys.executable, "-m", "rankalloc.studies.bench_profiling", "--write-checkpoint", str(ckpt),
+               "--shape", a.shape, "--checkpoint-dtype", a.checkpoint_dtype]
+        cmd += ["--layers", str(a.layers)] if a.layers is not None else []
+        subprocess.run(cmd, check=True)
+        write_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        from rankalloc.profiling.weights import load_out_of_core
+
+        model, weights = load_out_of_core(ckpt, getattr(torch, a.dtype))
+        return model, weights, None, f"random {a.shape}", f"random-{a.shape}-{a.layers}", time.perf_counter() - t0, \
+            write_s
+    from rankalloc.profiling.data import load_model
+
+    if a.layers is not None:
+        raise ValueError("--layers applies to --random shapes only")
+    loaded = load_model(a.model, dtype=getattr(torch, a.dtype), progress=not a.json, out_of_core=a.out_of_core)
+    weights = loaded.weights
+    return loaded.model, weights, loaded.tokenizer, loaded.model_id, loaded.fingerprint, \
+        time.perf_counter() - t0, 0.0
+
+
+def bench(a) -> dict:
+    """Run one profile and return its figures."""
+    import torch
+
+    from rankalloc.profiling.architectures import find_structure
+    from rankalloc.profiling.profile import largest_block_bytes, profile_model, resolve_device
     from rankalloc.profiling.spectra import BASE_KINDS
 
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
-    if random:
-        if shape is None:
-            raise ValueError("--random needs --shape (one of %s)" % sorted(SHAPES))
-        seqlen = seqlen or (2048 if shape == "llama2-7b" else 512)
-        net = random_model(shape, layers, dtype, str(dev))
-        ids = torch.randint(3, net.config.vocab_size, (samples, seqlen), generator=torch.Generator().manual_seed(0))
-        source, tok, model_id, fp = "random ids", None, f"random {shape}", f"random-{shape}-{layers}-{dtype}"
-    else:
-        from rankalloc.profiling.data import load_model
-        from rankalloc.profiling.text import calibration_ids, load_text
+    dev = resolve_device(a.device)
+    kinds = tuple(a.kinds.split(",")) if a.kinds else BASE_KINDS
+    with tempfile.TemporaryDirectory(dir=a.scratch) as tmp:
+        model, weights, tok, model_id, fp, load_s, write_s = _load(a, tmp)
+        seqlen = a.seqlen or 512
+        if a.random:
+            ids = torch.randint(3, model.config.vocab_size, (a.samples, seqlen), generator=torch.Generator().manual_seed(0))
+            source = "random ids"
+        else:
+            from rankalloc.profiling.text import calibration_ids, load_text
 
-        seqlen = seqlen or 512
-        loaded = load_model(model, dtype=getattr(torch, dtype), progress=progress)
-        net, tok, model_id, fp = loaded.model, loaded.tokenizer, loaded.model_id, loaded.fingerprint
-        split = load_text(None, progress=progress)
-        ids = calibration_ids(tok, split, n_samples=samples, seqlen=seqlen)
-        source = split.source_id
-        if layers is not None:
-            raise ValueError("--layers applies to --random shapes only")
-    load_s = time.perf_counter() - t0
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    bs = batch_size or max(1, 4096 // seqlen if dev.type == "cpu" else 16384 // seqlen)
-    with tempfile.TemporaryDirectory() as tmp:
-        t1, cpu1 = time.perf_counter(), cpu_seconds()
-        prof = profile_model(net, ids, out=out or tmp, device=dev, batch_size=bs, kinds=kinds or BASE_KINDS,
-                             gram_dtype=gram_dtype, spectrum=spectrum, save_grams=save_grams, resume=False,
-                             fisher_samples=fisher_samples,
-                             progress=progress, model_id=model_id, fingerprint=fp)
-        wall, cpu = time.perf_counter() - t1, cpu_seconds() - cpu1
-        n_comp, timings = len(prof.components), dict(prof.meta["timings"])
-    res = {"model": model_id, "text": source, "device": prof.meta["device"], "samples": int(ids.shape[0]),
-           "seqlen": int(ids.shape[1]), "tokens": int(ids.numel()), "layers": prof.meta["config"]["num_layers"],
-           "components": n_comp, "batch_size": bs, "dtype": dtype, "gram_dtype": gram_dtype, "spectrum": spectrum,
-           "fisher_samples": fisher_samples, "load_s": round(load_s, 2), "profile_wall_s": round(wall, 2),
-           "profile_cpu_s": round(cpu, 2), "peak_rss_gib": round(peak_rss_gib(), 2)}
-    if dev.type == "cuda":
-        res["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-    res["split_s"] = {k: round(v, 2) for k, v in timings.items()}
-    res["torch_threads"] = torch.get_num_threads()
+            split = load_text(a.text, progress=not a.json)
+            ids, source = calibration_ids(tok, split, n_samples=a.samples, seqlen=seqlen), split.source_id
+        structure = find_structure(model)
+        bs = a.batch_size or max(1, 4096 // seqlen)
+        out = a.out or str(Path(tmp) / "profile")
+        t1 = time.perf_counter()
+        prof = profile_model(model, ids, out=out, device=dev, batch_size=bs, kinds=kinds, gram_dtype=a.gram_dtype,
+                             spectrum=a.spectrum, store=a.store, resume=False, fisher_samples=a.fisher_samples,
+                             progress=not a.json, model_id=model_id, fingerprint=fp, weights=weights,
+                             extras=() if a.random else ("sola", "flat"))
+        wall = time.perf_counter() - t1
+        peak = peak_rss_bytes()
+        disk = store_bytes(prof.path, prof.num_layers)
+        timings = dict(prof.meta["timings"])
+    elem = torch.empty(0, dtype=getattr(torch, a.dtype)).element_size()
+    fisher = "fisher" in kinds
+    fisher_tokens = (a.fisher_samples or ids.shape[0]) * seqlen
+    floor = compute_floor(model.config, structure.components, ids.numel(), fisher_tokens, seqlen, fisher,
+                          matmul_rate(torch.float32, 2048, min(2048, model.config.hidden_size)),
+                          matmul_rate(torch.float64, 2048, min(2048, model.config.hidden_size)))
+    res = {"model": model_id, "text": source, "device": str(dev), "out_of_core": bool(weights and weights.out_of_core),
+           "samples": int(ids.shape[0]), "seqlen": seqlen, "tokens": int(ids.numel()), "kinds": list(kinds),
+           "layers": structure.num_layers, "components": len(structure.components), "batch_size": bs,
+           "dtype": a.dtype, "store": a.store, "fisher_samples": a.fisher_samples,
+           "peak_rss_bytes": peak, "largest_block_bytes": largest_block_bytes(model, structure),
+           "hidden_bytes": int(ids.numel() * model.config.hidden_size * elem),
+           "model_bytes": int(sum(p.numel() for p in model.parameters()) * elem),
+           "wall_s": round(wall, 2), "load_s": round(load_s, 2), "checkpoint_write_s": round(write_s, 2),
+           "split_s": {k: round(v, 2) for k, v in sorted(timings.items())},
+           "floor_s": round(floor["floor_s"], 2), "wall_over_floor": round(wall / floor["floor_s"], 3),
+           "floor_flops": {k: v for k, v in floor.items() if k != "floor_s"},
+           "store_disk": disk, "torch_threads": torch.get_num_threads()}
+    res["memory_target_bytes"] = int(1.5 * (res["largest_block_bytes"] + res["hidden_bytes"]) + 2 ** 30)
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or hub id (default SmolLM2-135M-Instruct)")
+    ap.add_argument("--text", default=None, help="calibration text (default gensim Wikipedia)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight model of these shapes")
-    ap.add_argument("--random", action="store_true", help="random weights and random ids (needs --shape)")
-    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (random shapes)")
+    ap.add_argument("--random", action="store_true", help="random weights written as a checkpoint (needs --shape)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the random shape")
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=None, help="default 512 (2048 for llama2-7b)")
+    ap.add_argument("--seqlen", type=int, default=None, help="default 512")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default ~4k tokens on CPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default ~4k tokens)")
     ap.add_argument("--gram-dtype", choices=("float64", "float32"), default="float64")
-    ap.add_argument("--spectrum", choices=("svd", "gram-eigh"), default="svd")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights/activations dtype")
+    ap.add_argument("--spectrum", choices=("svd", "gram-eigh", "auto"), default="auto")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="working dtype of weights and activations")
+    ap.add_argument("--checkpoint-dtype", choices=DTYPES, default="bfloat16", help="dtype of the random checkpoint")
     ap.add_argument("--kinds", default=None, help="comma-separated curve kinds (default the four spectral kinds)")
-    ap.add_argument("--no-save-grams", action="store_true", help="skip writing Grams (7B: ~44 GB of float64)")
-    ap.add_argument("--fisher-samples", type=int, default=None,
-                    help="Fisher output-gradient Grams on the first N calibration sequences only (default all)")
+    ap.add_argument("--store", choices=("compact", "full"), default="compact")
+    ap.add_argument("--out-of-core", action="store_true", help="read the model one part at a time (random: always)")
+    ap.add_argument("--fisher-samples", type=int, default=None)
     ap.add_argument("--out", default=None, help="keep the profile here (default: a temporary directory)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's choice; 1 is fastest on a busy shared machine)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument("--scratch", default=None, help="folder for the temporary checkpoint and profile")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--json", default=None, metavar="OUT.json", help="write the figures as JSON here")
+    ap.add_argument("--write-checkpoint", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.write_checkpoint:
+        write_checkpoint(a.write_checkpoint, a.shape, a.layers, a.checkpoint_dtype)
+        return 0
     if a.threads is not None:
         import torch
 
         torch.set_num_threads(a.threads)
-    res = bench(model=a.model, shape=a.shape, random=a.random, layers=a.layers, samples=a.samples, seqlen=a.seqlen,
-                device=a.device, batch_size=a.batch_size, gram_dtype=a.gram_dtype, spectrum=a.spectrum,
-                dtype=a.dtype, kinds=tuple(a.kinds.split(",")) if a.kinds else None,
-                save_grams=not a.no_save_grams, out=a.out, progress=not a.json, fisher_samples=a.fisher_samples)
+    res = bench(a)
+    text = json.dumps(res, indent=1)
     if a.json:
-        print(json.dumps(res))
-        return 0
+        Path(a.json).write_text(text + "\n")
     for k, v in res.items():
-        if k != "split_s":
-            print(f"{k:>16}: {v}")
-    print("           split: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["split_s"].items()))
-    print(json.dumps(res), file=sys.stderr)
+        if k not in ("split_s", "floor_flops", "store_disk"):
+            print(f"{k:>20}: {v}")
+    print("               split: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["split_s"].items()))
+    print(f"          store disk: {res['store_disk']['per_layer_bytes'] / 2**20:.1f} MiB per layer, "
+          f"{res['store_disk']['total_bytes'] / 2**20:.1f} MiB in all {res['store_disk']['by_folder']}")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 HELP = "Compare allocators end to end: profile once, allocate at each removed budget, compress, evaluate"
@@ -35,7 +36,7 @@ def add_arguments(parser) -> None:
     from rankalloc.studies.options import add_model_options, add_plugin_option, method_choices, solver_choices
 
     parser.epilog = EPILOG
-    add_model_options(parser, evaluation=True)
+    add_model_options(parser, evaluation=True, windows=20, samples=64)  # the quality benchmark's protocol
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="use this profile directory instead of profiling (or the cached profile)")
     parser.add_argument("--ratios", default="0.2,0.3,0.4", metavar="R1,R2",
@@ -76,17 +77,21 @@ def run(args) -> int:
     pk = runs.profile_kinds(need)
     prof = Profile.load(args.profile) if args.profile else None
     model = runs.profiled_model(prof, args.model) if prof is not None else args.model
+    t0 = time.perf_counter()
     run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                        eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device)
+                        eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device, out_of_core=args.out_of_core)
+    t1 = time.perf_counter()
     if prof is None:
         prof = runs.profile(run_, pk)
     else:
         runs.check_same_model(run_.loaded, prof)
+    t2 = time.perf_counter()
     out = Path(args.out)
     notes = []
     frame = compare(run_, prof, ratios, solvers, methods, kinds, cost=args.cost, grid=args.grid,
                     time_limit=args.time_limit, out=out / "allocations", batch_size=args.batch_size,
                     log=notes.append)
+    t3 = time.perf_counter()
     frame.to_csv(out / "compare.csv", index=False, float_format="%.10g")
     settings = {"model": str(run_.loaded.model_id), "fingerprint": run_.loaded.fingerprint,
                 "profile": str(prof.path), "text": run_.text.source_id, "ratios": ratios, "solvers": solvers,
@@ -103,4 +108,8 @@ def run(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out / 'compare.csv'}, {out / 'compare.json'} and {len(frame[frame.allocation != ''])} "
           f"allocations in {out / 'allocations'}")
+    solve, comp = float(frame.solve_s.sum(skipna=True)), float(frame.compress_s.sum(skipna=True))
+    print(f"time: prepare {t1 - t0:.1f} s, profile {t2 - t1:.1f} s (cached when reused), {len(frame)} rows "
+          f"{t3 - t2:.1f} s (solve {solve:.1f}, compress {comp:.1f}, dense and compressed evaluation "
+          f"{t3 - t2 - solve - comp:.1f}), total {t3 - t0:.1f} s")
     return 0

@@ -56,6 +56,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from rankalloc.decomposers.base import factorize_once
     from rankalloc.decomposers.evaluate import evaluate, model_params
     from rankalloc.decomposers.problems import method_curves, problem_for
     from rankalloc.profiling.run import evaluation_ids, linear_params
@@ -79,12 +80,13 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
                say=log or (lambda msg: None))
     rows = []
     bar = tqdm(total=len(cases) * len(built), desc="compare", unit="solve", disable=not progress)
-    for (m, k, r), problem in cases.items():
-        for s, solver in built.items():
-            bar.set_postfix_str(f"{m}/{k} {s} at {r:.0%} removed")
-            rows.append(_row(ctx, m, k, r, problem, s, solver))
-            gc.collect()  # the compressed copy is gone; give its memory back before the next one
-            bar.update(1)
+    with factorize_once():  # one factorization per matrix serves every allocation, each truncated at its rank
+        for (m, k, r), problem in cases.items():
+            for s, solver in built.items():
+                bar.set_postfix_str(f"{m}/{k} {s} at {r:.0%} removed")
+                rows.append(_row(ctx, m, k, r, problem, s, solver))
+                gc.collect()  # the compressed copy is gone; give its memory back before the next one
+                bar.update(1)
     bar.close()
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame.attrs.update(dense_ppl=dense.ppl, protocol=dense.protocol, dense_model_params=ctx["dense_model_params"],

@@ -118,10 +118,11 @@ def measure(run, prof, sf: SolverFronts, method: str, n: int, *, ids=None, batch
     """Compress and evaluate up to ``n`` points of each solver's front (perplexity on ``run``'s windows)."""
     from tqdm.auto import tqdm
 
+    from rankalloc.decomposers import evaluate as evaluation
+    from rankalloc.decomposers import problems
+    from rankalloc.decomposers.base import factorize_once
     from rankalloc.decomposers.evaluate import model_params
     from rankalloc.profiling import run as runs
-    from rankalloc.decomposers import problems
-    from rankalloc.decomposers import evaluate as evaluation
 
     if ids is None:
         ids = runs.evaluation_ids(run)
@@ -129,12 +130,13 @@ def measure(run, prof, sf: SolverFronts, method: str, n: int, *, ids=None, batch
     linear = runs.linear_params(prof)
     todo = [(name, p) for name, front in sf.fronts.items() for p in pick(front.points, n)]
     out = []
-    for name, p in tqdm(todo, desc="measuring front points", disable=not progress):
-        model, _ = problems.compress(run.model, prof, p.allocation, method, progress=False)
-        ppl = evaluation.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
-        out.append(Measured(name, sf.removed(p.allocation), p.objective, ppl,
-                            (dense_params - model_params(model)) / linear))
-        del model
+    with factorize_once():  # one factorization per matrix serves every point
+        for name, p in tqdm(todo, desc="measuring front points", disable=not progress):
+            model, _ = problems.compress(run.model, prof, p.allocation, method, progress=False)
+            ppl = evaluation.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
+            out.append(Measured(name, sf.removed(p.allocation), p.objective, ppl,
+                                (dense_params - model_params(model)) / linear))
+            del model
     return out
 
 

@@ -32,7 +32,7 @@ def fractions(option: str, text: str) -> list[float]:
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, calibration: bool = True, evaluation: bool = False,
-                      windows: int = 60) -> None:
+                      windows: int = 60, samples: int = 128) -> None:
     """--model, --text, and the calibration (--samples/--seqlen/--seed/--device) and evaluation options."""
     parser.add_argument("--model", default=None, metavar="M",
                         help="a local Hugging Face model folder or a hub id (default: SmolLM2-135M-Instruct, "
@@ -41,13 +41,14 @@ def add_model_options(parser: argparse.ArgumentParser, *, calibration: bool = Tr
                         help="a plain-text file (articles separated by blank lines) or a corpus name "
                              "(wiki, news); default: gensim's Wikipedia excerpt")
     if calibration:
-        parser.add_argument("--samples", type=int, default=128, metavar="N",
-                            help="calibration sequences (default 128)")
+        parser.add_argument("--samples", type=int, default=samples, metavar="N",
+                            help=f"calibration sequences (default {samples})")
         parser.add_argument("--seqlen", type=int, default=512, metavar="T",
                             help="tokens per calibration sequence, BOS included (default 512)")
         parser.add_argument("--seed", type=int, default=0, help="seed choosing the calibration windows (default 0)")
     parser.add_argument("--device", default="auto",
                         help="where layers are processed: auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    add_out_of_core_option(parser)
     if evaluation:
         parser.add_argument("--eval-seqlen", type=int, default=None, metavar="T",
                             help="tokens per evaluation window, BOS included (default: --seqlen, else 512)")
@@ -55,6 +56,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, calibration: bool = Tr
                             help=f"evaluation windows at most (default {windows})")
         parser.add_argument("--batch-size", type=int, default=4, metavar="B",
                             help="windows per forward pass when evaluating (default 4)")
+
+
+def add_out_of_core_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-of-core", action="store_true",
+                        help="keep the model on disk: a skeleton on the meta device, one decoder layer at a time "
+                             "read from the folder's safetensors files (for models larger than memory; needs a "
+                             "local folder)")
 
 
 def named(option: str, names, lookup) -> list[str]:

@@ -212,9 +212,9 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     """
     import pandas as pd
 
+    from rankalloc.decomposers.base import factorize_once
     from rankalloc.decomposers.evaluate import evaluate, model_params
     from rankalloc.decomposers.evaluate import throughput as measure_speed
-    from rankalloc.decomposers.problems import method_curves
     from rankalloc.profiling.run import linear_params
 
     dense = evaluate(run.model, run, progress=progress)
@@ -226,6 +226,23 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     total_model = model_params(run.model)
     print(f"dense perplexity {dense.ppl:.3f}  ({dense.protocol})", flush=True)
     rows, curves = [], {}
+    with factorize_once():  # one factorization per matrix serves every combo and ratio of a method
+        _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_linear, total_model, out,
+                      progress)
+    df = pd.DataFrame(rows)
+    for ratio in ratios:
+        base = df[(df.ratio == ratio) & (df.solver == "uniform") & (df.method == "svd") & (df.grid == 16)]
+        if len(base):
+            df.loc[df.ratio == ratio, "ppl_vs_uniform"] = df.loc[df.ratio == ratio, "ppl"] / float(base.ppl.iloc[0])
+    return df, dense
+
+
+def _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_linear, total_model, out,
+                  progress) -> None:
+    import pandas as pd
+
+    from rankalloc.decomposers.problems import method_curves
+
     for ratio in ratios:
         for combo in combos:
             method, kind, solver = combo[:3]
@@ -242,12 +259,6 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
             del model
             if out is not None:
                 pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)
-    df = pd.DataFrame(rows)
-    for ratio in ratios:
-        base = df[(df.ratio == ratio) & (df.solver == "uniform") & (df.method == "svd") & (df.grid == 16)]
-        if len(base):
-            df.loc[df.ratio == ratio, "ppl_vs_uniform"] = df.loc[df.ratio == ratio, "ppl"] / float(base.ppl.iloc[0])
-    return df, dense
 
 
 def study_parser(doc: str) -> argparse.ArgumentParser:

@@ -28,8 +28,8 @@ from rankalloc.decomposers.pgsvd import truncated_svd
 from rankalloc.decomposers.sola import SoLAMLP
 from rankalloc.profiling.architectures import prime_count
 
-from decomposer_cases import (ALL_METHODS, FLAT_COSTS, GAMMA, HEAD_DIM, HEADS, KV_HEADS, allocation_of, linear_choices,
-                              method_case, sola_choices, varied, vo_component, weight_count)
+from decomposer_cases import (ALL_METHODS, FLAT_COSTS, GAMMA, HEAD_DIM, HEADS, KV_HEADS, allocation_of, flat_choices,
+                              linear_choices, method_case, sola_choices, varied, vo_component, weight_count)
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -505,3 +505,50 @@ def test_real_smollm2_compresses_exactly_round_trips_and_full_rank_is_lossless(t
     save_compressed(m, tmp_path / "c", report)
     with torch.no_grad():
         assert torch.equal(load_compressed(tmp_path / "c")(x).logits, logits)
+
+
+@pytest.mark.parametrize("method", ["svd", "fisher_svd", "flat", "sola"])
+def test_factorize_once_serves_every_rank_from_one_factorization(setup, method, monkeypatch):
+    """Inside factorize_once, two allocations of different ranks build exactly the modules fresh factorizations
+    build, and each matrix's SVD runs once (compare and pareto compress many allocations of one model)."""
+    import importlib
+
+    from rankalloc.decomposers.base import factorize_once
+
+    fs_mod = importlib.import_module("rankalloc.decomposers.fisher_svd")  # the package exports a function of that name
+    svd_mod = importlib.import_module("rankalloc.decomposers.svd")
+
+    model, ids, profile = setup
+    calls = []
+    for mod, fn in ((svd_mod, "whitened_svd"), (fs_mod, "fisher_svd")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+
+    def case(frac):
+        if method == "flat":
+            return FlatConfig(), allocation_of(flat_choices(profile, ranks=(6, 11)) | {
+                c: Choice(max(1, int(c.max_rank * frac))) for c in profile.components if c.kind not in ("v", "o")},
+                FLAT_COSTS)
+        if method == "sola":
+            return SoLAConfig(gamma=GAMMA), allocation_of(sola_choices(profile, model))
+        return method_case(method, model, profile)[0], allocation_of(
+            linear_choices(profile, lambda c: Choice(max(1, int(c.max_rank * frac)))))
+
+    fresh, cached = [], []
+    for frac in (0.25, 0.4):
+        config, alloc = case(frac)
+        m = copy.deepcopy(model)
+        compress_(m, alloc, config, profile, progress=False)
+        fresh.append(m)
+    n_fresh = len(calls)
+    calls.clear()
+    with factorize_once():
+        for frac in (0.25, 0.4):
+            config, alloc = case(frac)
+            m = copy.deepcopy(model)
+            compress_(m, alloc, config, profile, progress=False)
+            cached.append(m)
+    for a, b in zip(fresh, cached):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert 0 < len(calls) <= n_fresh // 2 + 1  # once per matrix instead of once per matrix and allocation
