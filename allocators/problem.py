@@ -211,6 +211,62 @@ class Budget:
                 else f"{self.resource} <= {self.limit:g}")
 
 
+COST_RTOL = 1e-12
+"""Relative slack of the cost-model monotonicity test (a cost may fall by this fraction of itself, float rounding)."""
+
+DENSE_RTOL = 1e-9
+"""Relative slack of the test ``cost(component, [DENSE], [0]) == dense(component)``."""
+
+
+def check_cost_model_on(model, resource: str, curves: Sequence[Curve], rows: Sequence[np.ndarray]) -> None:
+    """Refuse a broken cost model on the candidates of a problem (``ValueError`` naming the model and component).
+
+    ``rows[l]`` holds the costs (finite, >= 0) of ``curves[l]``'s candidates. Low-rank costs must not fall as
+    the rank grows at a fixed kept sparsity, nor as the kept sparsity grows at a fixed rank, and the dense
+    candidate must cost ``model.dense(component)``. (Dense itself may cost less than a high rank: above
+    break-even it does.) Vectorised over every candidate of every component at once: a curve is in canonical
+    order (by sparsity, then rank, dense last), so the rank test compares neighbours of one flat array.
+    """
+    costs = np.concatenate(rows)
+    ranks = np.concatenate([cv.ranks for cv in curves])
+    kept = np.concatenate([cv.sparsity for cv in curves])
+    counts = np.array([len(cv) for cv in curves], dtype=np.int64)
+    ends = np.cumsum(counts)
+    low = ranks != DENSE
+    neighbours = low[1:] & low[:-1] & (kept[1:] == kept[:-1])
+    neighbours[ends[:-1] - 1] = False  # the last candidate of one component and the first of the next
+    tests = [("rank", None, neighbours & (costs[1:] < costs[:-1] * (1 - COST_RTOL)))]
+    if (kept != 0).any():  # at each rank by increasing kept sparsity, in the components with sparse candidates
+        owner = np.repeat(np.arange(len(curves)), counts)
+        sel = np.flatnonzero(low & np.isin(owner, owner[kept != 0]))
+        order = sel[np.lexsort((kept[sel], ranks[sel], owner[sel]))]
+        same = (owner[order[1:]] == owner[order[:-1]]) & (ranks[order[1:]] == ranks[order[:-1]])
+        tests.append(("kept sparsity", order, same & (costs[order[1:]] < costs[order[:-1]] * (1 - COST_RTOL))))
+    label = (f"cost model {getattr(model, 'name', type(model).__name__)!r} ({type(model).__name__}) "
+             f"of budget {resource!r}")
+    hint = "a broken cost model; rankalloc.testing.check_cost_model(model) tests one"
+    for axis, order, falls in tests:
+        if falls.any():
+            i = int(np.flatnonzero(falls)[0])
+            j, k = (i, i + 1) if order is None else (int(order[i]), int(order[i + 1]))
+            name = curves[int(np.searchsorted(ends, j, side="right"))].component.name
+            fixed = f"kept sparsity {float(kept[j]):g}" if axis == "rank" else f"rank {int(ranks[j])}"
+            raise ValueError(
+                f"{label}, component {name!r}: expected a cost non-decreasing in {axis} at {fixed}, received "
+                f"{float(costs[k])!r} at {Choice(int(ranks[k]), float(kept[k]))} below {float(costs[j])!r} at "
+                f"{Choice(int(ranks[j]), float(kept[j]))} ({hint})")
+    at = np.flatnonzero(~low)
+    owners = np.searchsorted(ends, at, side="right")
+    d = np.array([model.dense(curves[l].component) for l in owners.tolist()], dtype=np.float64).reshape(-1)
+    c = costs[at]
+    off = ~np.isfinite(d) | (np.abs(c - d) > DENSE_RTOL * np.maximum(np.abs(c), np.abs(d)))
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise ValueError(f"{label}, component {curves[int(owners[i])].component.name!r}: expected the dense candidate "
+                         f"to cost dense(component) = {float(d[i])!r}, received cost(component, [DENSE], [0]) = "
+                         f"{float(c[i])!r} ({hint})")
+
+
 @dataclass(frozen=True, eq=False)
 class AllocationProblem:
     """Choose one candidate per component to minimise the weighted error within every budget.
@@ -353,6 +409,7 @@ class AllocationProblem:
                                      f"{cv.component.name!r}: expected {len(cv)} finite values >= 0")
                 c.setflags(write=False)
                 rows.append(c)
+            check_cost_model_on(model, res, self.curves, rows)
             tables[res] = tuple(rows)
         return tables
 

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "rankalloc.studies.cmd_evaluate",
     "compare": "rankalloc.studies.cmd_compare",
     "pareto": "rankalloc.studies.cmd_pareto",
+    "check": "rankalloc.studies.cmd_check",
 }
 """Subcommand name -> module. Add a subcommand by adding its module here."""
 

@@ -157,26 +157,29 @@ def test_infeasible_budget_reports_minimum_cost():
 
 
 @dataclass(frozen=True)
-class Reversed:
-    """Test cost model that falls with rank (so the two budgets pull in opposite directions)."""
+class Latent:
+    """Test cost model: a low-rank candidate keeps a latent of r + 1 values, dense keeps none. It is monotone in
+    rank and consistent with dense, yet its cheapest choice (dense) is the dearest in parameters, so a budget on
+    it pulls against a params budget. (A model whose cost falls with rank is refused by the problem.)"""
 
-    name: str = "reversed"
-    unit: str = "units"
+    name: str = "latent"
+    unit: str = "values"
 
     def cost(self, component, ranks, sparsity):
         r = np.asarray(ranks, dtype=np.float64)
-        return np.where(r == DENSE, 0.0, component.max_rank - r + 1.0)
+        return np.where(r == DENSE, 0.0, r + 1.0)
 
     def dense(self, component):
         return 0.0
 
 
 def test_jointly_infeasible_budgets():
-    """Each budget can be met alone but not both at once: Exact and the DP report INFEASIBLE and say so."""
+    """Each budget can be met alone but not both at once: Exact and the DP report INFEASIBLE and say so.
+    (params <= 20 rules out dense, 24 each; latent <= 2 then fails, as each low-rank matrix costs >= 1.)"""
     comps = [Component(f"model.layers.{i}.mlp.up_proj", 6, 4, "up", i) for i in range(3)]
     curves = [Curve(c, [0, 2, 4, DENSE], [4.0, 2.0, 1.0, 0.0]) for c in comps]
-    p = AllocationProblem(curves, (Budget("params", limit=3 * 20), Budget("reversed", limit=3 * 1)),
-                          costs={"reversed": Reversed()}, grid=2)
+    p = AllocationProblem(curves, (Budget("params", limit=20), Budget("latent", limit=2)),
+                          costs={"latent": Latent()}, grid=2)
     assert p.infeasibility_message() is None
     assert brute_force(p) is None
     for solver in (Exact(), Exact(method="cpsat"), DynamicProgram()):
@@ -309,3 +312,16 @@ def test_clean_subprocess_cpsat_matches_in_process():
     assert there["status"] == here["status"] == "OPTIMAL"
     assert np.array_equal(there["choice"], here["choice"])
     assert there["bound"] == pytest.approx(here["bound"], rel=1e-12)
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError,
+                   reason="known bug, left for the allocators owner: the core DP divides by a multiplier that "
+                          "underflows when errors differ by a subnormal amount (core_dp.py, the budget window); "
+                          "rankalloc.testing.strategies draws normal floats only, so check_solver does not hit it")
+def test_subnormal_error_differences_do_not_overflow_the_core_dp():
+    """Two 1x1 matrices, limit 0: B's rank 0 costs nothing with error 5e-324 (subnormal) or 0 with a sparse part."""
+    a = Curve(Component("model.layers.0.q", 1, 1, "q", 0), [0], [0.0])
+    b = Curve(Component("model.layers.1.q", 1, 1, "q", 1), [0, 0], [5e-324, 0.0], [0.0, 0.05])
+    p = AllocationProblem([a, b], Budget("params", limit=0.0), grid=1)
+    alloc = Exact().solve(p)
+    assert alloc.status == Status.OPTIMAL and alloc.objective == 5e-324
