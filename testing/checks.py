@@ -69,7 +69,7 @@ COLUMNS = ("check", "passed", "examples", "seconds", "detail", "example")
 
 DEFAULT_EXAMPLES = 200
 """Random examples per group of checks in a default run (``thorough=True``: :data:`THOROUGH_EXAMPLES`). On a
-2-core machine a default ``check_solver`` takes about 5 s for the heuristics and 12 s for ``exact``."""
+loaded 2-core machine a default ``check_solver`` took 6 to 10 s for the heuristics, 12 to 22 s for ``exact``."""
 
 THOROUGH_EXAMPLES = 1000
 """Random examples per group of checks with ``thorough=True`` (about a minute for ``exact`` on 2 cores)."""
