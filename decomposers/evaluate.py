@@ -143,13 +143,110 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, d
                 total, scored, nonfinite = total + t, scored + n, nonfinite + bad
     finally:
         model.train(was_training)
+    return _result(total, scored, nonfinite, W, T, bos, source, time.perf_counter() - t0)
+
+
+def _meta_parameters(model: torch.nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _rest_on(model: torch.nn.Module, big: list, device: torch.device):
+    """Inside the block, the materialized parameters outside the ``big`` parts (final norm, position embeddings)
+    and every materialized buffer (rotary tables) are on ``device``; afterwards each gets back its own tensor."""
+    skip = {id(p) for m in big for p in m.parameters()}
+    saved = []
+    for sub in model.modules():
+        for store, param in ((sub._parameters, True), (sub._buffers, False)):
+            for name, t in list(store.items()):
+                if t is None or t.device.type == "meta" or t.device == device or (param and id(t) in skip):
+                    continue
+                saved.append((store, name, t))
+                moved = t.detach().to(device)
+                store[name] = torch.nn.Parameter(moved, requires_grad=t.requires_grad) if param else moved
+    try:
+        yield
+    finally:
+        for store, name, t in reversed(saved):
+            store[name] = t
+
+
+def streamed_perplexity(model: torch.nn.Module, weights, ids: torch.Tensor, *, batch_size: int = 4, device=None,
+                        progress: bool = True, source: str = "") -> PerplexityResult:
+    """:func:`perplexity` with one decoder layer resident at a time (same protocol, windows and semantics).
+
+    ``weights``: the model's :class:`~rankalloc.profiling.weights.Weights` (out of core: a skeleton on ``meta``
+    read from its checkpoint, e.g. ``load_model(..., out_of_core=True).weights`` or
+    :func:`~rankalloc.decomposers.io.open_compressed`; in memory works too). The embedding is made resident to
+    capture every window's layer-0 input and each layer's call arguments
+    (:func:`~rankalloc.profiling.calibration.capture_inputs`); then each decoder layer in turn runs over all the
+    windows, batch by batch as :func:`perplexity` batches them; then the final norm
+    (:func:`~rankalloc.profiling.head.final_hidden`) and the float64 NLL of the head, resident, in chunks of
+    tokens (:func:`~rankalloc.profiling.head.chunked_nll`). Non-finite activations are never an error: they reach
+    the logits, whose non-finite positions are counted. Peak memory: one part (a layer, the embedding or the head)
+    plus the activations of all windows (``W x T x hidden``) and their call arguments.
+    ``device``: where the parts run (default: the model's device in memory, CPU out of core).
+    """
+    from rankalloc.decomposers.streamed import big_parts, decoder_layers, layer_structure
+    from rankalloc.profiling.calibration import batches, capture_inputs
+    from rankalloc.profiling.head import chunked_nll, final_hidden
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"perplexity: expected batch_size >= 1, received {batch_size!r}")
+    _check_ids(ids, model)
+    if device is None:
+        p = next((p for p in model.parameters() if p.device.type != "meta"), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    W, T = ids.shape
+    bos_id = getattr(getattr(model, "config", None), "bos_token_id", None)
+    bos = bos_id is not None and bool((ids[:, 0] == bos_id).all())
+    structure = layer_structure(model)
+    layers = structure.layers
+    was_training = model.training
+    model.eval()
+    total, nonfinite, scored = 0.0, 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(layers) + 2, desc="perplexity (streamed)", unit="part", disable=not progress)
+    try:
+        with torch.no_grad(), _rest_on(model, big_parts(model, decoder_layers(model)), device):
+            embed = model.get_input_embeddings()
+            with weights.resident(embed, weights.prefix_of(embed), device):
+                captured = capture_inputs(model, structure, ids, batch_size, device)
+            hidden, captured.hidden = captured.hidden, None
+            bar.update(1)
+            as_tuple = False
+            for i, layer in enumerate(layers):
+                outputs = []
+                with weights.resident(layer, f"{structure.layers_path}.{i}.", device) as module:
+                    for x, (args, kwargs) in zip(hidden, captured.calls[i]):
+                        out = module(x, *args, **kwargs)
+                        as_tuple = isinstance(out, (tuple, list))
+                        outputs.append(out[0] if as_tuple else out)
+                hidden, captured.calls[i] = outputs, None
+                bar.update(1)
+            head = model.get_output_embeddings()
+            with weights.resident(head, weights.prefix_of(head), device):
+                for h, b in zip(hidden, batches(ids, batch_size)):
+                    normed = final_hidden(model, layers, h, as_tuple)
+                    t, n, bad = chunked_nll(model, normed, b.to(device), LOGIT_CHUNK, torch.float64)
+                    total, scored, nonfinite = total + t, scored + n, nonfinite + bad
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return _result(total, scored, nonfinite, W, T, bos, source, time.perf_counter() - t0)
+
+
+def _result(total: float, scored: int, nonfinite: int, W: int, T: int, bos: bool, source: str,
+            seconds: float) -> PerplexityResult:
     nll = total / scored
     ppl = math.exp(nll) if nll < 709.0 or math.isnan(nll) else math.inf
     bos_text = f"BOS + {T - 1} text" if bos else "no BOS; position 0 is context only"
     protocol = (f"{W} non-overlapping windows of {T} tokens ({bos_text}), {T - 1} next-token predictions scored "
                 f"per window, {scored:,} scored tokens, float64 NLL, {nonfinite} scored positions with non-finite "
                 f"logits (counted, never dropped)" + (f", {source}" if source else ""))
-    return PerplexityResult(ppl, nll, scored, W, T, bos, nonfinite, protocol, time.perf_counter() - t0)
+    return PerplexityResult(ppl, nll, scored, W, T, bos, nonfinite, protocol, seconds)
 
 
 class _RSSPeak:
@@ -231,19 +328,31 @@ def throughput(model: torch.nn.Module, prompt_len: int = 512, gen_tokens: int = 
                             prompt_len, gen_tokens, batch_size, repeats, str(device))
 
 
-def evaluate(model: torch.nn.Module, run, *, batch_size: int = 4, progress: bool = True, ids=None) -> PerplexityResult:
+def evaluate(model: torch.nn.Module, run, *, batch_size: int = 4, progress: bool = True, ids=None,
+             weights=None) -> PerplexityResult:
     """Perplexity of ``model`` on the held-out evaluation split of ``run`` (a :class:`~rankalloc.profiling.run.Run`).
 
     ``ids``: the evaluation windows (default ``run``'s, :func:`rankalloc.profiling.run.evaluation_ids`); pass them
     to score several models on the same windows without re-tokenizing. ``run.device`` "auto" means CUDA when
-    available, else CPU, as in profiling.
+    available, else CPU, as in profiling. Out of core (``weights`` out of core, or ``model`` is the run's own
+    out-of-core model) the perplexity is streamed, one decoder layer resident (:func:`streamed_perplexity`); a
+    skeleton with no ``weights`` to read it from is refused.
     """
     from rankalloc.profiling.profile import resolve_device
     from rankalloc.profiling.run import evaluation_ids
 
+    if weights is None and model is run.model and getattr(run.loaded, "out_of_core", False):
+        weights = run.loaded.weights
     if ids is None:
         ids = evaluation_ids(run)
     source = f"held-out evaluation split of text {run.text.name!r} ({run.text.source_id})"
+    if weights is not None and weights.out_of_core:
+        return streamed_perplexity(model, weights, ids, batch_size=batch_size, device=resolve_device(run.device),
+                                   progress=progress, source=source)
+    if _meta_parameters(model):
+        raise ValueError(f"{type(model).__name__} has parameters on the meta device (an out-of-core skeleton) and no "
+                         f"weights to read them from; this step needs the model in memory (run it without "
+                         f"--out-of-core)")
     return perplexity(model, ids, batch_size=batch_size, device=resolve_device(run.device), progress=progress,
                       source=source)
 

@@ -1,20 +1,32 @@
 # Saving and loading compressed models: safetensors weights + a JSON of the module structure (no recomputation).
-"""A compressed model on disk is a folder with two files:
+"""A compressed model on disk is a folder with its weights and a manifest:
 
-- ``model.safetensors``: the full state dict (tensors that share storage, such as tied embeddings,
-  are stored once; the aliases are listed in the JSON);
-- ``compressed.json``: ``format``, ``library_version``, ``method``, ``config``, ``choices`` (one per
-  component), ``profile`` (the profile's identity), ``base_config`` (the transformers config of the
+- the weights, in one of two forms (the manifest's ``weights`` says which):
+
+  - ``model.safetensors``: the full state dict in one file (:func:`save_compressed`, in memory);
+  - sharded: ``model-00001-of-000NN.safetensors`` ... with ``model.safetensors.index.json`` (the Hugging Face
+    index, ``weight_map``: tensor name -> shard), one shard per decoder layer plus the non-layer parts
+    (:func:`rankalloc.decomposers.streamed.compress_to_folder`, out of core);
+
+  tensors that share storage, such as tied embeddings, are stored once; the aliases are listed in the JSON;
+- ``compressed.json``: ``format``, ``format_version``, ``library_version``, ``method``, ``config``, ``choices``
+  (one per component), ``profile`` (the profile's identity), ``base_config`` (the transformers config of the
   dense model), ``attn_implementation``, ``dtype``, ``modules`` (qualified name -> structure spec of
-  every compressed module, see ``base.MODULE_TYPES``), ``aliases`` and the full ``report``.
+  every compressed module, see ``base.MODULE_TYPES``), ``aliases``, ``weights`` (``model.safetensors`` or
+  ``model.safetensors.index.json``), ``weight_map`` (sharded form: the index's map) and the full ``report``.
+  It is written last, atomically: a folder without it is incomplete. Format version 1 (single file, no
+  ``weights`` key) is still read.
 
 ``load_compressed`` rebuilds the dense architecture from ``base_config`` (without random init), swaps
 in empty compressed modules of the recorded shapes (parents before children), and loads the weights
-strictly. Outputs are bit-identical to the saved model's.
+strictly. Outputs are bit-identical to the saved model's. :func:`open_compressed` builds the same model as a
+skeleton on ``meta`` with a :class:`~rankalloc.profiling.weights.Weights` over the folder, for out-of-core
+evaluation (one decoder layer resident at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,10 +36,14 @@ from torch import nn
 from rankalloc.decomposers.base import allocation_items, replace_module
 from rankalloc.decomposers.registry import MODULE_TYPES, load_builtins
 from rankalloc.decomposers.report import CompressionReport
+from rankalloc.profiling.weights import Weights
 
 FORMAT = "rankalloc.compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+"""Manifest versions :func:`read_manifest` accepts (1: single weights file, before the sharded form)."""
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 MANIFEST = "compressed.json"
 
 
@@ -58,16 +74,11 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return tensors, aliases
 
 
-def save_compressed(model: nn.Module, path, report: CompressionReport) -> Path:
-    """Write ``model`` (compressed in place by ``compress_``) and ``report`` to the folder ``path``."""
-    from safetensors.torch import save_file
-
+def manifest_of(model: nn.Module, report: CompressionReport, aliases: dict, dtype: torch.dtype,
+                weights: str = WEIGHTS, weight_map: dict | None = None) -> dict:
+    """The ``compressed.json`` of ``model`` (compressed; on any device, ``meta`` included) and its ``report``."""
     import rankalloc
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors, aliases = _dedupe(model.state_dict())
-    dtype = next(model.parameters()).dtype
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -80,13 +91,36 @@ def save_compressed(model: nn.Module, path, report: CompressionReport) -> Path:
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "dtype": str(dtype).removeprefix("torch."),
         "modules": module_specs(model),
-        "aliases": aliases,
-        "report": report.to_dict(),
+        "aliases": dict(aliases),
+        "weights": weights,
     }
+    if weight_map is not None:
+        manifest["weight_map"] = dict(weight_map)
+    manifest["report"] = report.to_dict()
+    return manifest
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def save_compressed(model: nn.Module, path, report: CompressionReport) -> Path:
+    """Write ``model`` (compressed in place by ``compress_``) and ``report`` to the folder ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):  # an older manifest must not describe the new weights
+        (path / MANIFEST).unlink()
+    tensors, aliases = _dedupe(model.state_dict())
+    dtype = next(model.parameters()).dtype
+    manifest = manifest_of(model, report, aliases, dtype)
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(path / MANIFEST)
+    write_json_atomic(path / MANIFEST, manifest)
     return path
 
 
@@ -95,16 +129,78 @@ def read_manifest(path) -> dict:
     path = Path(path)
     f = path / MANIFEST
     if not f.is_file():
-        raise FileNotFoundError(f"{path}: no {MANIFEST}; expected a folder written by save_compressed")
-    manifest = json.loads(f.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{f}: expected format {FORMAT!r} version {FORMAT_VERSION}, received "
+        raise FileNotFoundError(f"{path}: no {MANIFEST}; expected a folder written by save_compressed or "
+                                f"compress_to_folder (an interrupted run leaves none)")
+    try:
+        manifest = json.loads(f.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{f}: not a JSON manifest ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READ_VERSIONS:
+        raise ValueError(f"{f}: expected format {FORMAT!r} version {' or '.join(map(str, READ_VERSIONS))}, received "
                          f"{manifest.get('format')!r} version {manifest.get('format_version')!r}")
+    manifest.setdefault("weights", WEIGHTS)
+    if manifest["weights"] not in (WEIGHTS, INDEX):
+        raise ValueError(f"{f}: expected weights {WEIGHTS!r} or {INDEX!r}, received {manifest['weights']!r}")
     return manifest
 
 
+def weight_files(path, manifest: dict) -> dict[str, Path]:
+    """``stored tensor name -> file`` of a compressed folder, in the form its manifest names."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if manifest["weights"] == INDEX:
+        weight_map = manifest.get("weight_map")
+        if weight_map is None:
+            try:
+                weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ValueError(f"{path / INDEX}: unreadable safetensors index ({exc})") from None
+        files = {k: path / v for k, v in weight_map.items()}
+    else:
+        single = path / WEIGHTS
+        if not single.is_file():
+            raise FileNotFoundError(f"{path}: no {WEIGHTS} (the manifest names it)")
+        try:
+            with safe_open(str(single), framework="pt") as fh:
+                files = {k: single for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise ValueError(f"{single}: unreadable safetensors file ({exc})") from None
+    missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+    if missing:
+        raise FileNotFoundError(f"{path}: weight shard(s) {missing[:3]} missing ({len(missing)} of "
+                                f"{len(set(files.values()))}); the folder is incomplete")
+    return files
+
+
+def _base_config(path: Path, manifest: dict):
+    """``(transformers config, dtype)`` of the dense model a compressed folder was built from."""
+    import transformers
+
+    base = dict(manifest["base_config"])
+    model_type = base.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"{path}: unknown base model type {model_type!r}")
+    config = transformers.CONFIG_MAPPING[model_type].from_dict(base)
+    return config, getattr(torch, manifest["dtype"])
+
+
+def _swap_in(model: nn.Module, specs: dict, path: Path) -> None:
+    """Replace the modules named in ``specs`` by empty compressed modules of the recorded shapes (on the device of
+    the modules they replace: ``meta`` for a skeleton); parents before children."""
+    for name in sorted(specs, key=lambda n: (n.count("."), n)):
+        spec = dict(specs[name])
+        kind = spec.pop("type")
+        if kind not in MODULE_TYPES:
+            raise ValueError(f"{path}: module {name!r} has type {kind!r}, expected one of {sorted(MODULE_TYPES)} "
+                             f"(is the method's module importable?)")
+        _, _, build = MODULE_TYPES[kind]
+        replace_module(model, name, build(spec, model.get_submodule(name)))
+
+
 def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_compressed` (structure from the JSON, weights from safetensors).
+    """Rebuild a model saved by :func:`save_compressed` or ``compress_to_folder`` (structure from the JSON, weights
+    from the single safetensors file or the shards of the index).
 
     Returns the model in eval mode; ``model.compression_report`` holds the saved :class:`CompressionReport`.
     """
@@ -114,12 +210,7 @@ def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
     load_builtins()
     path = Path(path)
     manifest = read_manifest(path)
-    base = dict(manifest["base_config"])
-    model_type = base.get("model_type")
-    if model_type not in transformers.CONFIG_MAPPING:
-        raise ValueError(f"{path}: unknown base model type {model_type!r}")
-    config = transformers.CONFIG_MAPPING[model_type].from_dict(base)
-    dtype = getattr(torch, manifest["dtype"])
+    config, dtype = _base_config(path, manifest)
     kwargs = {"dtype": dtype}
     if manifest.get("attn_implementation"):
         kwargs["attn_implementation"] = manifest["attn_implementation"]
@@ -129,16 +220,12 @@ def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-    specs = manifest["modules"]
-    for name in sorted(specs, key=lambda n: (n.count("."), n)):  # parents before children
-        spec = dict(specs[name])
-        kind = spec.pop("type")
-        if kind not in MODULE_TYPES:
-            raise ValueError(f"{path}: module {name!r} has type {kind!r}, expected one of {sorted(MODULE_TYPES)} "
-                             f"(is the method's module importable?)")
-        _, _, build = MODULE_TYPES[kind]
-        replace_module(model, name, build(spec, model.get_submodule(name)))
-    state = load_file(str(path / WEIGHTS), device="cpu")
+    _swap_in(model, manifest["modules"], path)
+    files = weight_files(path, manifest)
+    state = {}
+    for f in dict.fromkeys(files.values()):
+        part = load_file(str(f), device="cpu")
+        state.update({k: v for k, v in part.items() if files.get(k) == f})
     for alias, stored in manifest["aliases"].items():
         state[alias] = state[stored]
     model.load_state_dict(state, strict=True)
@@ -148,6 +235,86 @@ def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
     model.eval()
     model.compression_report = CompressionReport.from_dict(manifest["report"])
     return model
+
+
+class CompressedWeights(Weights):
+    """:class:`~rankalloc.profiling.weights.Weights` over a compressed folder: aliases resolve to their stored
+    tensor, and the buffers of compressed modules (SSLC's ``sparse_index``, SoLA's ``prime_index``), which a
+    skeleton holds on ``meta``, are read with the part's parameters and put back on ``meta`` after it."""
+
+    def __init__(self, model, checkpoint, aliases: dict):
+        super().__init__(model, checkpoint)
+        self.aliases = dict(aliases)
+
+    def _tied_source(self, name: str) -> str | None:
+        return self.aliases.get(name) or super()._tied_source(name)
+
+    def load(self, module, prefix, device) -> None:
+        super().load(module, prefix, device)
+        meta = [(local, b) for local, b in module.named_buffers() if b.device.type == "meta"]
+        if not meta:
+            return
+        keys = {local: self.aliases.get(prefix + local, prefix + local) for local, _ in meta}
+        tensors = self.checkpoint.read(sorted(set(keys.values())), device, self.dtype,
+                                       {keys[local]: b.shape for local, b in meta})
+        for local, b in meta:
+            owner, _, leaf = local.rpartition(".")
+            sub = module.get_submodule(owner) if owner else module
+            sub._buffers[leaf] = tensors[keys[local]].to(b.dtype)
+
+    @contextlib.contextmanager
+    def resident(self, module, prefix, device):
+        if not self.out_of_core:
+            with super().resident(module, prefix, device) as m:
+                yield m
+            return
+        loaded = [(sub, leaf) for sub in module.modules() for leaf, b in sub._buffers.items()
+                  if b is not None and b.device.type == "meta"]
+        try:
+            with super().resident(module, prefix, device) as m:
+                yield m
+        finally:
+            for sub, leaf in loaded:
+                b = sub._buffers[leaf]
+                sub._buffers[leaf] = torch.empty_like(b, device="meta")
+            for sub in module.modules():  # SparseLowRankLinear's CSR cache holds the released tensors
+                sub.__dict__.pop("_csr", None)
+                sub.__dict__.pop("_csr_key", None)
+
+
+def open_compressed(path, out_of_core: bool = True):
+    """``(model, Weights)`` of a compressed folder.
+
+    Out of core: the base architecture as a skeleton (:func:`rankalloc.profiling.weights.skeleton`) with the
+    compressed modules swapped in from their specs on ``meta``; the returned ``Weights`` reads a part's tensors
+    from the folder's shards when it is made resident (``weights.resident(layer, prefix, device)``). The small
+    non-layer parameters (final norm, learned position embeddings) are loaded now, as
+    :func:`~rankalloc.profiling.weights.load_out_of_core` does; the decoder layers, the embedding and the head stay
+    on ``meta``. ``out_of_core=False``: :func:`load_compressed` and an in-memory ``Weights``.
+    """
+    from rankalloc.profiling.weights import Checkpoint, skeleton
+
+    load_builtins()
+    path = Path(path)
+    if not out_of_core:
+        model = load_compressed(path)
+        return model, Weights(model)
+    manifest = read_manifest(path)
+    config, dtype = _base_config(path, manifest)
+    if manifest.get("attn_implementation"):
+        config._attn_implementation = manifest["attn_implementation"]
+    model = skeleton(config, dtype)
+    _swap_in(model, manifest["modules"], path)
+    checkpoint = Checkpoint.__new__(Checkpoint)  # the files the manifest names (a stale index is not read)
+    checkpoint.folder, checkpoint.files = path, weight_files(path, manifest)
+    weights = CompressedWeights(model, checkpoint, manifest["aliases"])
+    from rankalloc.decomposers.streamed import decoder_layers, small_parts
+
+    layers = decoder_layers(model)
+    for prefix, holder in small_parts(model, layers):
+        weights.load(holder, prefix, "cpu")
+    model.compression_report = CompressionReport.from_dict(manifest["report"])
+    return model, weights
 
 
 def rank_pattern(allocation) -> dict[str, int]:

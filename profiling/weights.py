@@ -237,7 +237,10 @@ def write_random_checkpoint(config, folder, dtype: torch.dtype = torch.bfloat16,
     tied = getattr(config, "tie_word_embeddings", False)
     if head is not None and not tied:
         parts.append(("head", head))
-    covered = {id(p) for _, m in parts for p in m.parameters()}
+    # by name: to_empty and _release give the parts' parameters new objects, so ids would not match afterwards
+    covered = {weights.prefix_of(m) + n for _, m in parts for n, _ in m.named_parameters()}
+    if head is not None and tied:  # stored as the embedding
+        covered |= {weights.prefix_of(head) + n for n, _ in head.named_parameters()}
     rest = torch.nn.Module()
     rest._parameters = {}
     weight_map, files = {}, []
@@ -245,7 +248,7 @@ def write_random_checkpoint(config, folder, dtype: torch.dtype = torch.bfloat16,
         if module is None:  # every parameter no part above holds: norms, position embeddings, projections
             tensors = {}
             for name, p in model.named_parameters():
-                if id(p) not in covered:
+                if name not in covered:
                     sub_name, _, leaf = name.rpartition(".")
                     sub = model.get_submodule(sub_name)
                     sub.to_empty(device="cpu", recurse=False)

@@ -79,7 +79,8 @@ def run(args) -> int:
     model = runs.profiled_model(prof, args.model) if prof is not None else args.model
     t0 = time.perf_counter()
     run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                        eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device, out_of_core=args.out_of_core)
+                        eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device,
+                        out_of_core=args.out_of_core)
     t1 = time.perf_counter()
     if prof is None:
         prof = runs.profile(run_, pk)

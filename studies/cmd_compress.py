@@ -16,20 +16,23 @@ The allocation JSON names a rank per matrix of the profile; --method builds each
 pgsvd: SVD + alternating least squares; sola, sslc, flat: allocations made on their own curves).
 The model defaults to the one recorded in the profile and must be that model (checked by fingerprint).
 The output folder holds model.safetensors and compressed.json; `rankalloc evaluate --compressed DIR`
-reads it back.
+reads it back. With --out-of-core the model stays on disk: one decoder layer at a time is read from
+the model folder's safetensors, compressed and written as its own shard (model-000NN-of-000MM.safetensors
+with model.safetensors.index.json); compressed.json is written last, so an interrupted run leaves none.
 
 examples:
   rankalloc profile --out runs/smollm2
   rankalloc allocate --curves runs/smollm2 --kind fisher --solver exact --budget 0.3 --out alloc.json
   rankalloc compress --profile runs/smollm2 --allocation alloc.json --method svd --out runs/svd-30
   rankalloc evaluate --compressed runs/svd-30
+  rankalloc compress --profile runs/llama-8b --allocation alloc.json --out runs/llama-8b-svd-30 --out-of-core
 
 exit codes: 0 success, 1 error, 2 usage error.
 """
 
 
 def add_arguments(parser) -> None:
-    from rankalloc.studies.options import add_plugin_option, method_choices
+    from rankalloc.studies.options import add_out_of_core_option, add_plugin_option, method_choices
 
     parser.epilog = EPILOG
     parser.add_argument("--profile", required=True, metavar="DIR", help="profile directory (from `rankalloc profile`)")
@@ -40,6 +43,7 @@ def add_arguments(parser) -> None:
                         help="the profiled model (default: the folder or hub id recorded in the profile)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the compressed model to")
     parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
+    add_out_of_core_option(parser)
     add_plugin_option(parser)
 
 
@@ -59,6 +63,8 @@ def run(args) -> int:
     if not Path(args.allocation).is_file():
         raise FileNotFoundError(f"--allocation {args.allocation} does not exist; create it with `rankalloc allocate "
                                 f"--curves {args.profile} --budget 0.3 --out {args.allocation}`")
+    if args.out_of_core:
+        return _run_out_of_core(args, prof)
     loaded = load_model(runs.profiled_model(prof, args.model), device=args.device)
     runs.check_same_model(loaded, prof)
     allocation = problems.load_allocation(prof, args.allocation, args.method, loaded.model)
@@ -67,6 +73,11 @@ def run(args) -> int:
     model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True)
     kept = model_params(model)
     save_compressed(model, args.out, report)
+    _summary(args, report, allocation, dense_params, kept, linear)
+    return 0
+
+
+def _summary(args, report, allocation, dense_params: int, kept: int, linear: int) -> None:
     print(report.summary())
     print(f"realized parameters removed: {(dense_params - kept) / linear:.2%} of the linear matrices "
           f"({dense_params - kept:,} of {linear:,}); {1 - kept / dense_params:.2%} of the whole model "
@@ -74,4 +85,28 @@ def run(args) -> int:
     print(f"allocation: {allocation.solver} ({allocation.status}), objective {allocation.objective:.6g} "
           f"({allocation.problem.objective})")
     print(f"wrote {args.out}")
+
+
+def _run_out_of_core(args, prof) -> int:
+    """``--out-of-core``: the model as a skeleton, compressed and written one decoder layer at a time."""
+    from rankalloc.decomposers import problems
+    from rankalloc.decomposers.evaluate import model_params
+    from rankalloc.decomposers.registry import NeedsModel
+    from rankalloc.decomposers.streamed import compress_to_folder
+    from rankalloc.profiling import run as runs
+    from rankalloc.profiling.data import load_model
+
+    loaded = load_model(runs.profiled_model(prof, args.model), out_of_core=True)
+    runs.check_same_model(loaded, prof)
+    try:
+        allocation = problems.load_allocation(prof, args.allocation, args.method, None)
+    except NeedsModel as exc:
+        raise ValueError(f"--out-of-core: {' '.join(str(exc).split())}; computing them needs the model in memory "
+                         f"(run once without --out-of-core, e.g. `rankalloc compare --methods {args.method}`, to "
+                         f"store them in the profile)") from None
+    dense_params = model_params(loaded.model)
+    linear = runs.linear_params(prof)
+    report = compress_to_folder(loaded, prof, allocation, args.method, args.out, device=args.device)
+    kept = model_params(loaded.model)
+    _summary(args, report, allocation, dense_params, kept, linear)
     return 0

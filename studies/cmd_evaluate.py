@@ -12,12 +12,14 @@ EPILOG = """\
 The text is split into calibration and held-out evaluation articles by a fixed rule; only the
 held-out side is scored, in non-overlapping windows of --seqlen tokens (BOS + seqlen-1 text tokens),
 at most --windows of them. With --compressed the dense model it was built from (recorded in the
-folder, or --model) is scored on the same windows, beside it.
+folder, or --model) is scored on the same windows, beside it. With --out-of-core both models stay on
+disk and are scored with one decoder layer resident at a time (the same figures).
 
 examples:
   rankalloc evaluate                                   # dense SmolLM2 on gensim Wikipedia
   rankalloc evaluate --compressed runs/svd-30 --windows 60
   rankalloc evaluate --model ./my-llama --text corpus.txt --seqlen 256
+  rankalloc evaluate --compressed runs/llama-8b-svd-30 --out-of-core
 
 exit codes: 0 success, 1 error, 2 usage error.
 """
@@ -33,28 +35,34 @@ def dense_model_of(compressed) -> str | None:
 
 
 def evaluate_models(model: str | None = None, compressed=None, text=None, *, seqlen: int = 512, windows: int = 60,
-                    batch_size: int = 4, device: str = "auto", baseline: bool = True, progress: bool = True) -> dict:
+                    batch_size: int = 4, device: str = "auto", baseline: bool = True, progress: bool = True,
+                    out_of_core: bool = False) -> dict:
     """Perplexity of the dense ``model`` and/or the ``compressed`` folder on the same evaluation windows.
 
     Returns ``{"dense": PerplexityResult | None, "compressed": PerplexityResult | None, "params": {...}}``.
     With ``compressed``, the dense model (``model``, default: the one recorded in the folder) provides
     the tokenizer and, when ``baseline``, the dense figure. Raises ``ValueError`` if the two models do
-    not share a vocabulary.
+    not share a vocabulary. ``out_of_core``: the dense model as a skeleton read from its folder
+    (``load_model(..., out_of_core=True)``), the compressed one with :func:`~rankalloc.decomposers.io.open_compressed`;
+    both scored with one decoder layer resident (:func:`~rankalloc.decomposers.evaluate.streamed_perplexity`).
     """
     from rankalloc.decomposers.evaluate import model_params
-    from rankalloc.decomposers.io import load_compressed
+    from rankalloc.decomposers.io import load_compressed, open_compressed
     from rankalloc.profiling import run as runs
     from rankalloc.decomposers import evaluate as evaluation
 
     if compressed is not None and model is None:
         model = dense_model_of(compressed)
     run = runs.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
-                     progress=progress)
+                       progress=progress, out_of_core=out_of_core)
     ids = runs.evaluation_ids(run)
     out = {"dense": None, "compressed": None, "params": {}}
-    comp = None
+    comp = comp_weights = None
     if compressed is not None:
-        comp = load_compressed(compressed)
+        if out_of_core:
+            comp, comp_weights = open_compressed(compressed, out_of_core=True)
+        else:
+            comp = load_compressed(compressed)
         vd, vc = run.model.config.vocab_size, comp.config.vocab_size
         if vd != vc:
             raise ValueError(f"--compressed {compressed}: vocabulary of {vc} tokens, but the dense model "
@@ -64,14 +72,18 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
         out["params"]["dense"] = model_params(run.model)
     if comp is not None:
         out["params"].setdefault("dense", model_params(run.model))
-        run.loaded.model.to("cpu")
-        out["compressed"] = evaluation.evaluate(comp, run, batch_size=batch_size, progress=progress, ids=ids)
+        if not run.loaded.out_of_core:
+            run.loaded.model.to("cpu")
+        out["compressed"] = evaluation.evaluate(comp, run, batch_size=batch_size, progress=progress, ids=ids,
+                                                weights=comp_weights)
         out["params"]["compressed"] = model_params(comp)
     out["model_id"] = run.loaded.model_id
     return out
 
 
 def add_arguments(parser) -> None:
+    from rankalloc.studies.options import add_out_of_core_option
+
     parser.epilog = EPILOG
     parser.add_argument("--model", default=None, metavar="M",
                         help="dense model: a local HF folder or hub id (default SmolLM2-135M-Instruct; with "
@@ -85,11 +97,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="windows per forward pass (4)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
     parser.add_argument("--no-baseline", action="store_true", help="with --compressed: skip the dense model")
+    add_out_of_core_option(parser)
 
 
 def run(args) -> int:
     res = evaluate_models(args.model, args.compressed, args.text, seqlen=args.seqlen, windows=args.windows,
-                          batch_size=args.batch_size, device=args.device, baseline=not args.no_baseline)
+                          batch_size=args.batch_size, device=args.device, baseline=not args.no_baseline,
+                          out_of_core=args.out_of_core)
     first = res["dense"] or res["compressed"]
     print(f"protocol: {first.protocol}")
     params = res["params"]

@@ -67,7 +67,7 @@ def _model_run(args, prof=None):
 
     run_ = runs.prepare(runs.profiled_model(prof, args.model) if prof is not None else args.model, args.text,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
-                        eval_windows=args.windows, device=args.device)
+                        eval_windows=args.windows, device=args.device, out_of_core=args.out_of_core)
     if prof is not None:
         runs.check_same_model(run_.loaded, prof)
     return run_
