@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
-                                          singular_values, svd, tail_sums)
+                                          lean_cholesky, lower_t_times_, singular_values, svd, tail_sums, times_lower_)
 from rankalloc.profiling.probe import on_device, token_loss_sum
 
 
@@ -213,36 +213,52 @@ def fisher_component(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, scale:
                      damping: Damping = Damping(), basis: bool = True, method: str = "svd") -> dict:
     """Both loss-unit curves of one matrix and, with ``basis``, what its two-sided Fisher truncation needs later.
 
-    ``Sx``: the Cholesky factor of the damped input Gram; ``Gg``: the output-gradient Gram (consumed when large: it
-    is factored in place). Returns ``{"fisher": curve, "fisher_svd": curve, "basis": {...}}``; the basis is the
-    smaller side of ``M = S_g^T W S_x = U Sigma V^T`` up to the break-even rank ``r*``:
+    ``Sx``: the Cholesky factor of the damped input Gram; ``Gg``: the output-gradient Gram, consumed (factored in
+    place into ``S_g``, ``S_g S_g^T = G_g + delta_g I``). Returns ``{"fisher": curve, "fisher_svd": curve,
+    "basis": {...}}``; the basis is the smaller side of ``M = S_g^T W S_x = U Sigma V^T`` up to the break-even rank
+    ``r*``:
 
     - ``right`` (``n <= m``): ``V_{:, :r*}`` (``n x r*``); the rank-r truncation is ``W S_x V_r V_r^T S_x^{-1}``;
     - ``left``: ``A = S_g^{-T} U_{:, :r*}`` (``m x r*``) and ``B = U_{:, :r*}^T S_g^T`` (``r* x m``); the truncation is
       ``A_r B_r W``.
 
     Both are the optimum of ``tr(G_g E G_x E^T)`` (Eckart-Young in the whitened basis, projected back).
-    ``method``: how singular values and vectors are obtained (:func:`small_side`).
+    ``fisher_svd`` prices the one-sided truncation of ``A = W S_x = P Lambda Q^T``:
+    ``lambda_i^2 p_i^T (G_g + delta_g I) p_i = ||S_g^T A q_i||^2 = ||M q_i||^2``, so it needs no product with
+    ``G_g`` itself. Working memory: ``G_g`` plus two ``m x n`` float64 matrices (``W S_x``, then ``M`` in its
+    place, computed by in-place triangular products).
     """
     m, n = W.shape
-    W = W.to(PRECISION)
+    A = times_lower_(W.to(PRECISION).clone(), Sx)  # W S_x
+    lam, Q, side = small_side(A, f"whitened weight of {name}", method)
     Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
-    out = {"fisher_svd": (_fisher_svd_tail(W, Sx, Gg, name, damping, method) * scale).numpy()}
-    big = Gg.numel() * 8 > 2 ** 28  # above 256 MB the Gram is factored in place (a failure is then final)
-    Sg, _ = damped_cholesky(Gg, f"output-gradient Gram of {name}", damping, overwrite=big)
-    M = Sg.T @ (W @ Sx)
+    Sg, _ = lean_cholesky(Gg, f"output-gradient Gram of {name}", damping)
+    M = lower_t_times_(Sg, A)  # S_g^T W S_x, in the memory of W S_x
+    k = len(lam)
+    terms = torch.empty(k, dtype=PRECISION, device=M.device)
+    for j in range(0, k, 512):
+        blk = (M @ Q[:, j:j + 512]) if side == "right" else lower_t_times_(Sg, Q[:, j:j + 512] * lam[j:j + 512])
+        terms[j:j + 512] = (blk * blk).sum(0)
+    del Q
+    out = {"fisher_svd": (_tail_of(terms) * scale).numpy()}
     if not basis and method == "svd":
         out["fisher"] = (tail_sums(singular_values(M, f"K-FAC whitened weight of {name}")) * scale).numpy()
         return out
-    sigma, Q, side = small_side(M, f"K-FAC whitened weight of {name}", method)
+    sigma, V, side = small_side(M, f"K-FAC whitened weight of {name}", method)
     del M
     out["fisher"] = (tail_sums(sigma) * scale).numpy()
     if basis:
         r = break_even(m, n)
         if side == "right":
-            out["basis"] = {"right": Q[:, :r].contiguous()}
+            out["basis"] = {"right": V[:, :r].contiguous()}
         else:
-            Ur = Q[:, :r]
+            Ur = V[:, :r]
             out["basis"] = {"left_a": torch.linalg.solve_triangular(Sg.T, Ur, upper=True),  # S_g^{-T} U_r
                             "left_b": (Ur.T @ Sg.T).contiguous()}
     return out
+
+
+def _tail_of(terms: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_{i>r} terms_i`` for r = 0..len(terms), exact 0 at the end."""
+    tail = torch.flip(torch.cumsum(torch.flip(terms.clamp_min(0.0), [0]), 0), [0])
+    return torch.cat([tail, torch.zeros(1, dtype=PRECISION, device=tail.device)])

@@ -51,11 +51,31 @@ class Damping:
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    """Raise ``NonFiniteError`` naming ``what`` if ``t`` holds NaN or Inf; return ``t``."""
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise NonFiniteError(f"{what}: {bad} non-finite values (NaN/Inf) out of {t.numel()}")
+    """Raise ``NonFiniteError`` naming ``what`` if ``t`` holds NaN or Inf; return ``t``.
+
+    Large tensors are checked in slices, so no mask of their size is built."""
+    flat = t.reshape(-1)
+    step = 1 << 24
+    for s in range(0, flat.numel(), step):
+        if not torch.isfinite(flat[s:s + step]).all():
+            bad = sum(int((~torch.isfinite(flat[j:j + step])).sum()) for j in range(0, flat.numel(), step))
+            raise NonFiniteError(f"{what}: {bad} non-finite values (NaN/Inf) out of {t.numel()}")
     return t
+
+
+def _cholesky_into(work: torch.Tensor) -> bool:
+    """Factor ``work`` (symmetric, lower triangle read) in its own memory: ``work`` becomes ``L`` with ``L L^T``
+    equal to the input. On CPU LAPACK's ``potrf`` runs on the array's memory directly (torch's out= variant makes
+    a temporary copy, 1.6 GB at n = 14336). Returns False when the matrix is not positive definite."""
+    if work.device.type == "cpu" and work.is_contiguous() and work.dtype == torch.float64:
+        from scipy.linalg import lapack
+
+        a = work.numpy()
+        _, info = lapack.dpotrf(a.T, lower=0, overwrite_a=1, clean=0)  # upper of the F-order view = our lower
+        return info == 0
+    info = torch.zeros((), dtype=torch.int32, device=work.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))
+    return info.item() == 0
 
 
 def dead_channels(G: torch.Tensor) -> torch.Tensor:
@@ -80,7 +100,6 @@ def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping(), *,
         raise NumericalError(f"Gram matrix of {name} is zero: the input was never active on the calibration "
                              f"data (use more or different calibration text)")
     damp = damping.damp
-    info = torch.zeros((), dtype=torch.int32, device=G.device)
     for attempt in range(damping.retries + 1):
         delta = damp * mean_diag
         if overwrite:
@@ -90,9 +109,10 @@ def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping(), *,
         else:
             work = G.clone()
         torch.diagonal(work).copy_(diag + delta)
-        torch.linalg.cholesky_ex(work, out=(work, info))
-        if info.item() == 0 and torch.isfinite(torch.diagonal(work)).all():
-            return work.tril_(), delta
+        if _cholesky_into(work) and torch.isfinite(torch.diagonal(work)).all():
+            for i in range(work.shape[0] - 1):  # zero the upper triangle row by row (tril_ takes a temporary)
+                work[i, i + 1:] = 0
+            return work, delta
         if overwrite and reload is None:  # the in-place try destroyed G: keep a copy for the next ones
             raise NumericalError(f"Cholesky of the Gram matrix of {name} ({G.shape[0]}x{G.shape[0]}) failed at "
                                  f"delta {delta:.3g} = {damp:.3g} x mean diagonal, and it was factored in place "
@@ -102,6 +122,45 @@ def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping(), *,
         f"Cholesky of the Gram matrix of {name} ({G.shape[0]}x{G.shape[0]}) failed after {damping.retries} "
         f"damping retries (last delta {delta:.3g} = {damp / damping.growth:.3g} x mean diagonal). "
         f"Increase damping or use more calibration samples.")
+
+
+def _blas_ready(*ts) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == PRECISION and t.is_contiguous() for t in ts)
+
+
+def times_lower_(A: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``A <- A L`` in place for a lower-triangular ``L`` (BLAS ``trmm``: half a matmul's work, no copy of ``A``)."""
+    if _blas_ready(A, L):
+        from scipy.linalg import blas
+
+        blas.dtrmm(1.0, L.numpy().T, A.numpy().T, side=0, lower=0, trans_a=0, overwrite_b=1)  # A^T <- L^T A^T
+        return A
+    return A.copy_(A @ L)
+
+
+def lower_t_times_(L: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``A <- L^T A`` in place for a lower-triangular ``L`` (BLAS ``trmm``)."""
+    if _blas_ready(A, L):
+        from scipy.linalg import blas
+
+        blas.dtrmm(1.0, L.numpy().T, A.numpy().T, side=1, lower=0, trans_a=1, overwrite_b=1)  # A^T <- A^T L
+        return A
+    return A.copy_(L.T @ A)
+
+
+LEAN_BYTES = 2 ** 28
+"""Above this size (256 MB of float64) a Gram is factored in place by :func:`lean_cholesky`."""
+
+
+def lean_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping()) -> tuple[torch.Tensor, float]:
+    """:func:`damped_cholesky` of a Gram that may be consumed: a large one is factored in its own memory, and a
+    float32 copy of its lower triangle (a quarter of its size) serves the retries, which already damp more than
+    that copy's rounding."""
+    if G.numel() * 8 <= LEAN_BYTES or G.dtype != PRECISION:
+        return damped_cholesky(G, name, damping)
+    n = G.shape[0]
+    backup = pack_lower(G, torch.float32)
+    return damped_cholesky(G, name, damping, overwrite=True, reload=lambda: unpack_lower(backup, n))
 
 
 def pack_lower(S: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

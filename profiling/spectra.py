@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rankalloc.profiling.numerics import PRECISION, Damping, NumericalError, check_finite, singular_values, tail_sums
+from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, singular_values, tail_sums,
+                                         times_lower_)
 
 BASE_KINDS = ("whitened", "energy", "relative", "epsilon")
 """Curve kinds computed from spectra alone (no loss gradients)."""
@@ -120,9 +121,10 @@ def component_spectrum(W: torch.Tensor, S: torch.Tensor, delta: float, name: str
     """Whitened and plain spectra of one ``m x n`` weight ``W``, given its whitening ``S`` (``n x n``, from
     ``damped_cholesky`` of the input Gram, shared by every member of an input group) and ``delta``."""
     t0 = time.perf_counter()
-    W = check_finite(W.detach().to(device=S.device, dtype=PRECISION), f"weight of {name}")
-    sigma = _svals(W @ S, f"whitened weight W S of {name}", config.method)
+    W = check_finite(W.detach().to(device=S.device, dtype=PRECISION), f"weight of {name}").clone()
     sigma_w = _svals(W, f"weight of {name}", config.method) if "epsilon" in config.kinds else None
+    sigma = _svals(times_lower_(W, S), f"whitened weight W S of {name}", config.method)  # W becomes W S in place
+    del W
     sigma = sigma.cpu().numpy()
     sigma_w = None if sigma_w is None else sigma_w.cpu().numpy()
     if timings is not None:

@@ -26,9 +26,13 @@ from rankalloc.profiling.architectures import DecoderStructure
 from rankalloc.profiling.backward import Boundaries, gram_groups, layer_backward
 from rankalloc.profiling.calibration import StreamConfig, batches, capture_inputs, run_layer
 from rankalloc.profiling.fisher import fisher_component, loss_token_count
-from rankalloc.profiling.numerics import damped_cholesky, pack_lower, unpack_lower
+from rankalloc.profiling.numerics import lean_cholesky, pack_lower
 from rankalloc.profiling.spectra import SpectrumConfig, component_spectrum, resolve_method
 from rankalloc.profiling.weights import Weights
+
+
+PHASE = ["idle"]
+"""What the current run is doing (``forward layer 3``, ``backward layer 1: curves`` ...), for memory reports."""
 
 
 @dataclass
@@ -54,6 +58,10 @@ class Pass:
 
     def resident(self, layer: int):
         return self.weights.resident(self.structure.layers[layer], self.layer_prefix(layer), self.device)
+
+    @staticmethod
+    def phase(label: str) -> None:
+        PHASE[0] = label
 
 
 def _capture(p: Pass, ids: torch.Tensor):
@@ -82,16 +90,13 @@ def layer_results(p: Pass, stats) -> tuple[dict, dict, dict | None]:
         if grams is not None:
             grams[g.key] = G.cpu().numpy()
         what = g.key if len(g.members) == 1 else f"{g.key} (input shared by {', '.join(g.members)})"
-        backup_n = G.shape[0]
         t0 = time.perf_counter()
-        big = G.shape[0] > 4096  # factored in place, retried from a packed copy of the lower triangle
-        backup = pack_lower(G, torch.float64) if big else None
-        S, delta = damped_cholesky(G, what, p.spec.damping, overwrite=big,
-                                   reload=(lambda: unpack_lower(backup, backup_n)) if big else None)
-        G = backup = None
+        S, delta = lean_cholesky(G, what, p.spec.damping)  # a large Gram becomes its own factor
+        G = None
         roots[g.key] = pack_lower(S, root_dtype).cpu().numpy()
-        if root_dtype != torch.float64:
-            S.copy_(S.to(root_dtype))  # the stored root, exactly
+        if root_dtype != torch.float64:  # the stored root, exactly (row by row: no second n x n copy)
+            for i in range(S.shape[0]):
+                S[i, :i + 1] = S[i, :i + 1].to(root_dtype)
         p.add("cholesky", time.perf_counter() - t0)
         for name in g.members:
             W = p.weights.matrix(p.structure.modules[name], name)
@@ -123,11 +128,13 @@ def forward_pass(p: Pass, boundaries: Boundaries | None, rows: int, todo: set[in
             if boundaries is not None:
                 for b, h in enumerate(_fisher_rows(hidden, rows)):
                     boundaries.write(layer, b, h)
+            p.phase(f"forward layer {layer}")
             with p.resident(layer) as module:
                 outputs, stats, as_tuple = run_layer(p.structure, layer, module, hidden, captured.calls[layer],
                                                      p.device, p.stream, collect=layer in todo)
             if stats is not None:
                 timings = dict(stats.timings)
+                p.phase(f"forward layer {layer}: spectra")
                 arrays, roots, grams = layer_results(p, stats)
                 t1 = time.perf_counter()
                 p.profile._write_layer(layer, arrays, roots, grams, stats.score)
@@ -168,6 +175,7 @@ def head_gradients(p: Pass, last: list[torch.Tensor], ids: torch.Tensor, as_tupl
     model = p.weights.model
     head = model.get_output_embeddings()
     grads, total = [], 0.0
+    p.phase("head")
     with p.weights.resident(head, p.weights.prefix_of(head), p.device):
         for h, b in zip(last, batches(ids, p.stream.batch_size)):
             loss, g = loss_and_hidden_grad(model, p.structure.layers, h.to(p.device), b.to(p.device),
@@ -193,11 +201,13 @@ def backward_pass(p: Pass, boundaries: Boundaries, calls: list, grads: list, n_l
         new_grads = None
         for group in groups:
             held: dict = {}
+            p.phase(f"backward layer {layer}: {', '.join(c.kind for c in group)}")
             with p.resident(layer) as module:
                 got = layer_backward(module, p.structure, layer, boundaries, calls[layer], grads, p.device,
                                      p.weights.dtype, [group], held.update, p.timings)
             new_grads = got if new_grads is None else new_grads
             for c in group:
+                p.phase(f"backward layer {layer}: curves of {c.kind}")
                 _component_curves(p, c, held.pop(c.name), (scale, n_loss), curves, bases, extra, keep, extras)
         grads = new_grads
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,13 +39,8 @@ class Checkpoint:
                 raise ValueError(f"{index}: not a safetensors index (expected a JSON with weight_map): {exc}") from None
             self.files = {k: self.folder / v for k, v in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(single), framework="pt") as f:
-                    self.files = {k: single for k in f.keys()}
-            except Exception as exc:  # safetensors raises its own error types for a damaged header
-                raise ValueError(f"{single}: unreadable safetensors file ({exc})") from None
+            header, _ = safetensors_header(single)
+            self.files = {k: single for k in header if k != "__metadata__"}
         else:
             raise ValueError(f"{self.folder}: no {SINGLE} or {INDEX}; out-of-core loading needs safetensors weights")
 
@@ -53,8 +49,6 @@ class Checkpoint:
 
     def read(self, names, device, dtype, shapes: dict | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` on ``device`` in ``dtype`` (each shard opened once, closed after reading)."""
-        from safetensors import safe_open
-
         missing = [n for n in names if n not in self.files]
         if missing:
             raise ValueError(f"checkpoint {self.folder}: no tensor {missing[0]!r} ({len(missing)} missing); the "
@@ -64,20 +58,67 @@ class Checkpoint:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for path, keys in by_file.items():
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for k in keys:
-                        t = f.get_tensor(k)
-                        want = None if shapes is None else shapes.get(k)
-                        if want is not None and tuple(t.shape) != tuple(want):
-                            raise ValueError(f"checkpoint {path}: tensor {k!r} has shape {tuple(t.shape)}, the "
-                                             f"model expects {tuple(want)}")
-                        out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            except ValueError:
-                raise
-            except Exception as exc:  # SafetensorError, OSError on a truncated file
-                raise ValueError(f"checkpoint {path}: cannot read tensor(s) {keys[:3]} ({exc})") from None
+            header, start = safetensors_header(path)
+            for k in keys:
+                if k not in header:
+                    raise ValueError(f"checkpoint {path}: the index names tensor {k!r}, which the file lacks")
+                out[k] = _read_one(path, header, start, k, None if shapes is None else shapes.get(k), device, dtype)
         return out
+
+
+SLICE_BYTES = 2 ** 26
+"""Tensors are read and converted to the working dtype 64 MB at a time (no whole second copy)."""
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def safetensors_header(path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data begins (ValueError naming the file)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"checkpoint {path}: truncated safetensors file (no header)")
+        size = int.from_bytes(raw, "little")
+        if size > 100 * 2 ** 20 or size > os.path.getsize(path) - 8:
+            raise ValueError(f"checkpoint {path}: damaged safetensors header (length {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {path}: damaged safetensors header ({exc})") from None
+    return header, 8 + size
+
+
+def _read_one(path, header: dict, start: int, key: str, want, device, dtype) -> torch.Tensor:
+    """One tensor read with plain file reads, a slice at a time (a memory map would count whole in the RSS)."""
+    info = header[key]
+    src = _DTYPES.get(info["dtype"])
+    shape = tuple(info["shape"])
+    if src is None:
+        raise ValueError(f"checkpoint {path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+    if want is not None and shape != tuple(want):
+        raise ValueError(f"checkpoint {path}: tensor {key!r} has shape {shape}, the model expects {tuple(want)}")
+    lo, hi = info["data_offsets"]
+    item = torch.empty(0, dtype=src).element_size()
+    count = 1
+    for d in shape:
+        count *= d
+    if hi - lo != count * item or start + hi > os.path.getsize(path):
+        raise ValueError(f"checkpoint {path}: tensor {key!r} is truncated or damaged ({hi - lo} bytes for "
+                         f"{count} values of {info['dtype']})")
+    target = dtype if src.is_floating_point else src
+    out = torch.empty(count, dtype=target, device=device)
+    per = max(1, SLICE_BYTES // item)
+    with open(path, "rb") as f:
+        for s in range(0, count, per):
+            n = min(per, count - s)
+            buf = bytearray(n * item)
+            f.seek(start + lo + s * item)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"checkpoint {path}: tensor {key!r} is truncated")
+            out[s:s + n] = torch.frombuffer(buf, dtype=src).to(device=device, dtype=target)
+    return out.view(shape)
 
 
 def skeleton(config, dtype: torch.dtype = torch.float32):

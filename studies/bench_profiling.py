@@ -64,6 +64,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+class PhasePeaks:
+    """Samples this process's RSS every 20 ms and keeps the peak of each profiling phase (``stream.PHASE``)."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        from rankalloc.profiling import stream
+
+        self.peaks: dict[str, int] = {}
+        self._proc, self._phase, self._stop = psutil.Process(), stream.PHASE, False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop:
+            rss, phase = self._proc.memory_info().rss, self._phase[0]
+            self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+            time.sleep(0.02)
+
+    def stop(self) -> dict:
+        self._stop = True
+        self._thread.join()
+        return dict(sorted(self.peaks.items(), key=lambda kv: -kv[1])[:8])
+
+
 def matmul_rate(dtype, n: int, k: int, repeats: int = 3) -> float:
     """FLOP/s of an ``n x k`` by ``k x k`` matmul in ``dtype`` on this machine (best of ``repeats``)."""
     import torch
@@ -165,12 +192,13 @@ def bench(a) -> dict:
         bs = a.batch_size or max(1, 4096 // seqlen)
         out = a.out or str(Path(tmp) / "profile")
         t1 = time.perf_counter()
+        phases = PhasePeaks()
         prof = profile_model(model, ids, out=out, device=dev, batch_size=bs, kinds=kinds, gram_dtype=a.gram_dtype,
                              spectrum=a.spectrum, store=a.store, resume=False, fisher_samples=a.fisher_samples,
                              progress=not a.json, model_id=model_id, fingerprint=fp, weights=weights,
                              extras=() if a.random else ("sola", "flat"))
         wall = time.perf_counter() - t1
-        peak = peak_rss_bytes()
+        peak, by_phase = peak_rss_bytes(), phases.stop()
         disk = store_bytes(prof.path, prof.num_layers)
         timings = dict(prof.meta["timings"])
     elem = torch.empty(0, dtype=getattr(torch, a.dtype)).element_size()
@@ -190,7 +218,7 @@ def bench(a) -> dict:
            "split_s": {k: round(v, 2) for k, v in sorted(timings.items())},
            "floor_s": round(floor["floor_s"], 2), "wall_over_floor": round(wall / floor["floor_s"], 3),
            "floor_flops": {k: v for k, v in floor.items() if k != "floor_s"},
-           "store_disk": disk, "torch_threads": torch.get_num_threads()}
+           "store_disk": disk, "peak_rss_by_phase": by_phase, "torch_threads": torch.get_num_threads()}
     res["memory_target_bytes"] = int(1.5 * (res["largest_block_bytes"] + res["hidden_bytes"]) + 2 ** 30)
     return res
 
@@ -232,9 +260,10 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(text + "\n")
     for k, v in res.items():
-        if k not in ("split_s", "floor_flops", "store_disk"):
+        if k not in ("split_s", "floor_flops", "store_disk", "peak_rss_by_phase"):
             print(f"{k:>20}: {v}")
     print("               split: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["split_s"].items()))
+    print("    peak RSS by phase: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in res["peak_rss_by_phase"].items()))
     print(f"          store disk: {res['store_disk']['per_layer_bytes'] / 2**20:.1f} MiB per layer, "
           f"{res['store_disk']['total_bytes'] / 2**20:.1f} MiB in all {res['store_disk']['by_folder']}")
     return 0
