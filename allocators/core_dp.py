@@ -126,6 +126,24 @@ def _dp_step(f, a0, a1, b0, b1, values: np.ndarray, deltas: np.ndarray):
     return new, arg
 
 
+def budget_floor(limit: float, threshold: float, lam: float) -> float:
+    """The least total of a budget an optimum can use: ``limit - threshold / lam``, or 0 when there is no floor.
+
+    An optimum leaves at most ``threshold / lam`` of the budget unused (exact's module docstring). When
+    ``lam`` is 0, or so small (a subnormal price, from errors that differ by a subnormal amount) that
+    ``threshold / lam`` overflows or reaches ``limit``, the window is unbounded below and the floor is 0:
+    dropping a floor only keeps more states, so the DP stays exact. Never raises, never returns inf.
+    """
+    if not (lam > 0 and threshold >= 0 and math.isfinite(limit) and limit > 0):
+        return 0.0
+    # threshold / lam >= limit  <=>  threshold >= limit * lam (lam > 0); this product cannot overflow
+    # for the budget to have any floor, and it underflows only towards "no floor" (0 < threshold)
+    if threshold >= limit * lam:
+        return 0.0
+    slack = threshold / lam  # < limit, so finite
+    return max(limit - slack, 0.0)
+
+
 def core_dp(core: FlatTables, limits, rc, lam, threshold: float, max_cells: float, info: dict):
     """Exact solve of the core by the window DP (integer costs only); None if no state survives.
 
@@ -153,8 +171,9 @@ def core_dp(core: FlatTables, limits, rc, lam, threshold: float, max_cells: floa
     # an optimum leaves at most threshold / lam_k of budget k unused (exact's module docstring)
     lo = np.zeros(R, dtype=np.int64)
     for k in range(R):
-        if lam[k] > 0:
-            lo[k] = max(int(math.floor((float(B[k]) - threshold / lam[k]) / unit[k])) - int(base[k]) - 1, 0)
+        floor_k = budget_floor(float(B[k]), threshold, float(lam[k]))
+        if floor_k > 0:
+            lo[k] = max(int(math.floor(floor_k / unit[k])) - int(base[k]) - 1, 0)
     # components that vary in later budgets first: those axes then close early
     varies = np.array([[int((d[:, k] > 0).any()) for k in range(1, R)] for d in deltas]).reshape(L, R - 1)
     order = np.lexsort(tuple(-varies[:, k] for k in range(R - 2, -1, -1))) if R > 1 else np.arange(L)

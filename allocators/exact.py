@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rankalloc.allocators.allocation import Allocation, Status, finish, infeasible
-from rankalloc.allocators.core_dp import core_dp
+from rankalloc.allocators.core_dp import budget_floor, core_dp
 from rankalloc.allocators.cpsat import check_cpsat_settings, from_result, solve_arrays_anywhere
 from rankalloc.allocators.dual import lp_multipliers, multiplier_search, reduced_costs
 from rankalloc.allocators.hull import pareto_mask
@@ -163,7 +163,7 @@ class Exact:
         inc_core = _local(inc, F.offsets, core, Fc.offsets)
         info.update(core=int(len(Fc.errors)), core_components=int((np.diff(Fc.offsets) > 1).sum()), levels=levels,
                     best_incumbent=UB, method="fixing+cpsat")
-        floors = np.where(lam > 0, B - (gap + tol) / np.where(lam > 0, lam, 1.0), -np.inf)
+        floors = np.array([budget_floor(float(b), gap + tol, float(l)) for b, l in zip(B, lam)])  # 0: no floor
         out = self._cpsat(Fc, B, inc_core, t0, floors)
         times["core_cpsat"] = time.perf_counter() - t
         return self._finish(problem, out, inc_core, Fc.offsets, sel[selc], t0, info, times, LB)

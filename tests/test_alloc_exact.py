@@ -6,6 +6,7 @@ import itertools
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,14 +315,53 @@ def test_clean_subprocess_cpsat_matches_in_process():
     assert there["bound"] == pytest.approx(here["bound"], rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="known bug, left for the allocators owner: the core DP divides by a multiplier that "
-                          "underflows when errors differ by a subnormal amount (core_dp.py, the budget window); "
-                          "rankalloc.testing.strategies draws normal floats only, so check_solver does not hit it")
 def test_subnormal_error_differences_do_not_overflow_the_core_dp():
-    """Two 1x1 matrices, limit 0: B's rank 0 costs nothing with error 5e-324 (subnormal) or 0 with a sparse part."""
+    """Two 1x1 matrices, limit 0: B's rank 0 costs nothing with error 5e-324 (subnormal) or 0 with a sparse part.
+    The multiplier is then subnormal and threshold / lambda overflowed in the budget window (OverflowError); now
+    the window has no floor there and the DP proves the optimum, without a floating-point warning."""
     a = Curve(Component("model.layers.0.q", 1, 1, "q", 0), [0], [0.0])
     b = Curve(Component("model.layers.1.q", 1, 1, "q", 1), [0, 0], [5e-324, 0.0], [0.0, 0.05])
     p = AllocationProblem([a, b], Budget("params", limit=0.0), grid=1)
-    alloc = Exact().solve(p)
-    assert alloc.status == Status.OPTIMAL and alloc.objective == 5e-324
+    with np.errstate(over="raise", divide="raise", invalid="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("auto", "dp"):
+            alloc = Exact(method=method).solve(p)
+            assert alloc.status == Status.OPTIMAL and alloc.objective == 5e-324, method
+            assert alloc.info["method"] == "fixing+dp" and alloc.lower_bound == 5e-324
+
+
+def test_budget_floor_of_the_dp_window():
+    """limit - threshold / lambda where that is positive and finite; 0 (no floor, which keeps the DP exact) for
+    lambda 0, a subnormal lambda whose quotient overflows, or a threshold that would leave the whole budget."""
+    from rankalloc.allocators.core_dp import budget_floor
+
+    assert budget_floor(1000.0, 10.0, 0.5) == 980.0
+    assert budget_floor(1000.0, 0.0, 0.5) == 1000.0
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        for lam in (0.0, 5e-324, 1e-310, -1.0, float("nan")):
+            assert budget_floor(1000.0, 1e-3, lam) == 0.0, lam
+        assert budget_floor(1000.0, 600.0, 0.5) == 0.0  # 1200 unused would be more than the budget
+        assert budget_floor(0.0, 1.0, 1.0) == 0.0 and budget_floor(float("inf"), 1.0, 1.0) == 0.0
+        assert budget_floor(1e300, 1e-300, 1e300) == 1e300  # threshold / lambda underflows to 0: the full floor
+
+
+def test_exact_on_subnormal_errors_matches_brute_force():
+    """Errors that are multiples of the smallest subnormal (the differences, the multipliers and the gaps all
+    subnormal): exact (auto and dp) is OPTIMAL with the brute-force optimum, or INFEASIBLE with it."""
+    rng = np.random.default_rng(31)
+    for trial in range(25):
+        curves = []
+        for l in range(4):
+            m, n = (int(x) for x in rng.integers(1, 5, size=2))
+            ranks = list(range(0, min(m, n) + 1)) + [DENSE]
+            steps = np.sort(rng.integers(0, 4, size=len(ranks)))[::-1].astype(float)
+            curves.append(Curve(Component(f"model.layers.{l}.q", m, n, "q", l), ranks,
+                                steps * 5e-324 * float(rng.choice([1, 3, 1e5]))))
+        p = AllocationProblem(curves, Budget("params", removed=float(rng.uniform(0, 0.9))), grid=1)
+        best = brute_force(p)
+        for method in ("auto", "dp"):
+            alloc = Exact(method=method).solve(p)
+            if best is None:
+                assert alloc.status == Status.INFEASIBLE, (trial, method)
+            else:
+                assert alloc.status == Status.OPTIMAL and alloc.objective == best, (trial, method, alloc.objective)

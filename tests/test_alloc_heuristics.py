@@ -334,6 +334,30 @@ def test_capped_proportional_properties():
         capped_proportional([1.0, 0.0], 1.5)
 
 
+def test_capped_proportional_with_weights():
+    """With weights d, sum_l d_l w_l = total and w_l = min(1, c t_l) for one c; unit weights give the unweighted
+    answer; the weight of the positive scores bounds the total."""
+    rng = np.random.default_rng(17)
+    for _ in range(50):
+        k = int(rng.integers(1, 12))
+        t, d = rng.exponential(size=k), rng.choice([64.0, 4096.0, 65536.0], size=k)
+        total = float(rng.uniform(0, d.sum()))
+        w = capped_proportional(t, total, weights=d)
+        assert d @ w == pytest.approx(total, rel=1e-9) and (w >= 0).all() and (w <= 1).all()
+        free = w < 1 - 1e-12
+        if free.any():
+            c = (w[free] / t[free]).max()
+            assert np.allclose(w[free] / t[free], c, rtol=1e-9) and (c * t[~free] >= 1 - 1e-9).all()
+        u = float(rng.uniform(0, k))
+        np.testing.assert_allclose(capped_proportional(t, u, weights=np.ones(k)), capped_proportional(t, u),
+                                   rtol=1e-12, atol=1e-15)
+    assert capped_proportional([1.0, 0.0], 10.0, weights=[10.0, 5.0]).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="weight of the positive scores"):
+        capped_proportional([1.0, 0.0], 11.0, weights=[10.0, 5.0])
+    with pytest.raises(ValueError, match="weights"):
+        capped_proportional([1.0, 2.0], 1.0, weights=[1.0, -1.0])
+
+
 def test_projection_bisection_matches_cvxpy():
     """project_capped_simplex (bisection on the shift) equals the cvxpy QP solution, sums to S and stays in
     [0, 1]."""
@@ -359,6 +383,7 @@ def test_iprs_hand_made_and_refusals():
     a = IPRS().solve(p)
     assert a.status == Status.FEASIBLE and a.ranks == {"A": 0, "B": D}
     assert a.info["kept_fraction"] == {0: 0.25, 1: 0.75}
+    assert a.info["rule"] == "paper" and a.info["scale"] == 0.25 and "paper_kept_fraction" not in a.info
     with pytest.raises(ValueError, match="layer importance scores"):
         IPRS().solve(p.replace(layer_scores=None))
     with pytest.raises(ValueError, match="kv"):
@@ -366,19 +391,93 @@ def test_iprs_hand_made_and_refusals():
 
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation, left for the allocators owner: IPRS caps each layer at "
-                                       "w_l times its own dense cost, and sum_l w_l D_l exceeds the budget when the "
-                                       "important layers are the larger ones (FLAT-LLM's layers all have one size); "
-                                       "it then reports INFEASIBLE, with '0 component(s)' in its message, although "
-                                       "rank 0 everywhere fits. rankalloc.testing holds solvers to 'INFEASIBLE is "
-                                       "true' on model-shaped problems, where this cannot happen")
 def test_iprs_unequal_layers_stay_feasible():
     """Layer 0 (64x64, t = 0.9) and layer 1 (8x8, t = 0.1), 50% removed (limit 2080): w = (0.9, 0.1) lets A take
-    rank 24 (3072 params), over the budget; every matrix at rank 0 fits."""
+    rank 24 (3072 params), over the budget; every matrix at rank 0 fits. IPRS rescales the water-filling so that
+    4096 w_0 + 64 w_1 = 2080 with w = c (0.9, 0.1): c = 2080 / 3692.8, A's cap 2076 gives rank 16 (2048), B's cap
+    3.6 gives rank 0; the 32 left buy nothing (B's rank 8 costs 128)."""
     curves = [curve("A", 64, 64, [0, 16, 24, D], [10, 5, 3, 0], layer=0),
               curve("B", 8, 8, [0, 8, D], [1, .5, 0], layer=1)]
     p = AllocationProblem(curves, Budget("params", removed=0.5), grid=8, layer_scores={0: 0.9, 1: 0.1})
-    assert IPRS().solve(p).status == Status.FEASIBLE
+    for fill in (True, False):
+        a = IPRS(fill=fill).solve(p)
+        assert a.status == Status.FEASIBLE and a.ranks == {"A": 16, "B": 0} and a.cost["params"] == 2048
+        assert a.info["rule"] == "rescaled" and a.info["paper_kept_fraction"] == {0: 0.9, 1: 0.1}
+        c = 2080 / (4096 * 0.9 + 64 * 0.1)
+        assert a.info["scale"] == pytest.approx(c, rel=1e-12)
+        assert a.info["kept_fraction"] == pytest.approx({0: 0.9 * c, 1: 0.1 * c}, rel=1e-12)
+        assert a.message == ""
+
+
+def test_iprs_shrinks_the_scale_when_a_matrix_has_nothing_within_its_cap():
+    """Two 64x64 layers (equal sizes: rescaling changes nothing), 50% removed (limit 4096), t = (0.1, 0.9): A has no
+    candidate below rank 16 (2048), so at w = (0.1, 0.9) it takes rank 16 and B's rank 24 (3072) breaks the budget.
+    IPRS lowers c to the largest value at which the snapped allocation fits: 2048 / (0.9 * 4096), where B's cap
+    reaches its rank 16. Both rank 16: 4096 params, exactly the limit."""
+    curves = [curve("A", 64, 64, [16, D], [1, 0], layer=0),
+              curve("B", 64, 64, [0, 16, 24, D], [4, 2, 1, 0], layer=1)]
+    p = AllocationProblem(curves, Budget("params", removed=0.5), grid=8, layer_scores={0: 0.1, 1: 0.9})
+    a = IPRS().solve(p)
+    assert a.status == Status.FEASIBLE and a.ranks == {"A": 16, "B": 16} and a.cost["params"] == 4096
+    assert a.info["rule"] == "shrunk" and a.info["scale"] == pytest.approx(2048 / (0.9 * 4096), rel=1e-12)
+    assert a.info["kept_fraction"][1] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_iprs_infeasible_names_the_minimum_cost():
+    """A budget below every matrix at its cheapest candidate (2048 + 0): INFEASIBLE with the minimum cost 2048 in
+    the message (as every solver), and no count of components."""
+    curves = [curve("A", 64, 64, [16, D], [1, 0], layer=0), curve("B", 8, 8, [0, 8, D], [1, .5, 0], layer=1)]
+    p = AllocationProblem(curves, Budget("params", limit=1000.0), grid=8, layer_scores={0: 0.9, 1: 0.1})
+    a = IPRS().solve(p)
+    assert a.status == Status.INFEASIBLE and "2048" in a.message and "component(s)" not in a.message
+    assert a.message == p.infeasibility_message()
+
+
+def test_iprs_keeps_the_paper_rule_where_it_fits_and_never_refuses_a_feasible_problem():
+    """On random problems (layers of different sizes, matrices without rank 0, sparse candidates), IPRS is
+    FEASIBLE exactly when every matrix at its cheapest candidate fits. Where the paper's allocation (equal weight
+    per layer, snapped and filled) meets the budget, it is returned unchanged (rule "paper"); otherwise the kept
+    fractions are the paper's shrunk by one scale: w = min(1, c t) with c below the paper's, so no layer keeps
+    more than the paper gave it, and after rescaling sum_l D_l w_l meets the budget."""
+    from hypothesis import given, settings
+
+    from rankalloc.allocators.iprs import fill_by_layer
+    from rankalloc.allocators.uniform import component_dense_costs, largest_within
+    from rankalloc.testing.strategies import DETERMINISTIC, problems
+
+    rules = set()
+
+    @settings(DETERMINISTIC, max_examples=300)
+    @given(p=problems(n_budgets=1, sparse=True, weights=None, layered=None))
+    def check(p):
+        layers = sorted({c.layer for c in p.components})
+        t = np.array([p.layer_scores[l] for l in layers])
+        layer_of = np.array([layers.index(c.layer) for c in p.components])
+        dense = component_dense_costs(p)
+        s = min(max(1 - p.limits["params"] / dense.sum(), 0.0), 1.0)
+        w_paper = capped_proportional(t, len(layers) * (1 - s))
+        idx, _ = largest_within(p, w_paper[layer_of][None, :] * dense)
+        idx, _ = fill_by_layer(p, idx, layer_of, t)
+        paper_fits = bool(fits(p.flat.total(idx), limits_of(p)))
+        a = IPRS().solve(p)
+        assert (a.status == Status.FEASIBLE) == (p.infeasibility_message() is None), (a.status, a.message)
+        if a.status == Status.INFEASIBLE:
+            assert a.message == p.infeasibility_message()
+            return
+        rules.add(a.info["rule"])
+        if paper_fits:
+            assert a.info["rule"] == "paper" and tuple(a.choice_index) == tuple(int(j) for j in idx)
+            return
+        w = np.array([a.info["kept_fraction"][l] for l in layers])
+        assert a.info["rule"] in ("rescaled", "shrunk") and (w <= w_paper + 1e-12).all()
+        c = a.info["scale"]
+        assert c is None or np.allclose(w, np.minimum(1.0, c * t), rtol=1e-12, atol=1e-15)
+        if a.info["rule"] == "rescaled":
+            d_layer = np.bincount(layer_of, weights=dense[0], minlength=len(layers))
+            assert d_layer @ w <= p.limits["params"] * (1 + 1e-9) + 1e-9
+
+    check()
+    assert rules == {"paper", "rescaled", "shrunk"}, rules
 
 
 # ----------------------------------------------------------------------------- epsilon
