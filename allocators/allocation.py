@@ -167,6 +167,14 @@ class Solver(Protocol):
     Its allocation meets every budget (status OPTIMAL or FEASIBLE), or it has status INFEASIBLE
     with the minimum achievable cost in its message, or TIME_LIMIT. A solver declares the number of
     budgets it handles in ``max_budgets`` (None: any).
+
+    INFEASIBLE means that no allocation meets the budgets, unless the solver declares otherwise in
+    ``exact_feasibility`` (absent or True: always). ``False`` (or 0): a rule-based solver whose rule
+    may not meet a budget that another allocation meets (uniform), and then says INFEASIBLE with its
+    rule's reason rather than an allocation its rule did not make. An integer ``k``: exact on problems
+    with at most ``k`` budgets (the greedy, Lagrangian and epsilon heuristics: 1; with several budgets,
+    finding any feasible allocation is itself NP-hard). ``rankalloc.testing.check_solver`` holds every
+    solver to its declaration against brute force.
     """
 
     name: str

@@ -37,6 +37,7 @@ class UniformEpsilon:
 
     name: str = "epsilon"
     max_budgets: ClassVar[int | None] = None
+    exact_feasibility: ClassVar[bool | int] = 1  # one budget: the largest tolerance gives the cheapest candidates
 
     def solve(self, problem: AllocationProblem) -> Allocation:
         t0 = time.perf_counter()

@@ -39,6 +39,7 @@ class Greedy:
     start: str = "dense"
     name: str = "greedy"
     max_budgets: ClassVar[int | None] = None
+    exact_feasibility: ClassVar[bool | int] = 1  # one budget: the descent ends at the cheapest candidates
 
     def __post_init__(self):
         if self.start not in STARTS:

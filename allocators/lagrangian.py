@@ -59,6 +59,7 @@ class Lagrangian:
     max_iter: int = 20
     name: str = "lagrangian"
     max_budgets: ClassVar[int | None] = None
+    exact_feasibility: ClassVar[bool | int] = 1  # one budget: the greedy repair ends at the cheapest candidates
 
     def __post_init__(self):
         if not isinstance(self.fill, bool):

@@ -12,6 +12,12 @@ With parameters and pure low-rank candidates this is exactly SVD-LLM's rule: den
 Summing the per-component caps gives at most ``B_k``, so the budgets hold whenever every
 component has an admissible candidate. When one has none, it takes its cheapest candidate, and
 the result is FEASIBLE only if the budgets still hold. There is no lower bound.
+
+Otherwise it reports INFEASIBLE, with the largest removed fraction the grid allows uniformly, even
+where another, non-uniform allocation would fit: the solver is the uniform rule, not a search for
+any feasible allocation, and does not fall back to another rule (a baseline that silently changed
+its rule would no longer be the baseline). It declares this in the solver contract:
+``exact_feasibility = False`` (:class:`~rankalloc.allocators.allocation.Solver`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class Uniform:
 
     name: str = "uniform"
     max_budgets: ClassVar[int | None] = None
+    exact_feasibility: ClassVar[bool | int] = False  # SVD-LLM's rule, not a search: it may refuse a feasible budget
 
     def solve(self, problem: AllocationProblem) -> Allocation:
         t0 = time.perf_counter()

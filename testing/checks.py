@@ -16,11 +16,14 @@ and on the conformance table :data:`rankalloc.testing.conformance.KNOWN`:
   with more budgets than the solver declares (``max_budgets``) must be refused.
 * ``budgets_held``: an OPTIMAL or FEASIBLE allocation meets every budget (re-priced from its choices).
 * ``infeasible_is_true``: INFEASIBLE gives the minimum achievable cost in its message when a budget is
-  below it (a reason otherwise), and is never reported where a feasible allocation is evident: on a
-  model-shaped problem (every layer has the same matrices) in which every matrix can be removed
-  entirely (a candidate that costs nothing), where dropping everything meets every budget and so does
-  any share of the budgets split evenly or by layer. (Elsewhere, a rule-based solver whose rule cannot
-  reach a feasible budget may say INFEASIBLE; the table holds every solver to the truth.)
+  below it (a reason otherwise), and is never reported on a feasible problem: the ground truth is brute
+  force (the table's hand-derived optimum on the table). A solver whose INFEASIBLE cannot be exact says so
+  in the solver contract's ``exact_feasibility`` (:class:`~rankalloc.allocators.allocation.Solver`):
+  ``False`` (or 0) for a rule that may not meet a budget another allocation meets (``uniform``), an
+  integer ``k`` for a heuristic that is exact with at most ``k`` budgets (``greedy``, ``lagrangian`` and
+  ``epsilon``: 1, as finding any allocation within several budgets is NP-hard). Beyond its declaration
+  it may refuse a feasible problem, with a reason; the row's detail gives the declaration and how many
+  feasible problems it refused. An undeclared solver is held to the truth everywhere.
 * ``objective_matches_choices``: the allocation refers to the problem solved, has one valid choice per
   component, and its objective and costs equal those recomputed from its choices.
 * ``objective_not_below_optimum``: a feasible allocation's objective is >= the exact optimum.
@@ -203,7 +206,7 @@ class Case:
 
     solver: object
     problem: AllocationProblem
-    optimum: object = "brute force"  # or a known optimum (None: infeasible)
+    optimum: object = "brute force"  # or a known optimum (None: infeasible), or "unknown" (not computed)
     alloc: Allocation | None = None
     error: str | None = None
     changed: str | None = None
@@ -219,6 +222,8 @@ class Case:
         """The optimal objective (None: infeasible)."""
         if self.optimum == "brute force":
             return brute_force(self.problem)[0]
+        if self.optimum == "unknown":
+            raise RuntimeError("Case.best: the optimum is unknown here (optimum='unknown'); no check may need it")
         return self.optimum
 
     @cached_property
@@ -260,7 +265,8 @@ def _held(case: Case) -> bool:
 
 def evident_feasible(problem: AllocationProblem) -> bool:
     """Whether a feasible allocation is evident: every layer has the same matrices (kinds and shapes), and every
-    component has a candidate that costs nothing in every budgeted resource."""
+    component has a candidate that costs nothing in every budgeted resource. (The model-shaped problems that
+    :func:`check_solver` draws besides the general ones; ``infeasible_is_true`` itself asks brute force.)"""
     tables = [problem.cost_tables[r] for r in problem.resources]
     free = all(bool(np.any(np.all([t[l] == 0 for t in tables], axis=0))) for l in range(len(problem.curves)))
     layers: dict[int, list] = {}
@@ -280,7 +286,30 @@ def check_budgets_held(case: Case) -> str | None:
     return None
 
 
+def declared_feasibility(solver) -> tuple[int | None, str | None]:
+    """What ``solver`` declares in ``exact_feasibility``: ``(k, None)``, INFEASIBLE is exact on problems with at
+    most ``k`` budgets (``None``: any number, also when it declares nothing or True; 0: never), or
+    ``(None, why)`` when the declaration is neither a bool nor an integer >= 0 (it is then held to the truth)."""
+    value = getattr(solver, "exact_feasibility", True)
+    if isinstance(value, (bool, np.bool_)):
+        return (None if value else 0), None
+    if isinstance(value, (int, np.integer)) and value >= 0:
+        return int(value), None
+    return None, (f"exact_feasibility must be True, False or an integer >= 0 (the number of budgets up to which "
+                  f"INFEASIBLE is exact), received {value!r}")
+
+
+def _excused(case: Case) -> bool:
+    """Whether the solver's declaration lets it refuse this (feasible) problem."""
+    k = declared_feasibility(case.solver)[0]
+    return k is not None and len(case.problem.budgets) > k
+
+
 def check_infeasible_is_true(case: Case) -> str | None:
+    """INFEASIBLE names the minimum cost when a budget is below it, and gives a reason otherwise. It is false
+    wherever a feasible allocation exists (brute force, or the known optimum), unless the solver declares, in
+    ``exact_feasibility``, that its INFEASIBLE is not exact on problems with this many budgets. With
+    ``case.optimum == "unknown"`` only the message is checked."""
     a, p = case.alloc, case.problem
     if a.status != Status.INFEASIBLE:
         return None
@@ -290,12 +319,12 @@ def check_infeasible_is_true(case: Case) -> str | None:
                     f"{p.min_costs[r]:.6g}, which the message must give; received {a.message!r}")
     if not a.message:
         return "INFEASIBLE with an empty message: expected the reason (the minimum achievable cost)"
-    if case.optimum != "brute force" and case.optimum is not None:
-        return f"reported INFEASIBLE, but the optimum is {case.optimum!r}: {a.message!r}"
-    if evident_feasible(p):
-        return ("reported INFEASIBLE on a model-shaped problem in which every matrix can be removed entirely "
-                f"(removing everything meets every budget): {a.message!r}")
-    return None
+    if case.optimum == "unknown" or case.best is None or _excused(case):
+        return None
+    k = declared_feasibility(case.solver)[0]
+    promise = "" if k is None else f" (it declares exact_feasibility={k}: exact with up to {k} budget(s))"
+    return (f"reported INFEASIBLE, but a feasible allocation exists (optimum {case.best!r}){promise}: "
+            f"{a.message!r}")
 
 
 def check_objective_matches_choices(case: Case) -> str | None:
@@ -387,13 +416,16 @@ SINGLE: dict[str, Callable[[Case], str | None]] = {
 """The checks of one allocation of one problem."""
 
 
-def contract_violations(problem: AllocationProblem, alloc: Allocation, optimum="brute force") -> list[str]:
+def contract_violations(problem: AllocationProblem, alloc: Allocation, optimum="brute force",
+                        solver=None) -> list[str]:
     """Every solver-contract violation of ``alloc``, a solution of ``problem``, as ``"check: why"`` lines.
 
     ``optimum`` is the known optimal objective (``None``: infeasible), ``"brute force"`` (enumerate it) or
-    ``"unknown"`` (only the checks that need no optimum). An empty list means the allocation is sound.
+    ``"unknown"`` (only the checks that need no optimum; INFEASIBLE is then checked for its message only).
+    ``solver`` (optional) is the solver that made ``alloc``: its ``exact_feasibility`` declaration applies;
+    without it an INFEASIBLE on a feasible problem is a violation. An empty list means the allocation is sound.
     """
-    case = Case(None, problem, optimum if optimum != "unknown" else "brute force", alloc)
+    case = Case(solver, problem, optimum, alloc)
     need_truth = {"objective_not_below_optimum", "lower_bound_valid", "optimal_claims_true"}
     out = []
     for name, fn in SINGLE.items():
@@ -607,6 +639,8 @@ def check_solver(solver_or_name, *, examples: int | None = None, thorough: bool 
     rows["known_optima"] = _timed(rows["known_optima"], t0)
     general, evident, generic = _problem_strategies(cap)
     names = [*SINGLE, "deterministic"]
+    refused = {"feasible": 0, "refused": 0}  # feasible problems seen and refused (declared exact_feasibility)
+    promise, bad_promise = declared_feasibility(solver)
 
     def evaluate(ex, only=None):
         case = Case.solve(solver, ex)
@@ -615,11 +649,19 @@ def check_solver(solver_or_name, *, examples: int | None = None, thorough: bool 
         out = {}
         for name in ([only] if only else names):
             out[name] = _verdict(check_deterministic if name == "deterministic" else SINGLE[name], case)
+        if only is None and case.alloc is not None and _excused(case) and case.best is not None:
+            refused["feasible"] += 1
+            refused["refused"] += case.alloc.status == Status.INFEASIBLE
         return out, case.describe
 
     probes = _search(st.one_of(general, evident), evaluate, names, n)
     for name in names:
-        rows[name] = _row(name, probes[name], SOLVER_DETAIL[name])
+        detail = SOLVER_DETAIL[name] if name != "infeasible_is_true" else _feasibility_detail(promise, refused)
+        rows[name] = _row(name, probes[name], detail)
+    if bad_promise:  # a malformed declaration fails the row; the solver was held to the truth meanwhile
+        row = rows["infeasible_is_true"]
+        rows["infeasible_is_true"] = CheckRow(row.check, False, row.examples, row.seconds,
+                                              _short(f"{bad_promise}; {row.detail}", 600), row.example)
     rows["order_invariant"] = _order_invariant(solver, generic, n)
     rows["budget_count"] = _budget_count(solver, cap, bad_cap, max(5, n // 3))
     return _table(rows[name] for name in SOLVER_CHECKS)
@@ -627,8 +669,8 @@ def check_solver(solver_or_name, *, examples: int | None = None, thorough: bool 
 
 SOLVER_DETAIL = {
     "budgets_held": "every OPTIMAL or FEASIBLE allocation meets every budget",
-    "infeasible_is_true": "INFEASIBLE names the minimum cost, and is never reported where removing everything "
-                          "fits a model-shaped problem",
+    "infeasible_is_true": "INFEASIBLE names the minimum cost, and is never reported on a feasible problem "
+                          "(brute force)",
     "objective_matches_choices": "objective and costs equal those recomputed from the choices",
     "objective_not_below_optimum": "no feasible objective below the brute-force optimum",
     "lower_bound_valid": "every lower bound <= the brute-force optimum",
@@ -637,6 +679,21 @@ SOLVER_DETAIL = {
     "problem_unchanged": "solving leaves the problem unchanged",
     "deterministic": "solving again, and an equal copy, gives the same allocation",
 }
+
+
+def _feasibility_detail(promise: int | None, refused: dict) -> str:
+    """The passed detail of ``infeasible_is_true``: the solver's ``exact_feasibility`` and what it refused."""
+    if promise is None:
+        return SOLVER_DETAIL["infeasible_is_true"]
+    if promise == 0:
+        said = ("exact_feasibility=False (a rule that may not meet a feasible budget): INFEASIBLE names the minimum "
+                "cost or gives its reason")
+        where = "feasible problems"
+    else:
+        said = (f"exact_feasibility={promise}: INFEASIBLE never on a feasible problem with up to {promise} "
+                f"budget(s) (brute force), and names the minimum cost or gives its reason")
+        where = f"feasible problems with more than {promise} budget(s)"
+    return f"{said}; it refused {refused['refused']} of {refused['feasible']} {where}"
 
 
 def _row(name: str, probe: _Probe, passed_detail: str) -> CheckRow:

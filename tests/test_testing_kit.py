@@ -89,6 +89,84 @@ def test_a_solver_without_solve_or_with_a_bad_cap_is_a_verdict():
         check_solver("greedy", examples=0)
 
 
+# ----------------------------------------------------------------------------- INFEASIBLE is true
+def _uniform_like(declared=None):
+    """The uniform rule under another name, with ``exact_feasibility`` set to ``declared`` (None: not declared)."""
+    from rankalloc.allocators.uniform import Uniform
+
+    class UniformRule:
+        name = "uniform-rule"
+        max_budgets = None
+
+        def solve(self, problem):
+            return Uniform().solve(problem)
+
+    if declared is not None:
+        UniformRule.exact_feasibility = declared
+    return UniformRule()
+
+
+def _refused_by_uniform():
+    """A (dense only) and B (rank 0, 16, 32, dense), 64x64 each, 50% removed: the uniform caps (2048 each) fit
+    nothing of A, which stays dense, and B's rank 16 breaks the limit 4096; A dense with B at rank 0 fits."""
+    a = Curve(Component("model.layers.0.q", 64, 64, "q", 0), [DENSE], [0.0])
+    b = Curve(Component("model.layers.1.q", 64, 64, "q", 1), [0, 16, 32, DENSE], [4.0, 2.0, 1.0, 0.0])
+    return AllocationProblem([a, b], Budget("params", removed=0.5), grid=16, layer_scores={0: 0.5, 1: 0.5})
+
+
+def test_infeasible_on_a_feasible_problem_fails_unless_declared():
+    """The strict check: INFEASIBLE where brute force finds an allocation fails an undeclared solver on any
+    problem (not only model-shaped ones, which excused a rule such as the old IPRS); exact_feasibility=False lets
+    a rule refuse, with its reason, and the row says so and counts the refusals."""
+    from rankalloc.allocators.allocation import Status
+    from rankalloc.testing import contract_violations
+
+    p = _refused_by_uniform()
+    alloc = _uniform_like().solve(p)
+    assert alloc.status == Status.INFEASIBLE and p.infeasibility_message() is None
+    why = contract_violations(p, alloc)
+    assert any(w.startswith("infeasible_is_true: reported INFEASIBLE, but a feasible allocation exists") for w in why)
+    assert not contract_violations(p, alloc, solver=_uniform_like(False))
+    assert not contract_violations(p, alloc, optimum="unknown")  # the message alone is sound
+
+    row = check_solver(_uniform_like(), examples=EXAMPLES).set_index("check").loc["infeasible_is_true"]
+    assert not row.passed and "a feasible allocation exists" in row.detail and "components" in row.example
+    table = check_solver(_uniform_like(False), examples=EXAMPLES).set_index("check")
+    assert table.passed.all(), table[~table.passed].detail.to_string()
+    detail = table.loc["infeasible_is_true"].detail
+    assert detail.startswith("exact_feasibility=False") and "it refused" in detail
+    refused, seen = (int(x) for x in detail.split("it refused ")[1].split(" feasible")[0].split(" of "))
+    assert 0 < refused <= seen
+
+
+def test_a_declaration_holds_up_to_its_budgets():
+    """exact_feasibility=1 holds the solver to the truth with one budget (the uniform rule fails there) and excuses
+    it with more; a malformed declaration fails the row and the solver is held to the truth."""
+    from rankalloc.testing import contract_violations
+
+    p = _refused_by_uniform()
+    two = p.with_budgets(Budget("params", removed=0.5), Budget("kv", removed=0.0))
+    solver = _uniform_like(1)
+    why = contract_violations(p, solver.solve(p), solver=solver)
+    assert len(why) == 1 and "it declares exact_feasibility=1: exact with up to 1 budget(s)" in why[0]
+    alloc = solver.solve(two)
+    assert alloc.status.value == "infeasible" and not contract_violations(two, alloc, solver=solver)
+    assert contract_violations(two, alloc)  # undeclared: held to the truth
+    greedy = check_solver("greedy", examples=EXAMPLES).set_index("check").loc["infeasible_is_true"]
+    assert greedy.passed and greedy.detail.startswith("exact_feasibility=1: INFEASIBLE never on a feasible problem")
+    bad = check_solver(_uniform_like("sometimes"), examples=5).set_index("check").loc["infeasible_is_true"]
+    assert not bad.passed and bad.detail.startswith("exact_feasibility must be True, False or an integer >= 0")
+
+
+def test_builtin_declarations():
+    """uniform may refuse (its rule), greedy, lagrangian and epsilon are exact with one budget, the others always."""
+    from rankalloc.allocators.registry import get_solver
+    from rankalloc.testing.checks import declared_feasibility
+
+    expected = {"uniform": 0, "greedy": 1, "lagrangian": 1, "epsilon": 1, "exact": None, "iprs": None, "dp": None}
+    assert {name: declared_feasibility(get_solver(name))[0] for name in expected} == expected
+
+
 # ----------------------------------------------------------------------------- the problem refuses broken models
 def _problem(cost, *, sparse=False):
     c = Component("model.layers.0.self_attn.q_proj", 64, 64, "q", 0)
