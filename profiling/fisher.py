@@ -229,7 +229,9 @@ def fisher_component(W: torch.Tensor, Sx: torch.Tensor, Gg: torch.Tensor, scale:
     place, computed by in-place triangular products).
     """
     m, n = W.shape
-    A = times_lower_(W.to(PRECISION).clone(), Sx)  # W S_x
+    W64 = W.to(PRECISION)
+    shared = W64.data_ptr() == W.data_ptr()
+    A = times_lower_(W64.clone() if shared else W64, Sx)  # W S_x, in a private copy made once
     lam, Q, side = small_side(A, f"whitened weight of {name}", method)
     Gg = check_finite(Gg.to(PRECISION), f"output-gradient Gram of {name}")
     Sg, _ = lean_cholesky(Gg, f"output-gradient Gram of {name}", damping)

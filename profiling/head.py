@@ -102,6 +102,17 @@ def loss_and_hidden_grad(model, layers, h: torch.Tensor, ids: torch.Tensor, chun
     loss is float32 (float64 for a float64 model), as the model's own loss.
     """
     hx = h.detach().requires_grad_(True)
+    frozen = {p: p.requires_grad for p in model.parameters()}  # only dL/dh: no weight gradient (the head's is 2 GB)
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _loss_and_grad(model, layers, hx, ids, chunk, as_tuple)
+    finally:
+        for p, f in frozen.items():
+            p.requires_grad_(f)
+
+
+def _loss_and_grad(model, layers, hx: torch.Tensor, ids: torch.Tensor, chunk: int, as_tuple: bool):
     with torch.enable_grad():
         normed = final_hidden(model, layers, hx, as_tuple)
         n = normed.detach().requires_grad_(True)

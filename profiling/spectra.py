@@ -121,7 +121,9 @@ def component_spectrum(W: torch.Tensor, S: torch.Tensor, delta: float, name: str
     """Whitened and plain spectra of one ``m x n`` weight ``W``, given its whitening ``S`` (``n x n``, from
     ``damped_cholesky`` of the input Gram, shared by every member of an input group) and ``delta``."""
     t0 = time.perf_counter()
-    W = check_finite(W.detach().to(device=S.device, dtype=PRECISION), f"weight of {name}").clone()
+    W64 = W.detach().to(device=S.device, dtype=PRECISION)
+    shared = W64.data_ptr() == W.data_ptr()  # same dtype and device: .to returned the weight's own memory
+    W = check_finite(W64.clone() if shared else W64, f"weight of {name}")  # a private copy, made once
     sigma_w = _svals(W, f"weight of {name}", config.method) if "epsilon" in config.kinds else None
     sigma = _svals(times_lower_(W, S), f"whitened weight W S of {name}", config.method)  # W becomes W S in place
     del W
