@@ -154,3 +154,35 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
     model = model if inplace else copy.deepcopy(model)
     report = compress_(model, allocation, config, prof, progress=progress)
     return model, report
+
+
+def compressed_perplexity(run, prof, allocation, method: str, *, ids=None, batch_size: int = 4, config=None):
+    """``(perplexity result, whole-model parameters kept)`` of ``allocation`` built with ``method`` on ``run``'s model.
+
+    In memory: a compressed copy, scored and dropped. Out of core (``run.loaded.out_of_core``): a fresh skeleton is
+    compressed one layer at a time into a temporary folder (``compress_to_folder``), which is then scored one layer
+    at a time (``open_compressed`` + ``streamed_perplexity``) and removed; the dense skeleton is never changed.
+    """
+    import tempfile
+
+    from rankalloc.decomposers.evaluate import evaluate, model_params
+
+    if not getattr(run.loaded, "out_of_core", False):
+        model, _ = compress(run.model, prof, allocation, method, config=config, progress=False)
+        return evaluate(model, run, batch_size=batch_size, progress=False, ids=ids), model_params(model)
+    from dataclasses import replace
+
+    from rankalloc.decomposers.io import open_compressed
+    from rankalloc.decomposers.streamed import compress_to_folder
+    from rankalloc.profiling.weights import load_out_of_core
+
+    skeleton, weights = load_out_of_core(weights_folder(run.loaded), run.loaded.weights.dtype)
+    fresh = replace(run.loaded, model=skeleton, weights=weights)
+    with tempfile.TemporaryDirectory(prefix="rankalloc-compressed-") as tmp:
+        compress_to_folder(fresh, prof, allocation, method, tmp, config=config, progress=False)
+        model, cw = open_compressed(tmp, out_of_core=True)
+        return evaluate(model, run, batch_size=batch_size, progress=False, ids=ids, weights=cw), model_params(model)
+
+
+def weights_folder(loaded):
+    return loaded.weights.checkpoint.folder

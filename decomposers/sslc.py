@@ -207,7 +207,7 @@ def sslc(W: torch.Tensor, G: torch.Tensor, rank: int, sparsity: float, config: S
         U, V = Q, Q.T @ (W - S)
         # (b) S = R on the top-nnz entries of delta_ij = (|R_ij| d_j)^2, the fixed set always included
         R = W - U @ V
-        salience = (R.abs() * d) ** 2
+        salience = ((R.abs() * d) ** 2).contiguous()  # a transposed (Conv1D) weight gives strided results
         salience.view(-1)[fixed] = math.inf
         index = _top(salience, nnz)
         S = torch.zeros(m * n, dtype=PRECISION, device=W.device)

@@ -10,25 +10,34 @@ Resume: the store marks a layer finished only after its files are in place. A re
 recomputes the inputs of the first unfinished layer by re-running the finished layers (no statistics; the same
 batches and kernels on the same device give bit-identical inputs), then carries on. An interrupted backward
 restarts from the top (its layer inputs are recomputed). Timings in the meta cover the work each run did.
+
+Several processes (``torchrun``; :mod:`~rankalloc.profiling.distributed`): every rank receives the whole calibration
+set (the meta describes all of it) and streams its own slice; rank 0 alone creates, resumes, writes and clears the
+profile directory, and decides the finished layers, which every rank then reruns without statistics to rebuild its
+boundaries, as one process does. The stored layer inputs are per rank (``scratch/rank_<r>``). A resumed run may use
+another number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import shutil
 import time
 
 import numpy as np
 import torch
 
+from rankalloc.profiling import distributed
 from rankalloc.profiling.architectures import ModulePatterns, find_structure, weight_of
 from rankalloc.profiling.backward import Boundaries
 from rankalloc.profiling.calibration import StreamConfig
+from rankalloc.profiling.fisher import loss_token_count
 from rankalloc.profiling.numerics import Damping, check_finite
 from rankalloc.profiling.spectra import BASE_KINDS, SpectrumConfig
-from rankalloc.profiling.store import STORES, Profile
-from rankalloc.profiling.stream import (Pass, _capture, _fisher_rows, _flush, backward_pass, fisher_sequences,
-                                        forward_pass, head_gradients)
+from rankalloc.profiling.store import KEY_FIELDS, STORES, Profile
+from rankalloc.profiling.stream import (Pass, _capture, _fisher_rows, _flush, backward_pass, fisher_rows, forward_pass,
+                                        head_gradients, scratch_folder)
 from rankalloc.profiling.weights import Weights
 
 LOSS_KINDS = {
@@ -73,13 +82,16 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(model, tokenizer) -> str:
+def _fingerprint(model, tokenizer, weights=None) -> str:
     """``data.model_fingerprint`` (config + tokenizer + weights, as ``load_model`` records) when a tokenizer
     is given, else :func:`model_fingerprint` (config + weights)."""
     if tokenizer is not None:
         from rankalloc.profiling.data import model_fingerprint as with_tokenizer
 
-        return with_tokenizer(model, tokenizer)
+        return with_tokenizer(model, tokenizer, weights)
+    if weights is not None and weights.out_of_core:
+        raise ValueError("profile_model: an out-of-core model needs tokenizer= or fingerprint= (its weights are not in "
+                         "memory to be checksummed); load it with rankalloc.profiling.data.load_model(out_of_core=True)")
     return model_fingerprint(model)
 
 
@@ -144,29 +156,40 @@ def largest_block_bytes(model, structure) -> int:
 
 def _fisher(p: Pass, calls, last, as_tuple, boundaries, fisher_samples, gram_budget, extras) -> None:
     """The chunked head, the layer-streamed backward, and the fisher kinds written (see ``profiling.stream``)."""
-    fids, n_loss = fisher_sequences(p.ids, fisher_samples)
-    if fids.shape[0] < p.ids.shape[0] and fids.shape[0] % p.stream.batch_size:
+    rows, sequences = fisher_rows(p, fisher_samples)
+    fids, n_loss = p.ids[:rows], loss_token_count(p.ids[:1]) * sequences
+    if 0 < rows < p.ids.shape[0] and rows % p.stream.batch_size:
         calls = _capture(p, fids).calls  # the last Fisher batch is shorter: its own masks
-    grads, _ = head_gradients(p, last, fids, as_tuple)
+    if distributed.world() > 1:  # the backward reads the roots and layer files rank 0 wrote in the forward
+        distributed.barrier("the forward pass finished")
+        distributed.require_shared([p.profile._layer_file(sub, l, ext) for l in range(p.structure.num_layers)
+                                    for sub, ext in (("layers", "npz"), ("roots", "safetensors"))],
+                                   "the forward pass's layer files")
+    grads, _ = head_gradients(p, last, fids, as_tuple) if rows else ([], 0.0)
     curves = backward_pass(p, boundaries, calls, grads, n_loss, gram_budget, extras)
-    p.profile.meta["fisher_loss_tokens"] = n_loss
-    p.profile.meta["fisher_samples"] = int(fids.shape[0])
-    p.profile._write_meta()
-    for kind in ("fisher", "fisher_svd"):
-        p.profile.write_kind(kind, curves[kind])
+    if distributed.is_main():
+        p.profile.meta["fisher_loss_tokens"] = n_loss
+        p.profile.meta["fisher_samples"] = sequences
+        p.profile._write_meta()
+        for kind in ("fisher", "fisher_svd"):
+            p.profile.write_kind(kind, curves[kind])
     boundaries.remove()
+    if distributed.world() > 1:
+        distributed.barrier("removing the stored layer inputs")
+        if distributed.is_main():  # every rank's folder, and any a run with another process count left
+            shutil.rmtree(boundaries.folder.parent, ignore_errors=True)
 
 
 def _passes(p: Pass, wanted, fisher_samples, gram_budget, extras) -> None:
     todo = {l for l in range(p.structure.num_layers) if l not in set(p.profile.finished_layers)}
     fisher = "fisher" in wanted and "fisher" not in p.profile.kinds
     if todo or fisher:
-        rows = p.ids.shape[0] if fisher_samples is None else fisher_samples
-        boundaries = Boundaries(p.profile.path / "scratch") if fisher else None
+        rows, _ = fisher_rows(p, fisher_samples)
+        boundaries = Boundaries(scratch_folder(p.profile.path)) if fisher else None
         t0 = time.perf_counter()
         last, calls, as_tuple = forward_pass(p, boundaries, rows, todo)
         p.add("forward_pass", time.perf_counter() - t0)
-        if not (p.profile.path / "curves.csv").exists():
+        if distributed.is_main() and not (p.profile.path / "curves.csv").exists():
             p.profile._write_curves()
         if fisher:
             t0 = time.perf_counter()
@@ -212,27 +235,35 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
         raise ValueError(f"store: expected one of {STORES}, received {store!r}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma: expected a fraction in [0, 1], received {gamma!r}")
+    if "probe" in kinds and distributed.world() > 1:
+        raise ValueError("probe curves are measured in one process; profile them without torchrun (the other kinds "
+                         "can be profiled first under torchrun, then probe added to the same directory)")
     stream = StreamConfig(batch_size=batch_size, gram_dtype=gram_dtype)
     spec = SpectrumConfig(kinds=BASE_KINDS, method=spectrum, damping=damping)
-    dev = resolve_device(device)
+    dev = distributed.device_of(resolve_device(device))
     ids, source_id = resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed)
     weights = weights or Weights(model)
+    if "probe" in kinds and weights.out_of_core:
+        raise ValueError("kinds: probe curves rerun the whole model in memory; profile probe without --out-of-core")
     structure = find_structure(model, patterns)
     _check_inputs(model, weights, structure, ids, fisher_samples)
     extra_fns = _extras(extras)
     meta = _meta(model, weights, structure, ids, source_id, seed, stream, spec, patterns, store, fisher_samples,
                  gamma, dev, model_id, fingerprint, tokenizer)
-    profile = Profile.start(out, meta, resume=resume)
+    budget = gram_budget if gram_budget is not None else default_gram_budget(weights, structure)
+    distributed.agree("profile", dict({k: meta.get(k) for k in KEY_FIELDS}, kinds=sorted(kinds), out=str(out),
+                                      resume=resume, gram_budget=budget, extras=list(extras), gamma=gamma,
+                                      device=dev.type))
+    part = distributed.batch_slice(ids.shape[0], batch_size)
+    profile = distributed.on_main(lambda: Profile.start(out, meta, resume=resume), "opening the profile directory")
     was_training = model.training
     model.eval()
     try:
-        p = Pass(weights, structure, ids, profile, stream, spec, dev, store, progress)
-        budget = gram_budget if gram_budget is not None else default_gram_budget(weights, structure)
+        p = Pass(weights, structure, ids[part], profile, stream, spec, dev, store, progress and distributed.is_main(),
+                 first=part.start, sequences=ids.shape[0])
         _passes(p, kinds, fisher_samples, budget, extra_fns)
         for kind in kinds:
             if kind == "probe" and kind not in profile.kinds:
-                if weights.out_of_core:
-                    raise ValueError("probe curves need the whole model in memory; profile probe on an in-memory model")
                 t0 = time.perf_counter()
                 _loss_kind(kind)(profile, model, ids, device=dev, batch_size=batch_size, progress=progress)
                 profile = Profile.load(profile.path)
@@ -240,7 +271,7 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
                 profile._write_meta()
     finally:
         model.train(was_training)
-    return Profile.load(profile.path)
+    return distributed.on_main(lambda: Profile.load(profile.path), "reading the finished profile")
 
 
 def _extras(names) -> tuple:
@@ -273,7 +304,7 @@ def _meta(model, weights, structure, ids, source_id, seed, stream, spec, pattern
     config = getattr(model, "config", None)
     return {
         "model_id": model_id or getattr(config, "_name_or_path", "") or type(model).__name__,
-        "fingerprint": fingerprint or _fingerprint(model, tokenizer),
+        "fingerprint": fingerprint or _fingerprint(model, tokenizer, weights),
         "source_id": source_id,
         "calibration_hash": calibration_hash(ids),
         "n_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": int(seed),

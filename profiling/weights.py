@@ -148,6 +148,7 @@ class Weights:
     def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint | None = None):
         self.model, self.checkpoint = model, checkpoint
         self.dtype = next(model.parameters()).dtype
+        self._meta: dict = {}
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
 
     @property
@@ -180,7 +181,20 @@ class Weights:
         for local, p in params:
             owner, _, leaf = local.rpartition(".")
             sub = module.get_submodule(owner) if owner else module
+            if p.device.type == "meta":  # kept, so a release restores the very object (ties between parts survive)
+                self._meta[(id(sub), leaf)] = p
             sub._parameters[leaf] = torch.nn.Parameter(tensors[keys[local]], requires_grad=p.requires_grad)
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Put ``module``'s parameters back on ``meta``: the skeleton's own meta parameters where it had them (so a
+        head tied to the embedding is tied again), new ones for parameters that appeared since."""
+        for sub in module.modules():
+            for leaf, p in list(sub._parameters.items()):
+                if p is None or p.device.type == "meta":
+                    continue
+                old = self._meta.pop((id(sub), leaf), None)
+                sub._parameters[leaf] = old if old is not None else torch.nn.Parameter(
+                    torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
 
     @contextlib.contextmanager
     def resident(self, module: torch.nn.Module, prefix: str, device):
@@ -198,7 +212,7 @@ class Weights:
         try:
             yield module
         finally:
-            _release(module)
+            self.release(module)
 
     def matrix(self, module: torch.nn.Module, name: str) -> torch.Tensor:
         """The ``(out, in)`` weight of the linear map ``name`` (a view in memory; read from the checkpoint out of
@@ -238,12 +252,13 @@ def load_out_of_core(folder, dtype: torch.dtype = torch.float32):
     if head is not None:
         big.add(id(head))
     for name, sub in model.named_modules():
-        if id(sub) in big or any(p is None for p in sub._parameters.values()):
+        params = {k: v for k, v in sub._parameters.items() if v is not None}  # a LayerNorm may have no bias
+        if id(sub) in big or not params or _inside(model, name, big):
             continue
-        if sub._parameters and not _inside(model, name, big):
-            own = torch.nn.Module()
-            own._parameters = sub._parameters
-            weights.load(own, name + "." if name else "", "cpu")
+        own = torch.nn.Module()
+        own._parameters = params
+        weights.load(own, name + "." if name else "", "cpu")
+        sub._parameters.update(own._parameters)
     return model, weights
 
 

@@ -118,7 +118,6 @@ def measure(run, prof, sf: SolverFronts, method: str, n: int, *, ids=None, batch
     """Compress and evaluate up to ``n`` points of each solver's front (perplexity on ``run``'s windows)."""
     from tqdm.auto import tqdm
 
-    from rankalloc.decomposers import evaluate as evaluation
     from rankalloc.decomposers import problems
     from rankalloc.decomposers.base import factorize_once
     from rankalloc.decomposers.evaluate import model_params
@@ -132,11 +131,9 @@ def measure(run, prof, sf: SolverFronts, method: str, n: int, *, ids=None, batch
     out = []
     with factorize_once():  # one factorization per matrix serves every point
         for name, p in tqdm(todo, desc="measuring front points", disable=not progress):
-            model, _ = problems.compress(run.model, prof, p.allocation, method, progress=False)
-            ppl = evaluation.evaluate(model, run, batch_size=batch_size, progress=False, ids=ids).ppl
-            out.append(Measured(name, sf.removed(p.allocation), p.objective, ppl,
-                                (dense_params - model_params(model)) / linear))
-            del model
+            res, kept = problems.compressed_perplexity(run, prof, p.allocation, method, ids=ids,
+                                                       batch_size=batch_size)
+            out.append(Measured(name, sf.removed(p.allocation), p.objective, res.ppl, (dense_params - kept) / linear))
     return out
 
 

@@ -269,3 +269,24 @@ def test_cli_round_trip_out_of_core(tmp_path, monkeypatch, capsys):
                  "--method", "sola", "--out", str(tmp_path / "sola"), "--out-of-core"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out-of-core" in err and "in memory" in err
+
+
+def test_compare_out_of_core_equals_in_memory(tmp_path, monkeypatch):
+    """`rankalloc compare --out-of-core` compresses each allocation one layer at a time into a temporary folder and
+    scores it one layer at a time: the same table (perplexities, removed fractions) as in memory."""
+    import pandas as pd
+
+    from rankalloc.studies.cli import main
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    text = write_text_file(tmp_path / "text.txt")
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(model), "--text", str(text), "--samples", "8", "--seqlen", "64", "--device", "cpu",
+              "--methods", "svd,fisher_svd", "--kinds", "fisher_svd", "--solvers", "uniform,exact", "--ratios", "0.3",
+              "--windows", "3"]
+    frames = {}
+    for label, flag in (("memory", []), ("ooc", ["--out-of-core"])):
+        assert main(["compare", *common, "--out", str(tmp_path / label), *flag]) == 0
+        frames[label] = pd.read_csv(tmp_path / label / "compare.csv")
+    cols = ["method", "solver", "ppl", "removed_linear_params", "removed_model_params", "predicted_objective"]
+    pd.testing.assert_frame_equal(frames["ooc"][cols], frames["memory"][cols], rtol=1e-9)
