@@ -216,18 +216,20 @@ def _group_of(t: torch.Tensor):
     return None if t.device.type == "cuda" and dist.get_backend() == "nccl" else _side_group()
 
 
-def all_reduce_sum_(t: torch.Tensor, step: str) -> torch.Tensor:
-    """``t`` summed over the ranks, in place (float64 statistics; NCCL for CUDA tensors, gloo for CPU ones)."""
+def all_reduce_sum_(*tensors: torch.Tensor, step: str) -> torch.Tensor:
+    """Each tensor summed over the ranks, in place (float64 statistics; NCCL for CUDA tensors, gloo for CPU ones),
+    under one guard; returns the first."""
     if world() > 1:
         with guarded(step):
-            dist.all_reduce(t, group=_group_of(t))
-    return t
+            for t in tensors:
+                dist.all_reduce(t, group=_group_of(t))
+    return tensors[0] if tensors else None
 
 
 def all_reduce_scalars(values, step: str) -> list[float]:
     """The float64 sums over the ranks of a few numbers."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    return [float(x) for x in all_reduce_sum_(t, step)]
+    return [float(x) for x in all_reduce_sum_(t, step=step)]
 
 
 def gather_to_main(obj, step: str) -> list | None:
@@ -265,16 +267,17 @@ def on_main(fn, step: str):
     raised on every rank (so every rank exits with rank 0's message, none waits for it)."""
     if world() == 1:
         return fn()
-    got = None
+    got, failure = None, None
     if is_main():
         try:
             got = ("ok", fn())
         except (ValueError, OSError) as exc:
-            got = ("error", type(exc).__name__, str(exc))
+            got, failure = ("error", isinstance(exc, ValueError), str(exc)), exc
     got = broadcast(got, step)
+    if failure is not None:
+        raise failure
     if got[0] == "error":
-        kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(got[1], OSError)
-        raise kind(got[2] if is_main() else f"on rank 0: {got[2]}")
+        raise (ValueError if got[1] else OSError)(f"on rank 0: {got[2]}")
     return got[1]
 
 
@@ -317,7 +320,7 @@ def require_shared(paths, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the test hook
-def test_hook(layer: int) -> None:
+def fail_hook(layer: int) -> None:
     """``RANKALLOC_TEST_FAIL_AT_LAYER`` (see the module docstring); a no-op unless the tests set it."""
     raw = os.environ.get(TEST_FAIL_ENV)
     if not raw:
