@@ -69,8 +69,9 @@ def timeout_seconds() -> float:
 def init_from_env() -> bool:
     """Join the default process group when ``WORLD_SIZE > 1`` (torchrun's ``env://`` variables); True if joined.
 
-    Backend NCCL when CUDA is available (each rank on ``cuda:LOCAL_RANK``), else gloo; a gloo side group serves
-    CPU tensors, objects and the monitored barriers under NCCL. A group initialised by the caller is used as it is.
+    Backend NCCL when every local rank has a GPU of its own (each on ``cuda:LOCAL_RANK``), else gloo; a gloo side
+    group serves CPU tensors, objects and the monitored barriers under NCCL. A group initialised by the caller is
+    used as it is.
     """
     if not requested():
         return False
@@ -82,7 +83,8 @@ def init_from_env() -> bool:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset: launch with torchrun "
                          f"(torchrun --nproc-per-node N -m rankalloc ...), which sets them")
     seconds = timeout_seconds()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     try:

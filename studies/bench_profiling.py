@@ -13,6 +13,14 @@
     python -m rankalloc.studies.bench_profiling --shape llama3-8b --layers 4 --random --samples 4 --seqlen 128 \\
         --kinds whitened,fisher --json OUT.json
 
+(c) several processes (:mod:`rankalloc.profiling.distributed`): ``--nproc N`` runs the same profile under
+    ``torchrun --standalone --nproc-per-node N`` (each process ``--threads 1`` unless given), then in one process
+    with N threads, and prints both wall times and the speed-up; or run the bench under torchrun yourself (rank 0
+    prints and writes the JSON)::
+
+    python -m rankalloc.studies.bench_profiling --model DIR --text FILE --samples 16 --seqlen 128 --nproc 2
+    torchrun --nproc-per-node 4 -m rankalloc.studies.bench_profiling --samples 64 --kinds whitened,fisher
+
 The floor is the FLOPs of a forward for the input Grams, then a forward and a backward (activation gradients) for
 the output gradients, head included, plus the Gram products, each counted at the matmul rate measured here on
 matrices of the model's widths (float32 for the passes, float64 for the Grams). Not a test: it prints figures.
@@ -21,7 +29,9 @@ matrices of the model's widths (float32 for the passes, float64 for the Grams). 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -141,6 +151,8 @@ def _load(a, tmp: str):
     """``(model, weights, tokenizer or None, model id, fingerprint, load seconds)``."""
     import torch
 
+    from rankalloc.profiling import distributed
+
     t0 = time.perf_counter()
     if a.random:
         if a.shape is None:
@@ -149,7 +161,9 @@ def _load(a, tmp: str):
         cmd = [sys.executable, "-m", "rankalloc.studies.bench_profiling", "--write-checkpoint", str(ckpt),
                "--shape", a.shape, "--checkpoint-dtype", a.checkpoint_dtype]
         cmd += ["--layers", str(a.layers)] if a.layers is not None else []
-        subprocess.run(cmd, check=True)
+        if distributed.is_main():
+            subprocess.run(cmd, check=True)
+        distributed.barrier("writing the random checkpoint")
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         from rankalloc.profiling.weights import load_out_of_core
@@ -171,13 +185,14 @@ def bench(a) -> dict:
     """Run one profile and return its figures."""
     import torch
 
+    from rankalloc.profiling import distributed
     from rankalloc.profiling.architectures import find_structure
     from rankalloc.profiling.profile import largest_block_bytes, profile_model, resolve_device
     from rankalloc.profiling.spectra import BASE_KINDS
 
     dev = resolve_device(a.device)
     kinds = tuple(a.kinds.split(",")) if a.kinds else BASE_KINDS
-    with tempfile.TemporaryDirectory(dir=a.scratch) as tmp:
+    with _shared_tmp(a.scratch) as tmp:
         model, weights, tok, model_id, fp, load_s, write_s = _load(a, tmp)
         seqlen = a.seqlen or 512
         if a.random:
@@ -189,7 +204,7 @@ def bench(a) -> dict:
             split = load_text(a.text, progress=not a.json)
             ids, source = calibration_ids(tok, split, n_samples=a.samples, seqlen=seqlen), split.source_id
         structure = find_structure(model)
-        bs = a.batch_size or max(1, 4096 // seqlen)
+        bs = a.batch_size or default_batch(a.samples, seqlen, distributed.world())
         out = a.out or str(Path(tmp) / "profile")
         t1 = time.perf_counter()
         phases = PhasePeaks()
@@ -218,9 +233,76 @@ def bench(a) -> dict:
            "split_s": {k: round(v, 2) for k, v in sorted(timings.items())},
            "floor_s": round(floor["floor_s"], 2), "wall_over_floor": round(wall / floor["floor_s"], 3),
            "floor_flops": {k: v for k, v in floor.items() if k != "floor_s"},
-           "store_disk": disk, "peak_rss_by_phase": by_phase, "torch_threads": torch.get_num_threads()}
+           "store_disk": disk, "peak_rss_by_phase": by_phase, "torch_threads": torch.get_num_threads(),
+           "processes": distributed.world()}
     res["memory_target_bytes"] = int(1.5 * (res["largest_block_bytes"] + res["hidden_bytes"]) + 2 ** 30)
     return res
+
+
+def default_batch(samples: int, seqlen: int, processes: int = 1) -> int:
+    """About 4k tokens per batch, and at least one batch per process."""
+    return max(1, min(4096 // seqlen, -(-samples // processes)))
+
+
+@contextlib.contextmanager
+def _shared_tmp(scratch):
+    """A temporary folder every rank uses (rank 0 makes it and removes it after the others are done)."""
+    from rankalloc.profiling import distributed
+
+    if distributed.world() == 1:
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            yield tmp
+        return
+    with tempfile.TemporaryDirectory(dir=scratch) if distributed.is_main() else contextlib.nullcontext() as tmp:
+        tmp = distributed.broadcast(tmp, "sharing the scratch folder")
+        yield tmp
+        distributed.barrier("the profile finished")
+
+
+def _without(argv: list[str], options: dict[str, bool]) -> list[str]:
+    """``argv`` less the ``options`` (name -> takes a value), in both ``--opt value`` and ``--opt=value`` forms."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0]
+        if name in options:
+            skip = options[name] and "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def several(a, argv: list[str]) -> int:
+    """``--nproc N``: the same bench under torchrun with N processes, then in one process with N threads; prints both
+    wall times and the speed-up (and writes them with both figure sets to ``--json``)."""
+    rest = _without(argv, {"--nproc": True, "--json": True, "--threads": True})
+    if a.batch_size is None:  # both runs stream the same batches
+        rest += ["--batch-size", str(default_batch(a.samples, a.seqlen or 512, a.nproc))]
+    threads = a.threads or 1
+    bench_cmd = ["-m", "rankalloc.studies.bench_profiling", *rest, "--threads"]
+    launches = ((f"{a.nproc} processes x {threads} thread(s)", threads,
+                 ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc), *bench_cmd,
+                  str(threads)]),
+                (f"1 process x {a.nproc * threads} threads", a.nproc * threads, [*bench_cmd, str(a.nproc * threads)]))
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (label, omp, cmd) in enumerate(launches):
+            out = Path(tmp) / f"{k}.json"
+            print(f"running {label}: python {' '.join(cmd)}", flush=True)
+            subprocess.run([sys.executable, *cmd, "--json", str(out)], check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "OMP_NUM_THREADS": str(omp)})
+            runs[label] = json.loads(out.read_text())
+    (many, res_many), (one, res_one) = runs.items()
+    speedup = res_one["wall_s"] / res_many["wall_s"]
+    for label, res in runs.items():
+        print(f"{label:>32}: wall {res['wall_s']:.2f} s (split: "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in res["split_s"].items()) + ")")
+    print(f"{'speed-up':>32}: {speedup:.2f}x ({one} / {many})")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"runs": runs, "speedup": round(speedup, 3)}, indent=1) + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -244,18 +326,30 @@ def main(argv=None) -> int:
     ap.add_argument("--fisher-samples", type=int, default=None)
     ap.add_argument("--out", default=None, help="keep the profile here (default: a temporary directory)")
     ap.add_argument("--scratch", default=None, help="folder for the temporary checkpoint and profile")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (with --nproc: per process, "
+                                                             "default 1)")
+    ap.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="run under torchrun with N processes, then in one process with N threads; print both")
     ap.add_argument("--json", default=None, metavar="OUT.json", help="write the figures as JSON here")
     ap.add_argument("--write-checkpoint", default=None, help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
     if a.write_checkpoint:
         write_checkpoint(a.write_checkpoint, a.shape, a.layers, a.checkpoint_dtype)
         return 0
+    if a.nproc is not None and a.nproc > 1:
+        return several(a, argv)
     if a.threads is not None:
         import torch
 
         torch.set_num_threads(a.threads)
-    res = bench(a)
+    from rankalloc.profiling import distributed
+
+    distributed.init_from_env()  # under torchrun: the profile split across its processes
+    res, main_rank = bench(a), distributed.is_main()
+    distributed.shutdown()
+    if not main_rank:
+        return 0
     text = json.dumps(res, indent=1)
     if a.json:
         Path(a.json).write_text(text + "\n")
