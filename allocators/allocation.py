@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -158,6 +159,43 @@ def infeasible_message(problem: AllocationProblem) -> str:
              for r in problem.resources]
     return ("infeasible: each budget can be met on its own but no allocation meets all of them at once ("
             + "; ".join(parts) + ")")
+
+
+ALLOCATION_FORMAT = "rankalloc.allocation"
+"""The ``format`` of an allocation JSON written by rankalloc (``rankalloc allocate --out``, ``compare``)."""
+
+
+def _digest(data: dict) -> str:
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(data: dict) -> dict:
+    """``data`` with ``format`` and the ``sha256`` of its canonical JSON (every other field), so that a damaged or
+    edited file is recognised when read back (:func:`check_seal`)."""
+    out = dict(data, format=ALLOCATION_FORMAT)
+    out["sha256"] = _digest(out)
+    return out
+
+
+def check_seal(data: dict, source) -> None:
+    """``ValueError`` naming ``source`` when ``data`` carries a ``sha256`` its contents do not match. A file without
+    one (hand-written, or edited and unsealed on purpose) is read and checked on its own merits."""
+    want = data.get("sha256")
+    if want is not None and _digest(data) != want:
+        raise ValueError(f"{source}: its contents differ from the sha256 they were written with (damaged, or edited "
+                         f"by hand); write it again, or, to use an edited allocation on purpose, delete its "
+                         f"\"sha256\" field")
+
+
+def is_allocation_file(path) -> bool:
+    """Whether ``path`` is an allocation JSON (one rankalloc wrote, or of that shape): safe to replace."""
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("format") == ALLOCATION_FORMAT
+                                       or {"choices", "budget", "solver"} <= set(data))
 
 
 @runtime_checkable

@@ -97,9 +97,12 @@ class CurveSet:
     def write_csv(self, path) -> None:
         """Write the long-format CSV atomically (full float64 precision)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        self.to_frame().to_csv(tmp, index=False, float_format="%.17g")
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            self.to_frame().to_csv(tmp, index=False, float_format="%.17g")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def from_frame(cls, df, name: str = "", error_columns: Sequence[str] | None = None,
@@ -113,14 +116,14 @@ class CurveSet:
             error_columns = [c for c in df.columns if c not in BASE_COLUMNS]
         if not error_columns:
             raise ValueError(f"curves table {name!r}: no error column; expected 'error' or curve-kind columns")
-        rank_raw = df["rank"].astype(str).str.strip().str.lower()
-        ranks_all = np.where(rank_raw == "dense", DENSE, 0)
-        numeric = rank_raw != "dense"
-        try:
-            ranks_all[numeric.to_numpy()] = rank_raw[numeric].astype(float).astype(np.int64).to_numpy()
-        except ValueError as exc:
-            raise ValueError(f"curves table {name!r}: expected integer ranks or 'dense' in column rank: {exc}") from None
-        sp_all = df["sparsity"].to_numpy(dtype=np.float64) if "sparsity" in df.columns else np.zeros(len(df))
+        ranks_all = _ranks(df["rank"], name)
+        for col in ("m", "n"):
+            v = pd_numeric(df[col])
+            bad = np.flatnonzero(~(np.isfinite(v) & (v == np.round(v)) & (v >= 1)))
+            if len(bad):
+                raise ValueError(f"curves table {name!r}, row {int(bad[0]) + 2}: expected a positive integer in "
+                                 f"column {col}, received {str(df[col].iloc[bad[0]])!r}")
+        sp_all = pd_numeric(df["sparsity"]) if "sparsity" in df.columns else np.zeros(len(df))
         comps, ranks, sparsity, weights = [], {}, {}, {}
         errors: dict[str, dict[str, np.ndarray]] = {k: {} for k in error_columns}
         order = list(dict.fromkeys(df["component"].astype(str)))
@@ -143,25 +146,88 @@ class CurveSet:
         return cls(tuple(comps), ranks, errors, sparsity, layer_scores, weights or None, name)
 
 
-def read_curves(path, *, name: str | None = None) -> CurveSet:
-    """Read curves from a long-format CSV file, or from a profile directory (its ``curves.csv``).
-
-    A profile directory may hold ``meta.json`` with ``layer_scores`` (FLAT-LLM's t_l).
-    """
+def pd_numeric(col) -> np.ndarray:
+    """A column as float64, anything unparsable as NaN."""
     import pandas as pd
 
+    return pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _ranks(col, name: str) -> np.ndarray:
+    """The rank column: integers >= 0 or ``dense`` (DENSE); a fraction, a negative or other text is an error."""
+    raw = col.astype(str).str.strip().str.lower()
+    dense = (raw == "dense").to_numpy()
+    v = pd_numeric(raw.where(~dense, "0"))
+    bad = np.flatnonzero(~dense & ~(np.isfinite(v) & (v == np.round(v)) & (v >= 0)))
+    if len(bad):
+        raise ValueError(f"curves table {name!r}, row {int(bad[0]) + 2}: expected an integer rank >= 0 or 'dense' "
+                         f"in column rank, received {raw.iloc[bad[0]]!r}")
+    return np.where(dense, DENSE, v).astype(np.int64)
+
+
+def read_csv_file(path: Path):
+    """``pandas.read_csv`` with decode and parse errors as ``ValueError`` naming the file."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a CSV with "
+                         f"columns component,m,n,rank,error") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(exc).split())})") from None
+
+
+def _read_meta(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return meta
+
+
+def read_curves(path, *, name: str | None = None) -> CurveSet:
+    """Read curves from a long-format CSV file, or from a profile directory (its ``curves.csv``, verified against
+    the profile's checksums and components by :class:`~rankalloc.profiling.store.Profile`).
+
+    A directory of your own (a ``curves.csv``, optionally a ``meta.json`` holding only ``layer_scores``, FLAT-LLM's
+    t_l) is read as that CSV with those scores.
+    """
     path = Path(path)
     if path.is_dir():
         csv = path / "curves.csv"
-        if not csv.exists():
+        meta = _read_meta(path / "meta.json")
+        if meta is not None and "format" in meta:  # written by rankalloc profile
+            from rankalloc.profiling.store import Profile
+
+            prof = Profile.load(path)
+            if not csv.exists():
+                raise FileNotFoundError(f"{path} is not a finished profile: {csv.name} is missing "
+                                        f"(create it with `rankalloc profile --out {path}`)")
+            frame = prof.to_frame()
+            scores = prof.layer_scores or None
+        elif csv.exists():
+            raw = (meta or {}).get("layer_scores")
+            try:
+                scores = {int(k): float(v) for k, v in raw.items()} if raw else None
+            except (AttributeError, TypeError, ValueError):
+                raise ValueError(f"{path / 'meta.json'}: layer_scores: expected {{layer: score}}, received "
+                                 f"{raw!r}") from None
+            frame = read_csv_file(csv)
+        else:
             raise FileNotFoundError(f"{path} is not a finished profile: {csv.name} is missing "
                                     f"(create it with `rankalloc profile --out {path}`)")
-        scores = None
-        meta = path / "meta.json"
-        if meta.exists():
-            raw = json.loads(meta.read_text()).get("layer_scores")
-            scores = {int(k): float(v) for k, v in raw.items()} if raw else None
-        return CurveSet.from_frame(pd.read_csv(csv), name=name or path.name, layer_scores=scores)
-    if not path.exists():
-        raise FileNotFoundError(f"curves file {path} does not exist")
-    return CurveSet.from_frame(pd.read_csv(path), name=name or path.stem)
+        src = csv
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"curves file {path} does not exist")
+        frame, scores, src = read_csv_file(path), None, path
+    try:
+        return CurveSet.from_frame(frame, name=name or (path.name if path.is_dir() else path.stem),
+                                   layer_scores=scores)
+    except ValueError as exc:
+        raise ValueError(f"{src}: {exc}") from None

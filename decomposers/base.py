@@ -312,6 +312,14 @@ def compress_(model: nn.Module, allocation, config, profile, progress: bool = Tr
     t0 = time.perf_counter()
     with torch.no_grad():
         reports = list(handler(model, allocation, config, profile, progress))
+    return combined_report(method, config, allocation, reports, expected, profile, time.perf_counter() - t0)
+
+
+def combined_report(method: str, config, allocation, reports, expected: int, profile,
+                    seconds: float) -> CompressionReport:
+    """The :class:`CompressionReport` of ``reports`` (one per component of ``allocation``, in any order), after
+    checking that every component is reported once and that the realized parameter count is ``expected``
+    (``RuntimeError`` otherwise)."""
     names = [c.name for c, _ in allocation_items(allocation)]
     got = [r.name for r in reports]
     if sorted(got) != sorted(names):
@@ -319,15 +327,13 @@ def compress_(model: nn.Module, allocation, config, profile, progress: bool = Tr
         raise RuntimeError(f"{method}: the handler reported {len(got)} components for {len(names)} in the "
                            f"allocation (missing {missing[:5]}, unexpected {extra[:5]})")
     order = {n: i for i, n in enumerate(names)}
-    reports.sort(key=lambda r: order[r.name])
+    reports = sorted(reports, key=lambda r: order[r.name])
     realized = sum(r.params_after for r in reports)
     if realized != expected:
         diff = [(r.name, r.params_after) for r in reports][:5]
         raise RuntimeError(f"{method}: realized {realized:,} weight parameters for the allocation's components, "
                            f"but the allocation costs {expected:,} (first components: {diff})")
-    return CompressionReport(method, config_dict(config), tuple(reports), expected, profile_id(profile),
-                             time.perf_counter() - t0,
+    return CompressionReport(method, config_dict(config), tuple(reports), expected, profile_id(profile), seconds,
                              {"solver": allocation.solver, "status": str(allocation.status),
                               "objective": allocation.objective, "objective_kind": allocation.problem.objective,
                               "cost": dict(allocation.cost)})
-

@@ -9,6 +9,10 @@ other windows, and scores its ``T - 1`` next-token predictions: the targets are 
 float64 from float64 log-softmax. Positions whose logits hold any NaN/Inf are COUNTED and enter
 the mean with the value float64 arithmetic gives them (NaN for NaN logits, +Inf for a -Inf target
 logit), so a model that breaks shows a non-finite perplexity: nothing is ever dropped.
+
+Several processes (torchrun; :mod:`~rankalloc.profiling.distributed`): the windows are split across the ranks in
+whole batches (each batch the one a single process forms), and the float64 sums (NLL, scored tokens, non-finite
+positions) are all-reduced, so every rank gets the one-process figure up to the order of one final addition.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rankalloc.decomposers.host import output_cache, with_cache
+from rankalloc.profiling import distributed
 
 LOGIT_CHUNK = 128
 """Positions per float64 log-softmax chunk (bounds the float64 copy of the logits to 128 x vocab)."""
@@ -134,16 +139,37 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, d
     was_training = model.training
     model.eval()
     total, nonfinite, scored = 0.0, 0, 0
+    part = _windows_of_rank(model, ids, batch_size, source)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for start in tqdm(range(0, W, batch_size), desc="perplexity", unit="batch", disable=not progress):
-                batch = ids[start:start + batch_size].to(device)
+            for start in tqdm(range(part.start, part.stop, batch_size), desc="perplexity", unit="batch",
+                              disable=not progress or not distributed.is_main()):
+                batch = ids[start:start + batch_size].to(device)  # part ends at a batch boundary or at W
                 t, n, bad = _window_nll(model, batch)
                 total, scored, nonfinite = total + t, scored + n, nonfinite + bad
     finally:
         model.train(was_training)
-    return _result(total, scored, nonfinite, W, T, bos, source, time.perf_counter() - t0)
+    return _result(*_summed(total, scored, nonfinite), W, T, bos, source, time.perf_counter() - t0)
+
+
+def _windows_of_rank(model, ids: torch.Tensor, batch_size: int, source: str) -> slice:
+    """This rank's windows (all of them in one process), after checking every rank scores the same job."""
+    if distributed.world() > 1:
+        from rankalloc.profiling.profile import calibration_hash
+
+        distributed.agree("perplexity", {"windows": calibration_hash(ids), "batch_size": batch_size,
+                                         "parameters": model_params(model), "source": source})
+    return distributed.batch_slice(ids.shape[0], batch_size, "evaluation windows")
+
+
+def _summed(total: float, scored: int, nonfinite: int) -> tuple[float, int, int]:
+    """The sums over the ranks' windows (float64; one process: as they are)."""
+    if distributed.world() == 1:
+        return total, scored, nonfinite
+    total, scored, nonfinite = distributed.all_reduce_scalars([total, scored, nonfinite],
+                                                              "perplexity: summing the windows' losses")
+    return total, int(round(scored)), int(round(nonfinite))
 
 
 def _meta_parameters(model: torch.nn.Module) -> bool:
@@ -206,13 +232,16 @@ def streamed_perplexity(model: torch.nn.Module, weights, ids: torch.Tensor, *, b
     was_training = model.training
     model.eval()
     total, nonfinite, scored = 0.0, 0, 0
+    part = _windows_of_rank(model, ids, batch_size, source)
+    mine = ids[part]
     t0 = time.perf_counter()
-    bar = tqdm(total=len(layers) + 2, desc="perplexity (streamed)", unit="part", disable=not progress)
+    bar = tqdm(total=len(layers) + 2, desc="perplexity (streamed)", unit="part",
+               disable=not progress or not distributed.is_main())
     try:
         with torch.no_grad(), _rest_on(model, big_parts(model, decoder_layers(model)), device):
             embed = model.get_input_embeddings()
             with weights.resident(embed, weights.prefix_of(embed), device):
-                captured = capture_inputs(model, structure, ids, batch_size, device)
+                captured = capture_inputs(model, structure, mine, batch_size, device)
             hidden, captured.hidden = captured.hidden, None
             bar.update(1)
             as_tuple = False
@@ -227,7 +256,7 @@ def streamed_perplexity(model: torch.nn.Module, weights, ids: torch.Tensor, *, b
                 bar.update(1)
             head = model.get_output_embeddings()
             with weights.resident(head, weights.prefix_of(head), device):
-                for h, b in zip(hidden, batches(ids, batch_size)):
+                for h, b in zip(hidden, batches(mine, batch_size)):
                     normed = final_hidden(model, layers, h, as_tuple)
                     t, n, bad = chunked_nll(model, normed, b.to(device), LOGIT_CHUNK, torch.float64)
                     total, scored, nonfinite = total + t, scored + n, nonfinite + bad
@@ -235,7 +264,7 @@ def streamed_perplexity(model: torch.nn.Module, weights, ids: torch.Tensor, *, b
     finally:
         bar.close()
         model.train(was_training)
-    return _result(total, scored, nonfinite, W, T, bos, source, time.perf_counter() - t0)
+    return _result(*_summed(total, scored, nonfinite), W, T, bos, source, time.perf_counter() - t0)
 
 
 def _result(total: float, scored: int, nonfinite: int, W: int, T: int, bos: bool, source: str,

@@ -14,8 +14,16 @@
   dense model), ``attn_implementation``, ``dtype``, ``modules`` (qualified name -> structure spec of
   every compressed module, see ``base.MODULE_TYPES``), ``aliases``, ``weights`` (``model.safetensors`` or
   ``model.safetensors.index.json``), ``weight_map`` (sharded form: the index's map) and the full ``report``.
-  It is written last, atomically: a folder without it is incomplete. Format version 1 (single file, no
-  ``weights`` key) is still read.
+  It is written last, atomically: a folder without it is incomplete. Since format version 3 it also holds
+  ``checksums`` (sha256 and size of every weights file and of the index), verified when the folder is read (each
+  file hashed once per process); versions 1 (single file, no ``weights`` key) and 2 are still read, with a warning
+  that they cannot be verified.
+
+Writing (:func:`output_folder`) never touches a folder rankalloc did not write (a non-empty folder without
+``compressed.json``; never a model folder, one holding ``config.json``) unless ``overwrite``; it holds the folder's
+lock (:func:`~rankalloc.profiling.files.folder_lock`), builds the new output in a private ``.building-<pid>``
+subfolder, and only when it is complete moves its files into place (``compressed.json`` removed first, moved in
+last, with the checksums). An interrupted or failed run leaves the earlier output as it was.
 
 ``load_compressed`` rebuilds the dense architecture from ``base_config`` (without random init), swaps
 in empty compressed modules of the recorded shapes (parents before children), and loads the weights
@@ -28,6 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,12 +47,14 @@ from torch import nn
 from rankalloc.decomposers.base import allocation_items, replace_module
 from rankalloc.decomposers.registry import MODULE_TYPES, load_builtins
 from rankalloc.decomposers.report import CompressionReport
+from rankalloc.profiling import files as filerules
 from rankalloc.profiling.weights import Weights
 
 FORMAT = "rankalloc.compressed"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
-"""Manifest versions :func:`read_manifest` accepts (1: single weights file, before the sharded form)."""
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+"""Manifest versions :func:`read_manifest` accepts (1: single weights file, before the sharded form; 2: no
+checksums)."""
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MANIFEST = "compressed.json"
@@ -102,25 +115,90 @@ def manifest_of(model: nn.Module, report: CompressionReport, aliases: dict, dtyp
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    filerules.atomic_write_json(Path(path), data)
+
+
+def _is_output(path: Path) -> bool:
+    """Whether ``path`` holds a compressed model rankalloc wrote (a manifest of this format)."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _output_file(name: str) -> bool:
+    from rankalloc.decomposers.streamed import SHARD_PATTERN
+
+    return name in (WEIGHTS, INDEX, MANIFEST) or bool(SHARD_PATTERN.fullmatch(name))
+
+
+def check_output(path, *, overwrite: bool = False, protect=()) -> None:
+    """The refusals of :func:`output_folder`, on their own (to fail before any work is done)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    if (path / "config.json").exists():
+        raise ValueError(f"--out {path}: is a model folder (it holds config.json); write the compressed model to a "
+                         f"folder of its own")
+    for p in protect:
+        if p is not None and path.exists() and Path(p).exists() and path.resolve() == Path(p).resolve():
+            raise ValueError(f"--out {path}: is the folder of the profile or the dense model it is made from; write "
+                             f"the compressed model to a folder of its own")
+    filerules.check_output_folder(path, "--out", ours=_is_output(path), overwrite=overwrite)
 
 
-def save_compressed(model: nn.Module, path, report: CompressionReport) -> Path:
-    """Write ``model`` (compressed in place by ``compress_``) and ``report`` to the folder ``path``."""
+@contextlib.contextmanager
+def output_folder(path, *, overwrite: bool = False, protect=()):
+    """Yield a private folder to build a compressed model in; on success its files become ``path``'s output.
+
+    Refused (``ValueError``): a model folder (``config.json``), one of ``protect`` (the dense model's folder, the
+    profile), or a non-empty folder that holds no compressed model (unless ``overwrite``). The folder's lock is held
+    throughout. On success the new files replace the earlier output (``compressed.json`` first removed, and written
+    last with the checksums of the other files); on failure the earlier output stays untouched.
+    """
+    path = Path(path)
+    check_output(path, overwrite=overwrite, protect=protect)
+    with filerules.folder_lock(path):
+        build = path / f".building-{os.getpid()}"
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir()
+        try:
+            yield build
+            _publish(build, path)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+
+
+def _publish(build: Path, path: Path) -> None:
+    """Move a complete build into ``path``: the manifest gains the checksums of every other file, the old manifest
+    goes first, the new files replace the old ones, outputs of the earlier run that the new one lacks are removed,
+    and the manifest comes last."""
+    manifest = json.loads((build / MANIFEST).read_text())
+    names = sorted(f.name for f in build.iterdir() if f.name != MANIFEST)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["checksums"] = {n: filerules.file_record(build / n) for n in names}
+    write_json_atomic(build / MANIFEST, manifest)
+    with contextlib.suppress(FileNotFoundError):
+        (path / MANIFEST).unlink()
+    for n in names:
+        os.replace(build / n, path / n)
+    for f in path.iterdir():
+        if f.is_file() and _output_file(f.name) and f.name not in names and f.name != MANIFEST:
+            f.unlink()
+    os.replace(build / MANIFEST, path / MANIFEST)
+
+
+def save_compressed(model: nn.Module, path, report: CompressionReport, *, overwrite: bool = False,
+                    protect=()) -> Path:
+    """Write ``model`` (compressed in place by ``compress_``) and ``report`` to the folder ``path``, through
+    :func:`output_folder` (``overwrite`` and ``protect`` as there)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):  # an older manifest must not describe the new weights
-        (path / MANIFEST).unlink()
     tensors, aliases = _dedupe(model.state_dict())
     dtype = next(model.parameters()).dtype
     manifest = manifest_of(model, report, aliases, dtype)
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
-    write_json_atomic(path / MANIFEST, manifest)
+    with output_folder(path, overwrite=overwrite, protect=protect) as build:
+        save_file(tensors, str(build / WEIGHTS), metadata={"format": "pt"})
+        write_json_atomic(build / MANIFEST, manifest)
     return path
 
 
@@ -131,17 +209,32 @@ def read_manifest(path) -> dict:
     if not f.is_file():
         raise FileNotFoundError(f"{path}: no {MANIFEST}; expected a folder written by save_compressed or "
                                 f"compress_to_folder (an interrupted run leaves none)")
-    try:
-        manifest = json.loads(f.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{f}: not a JSON manifest ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READ_VERSIONS:
+    manifest = filerules.read_json(f, "compress the model again")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") not in READ_VERSIONS:
         raise ValueError(f"{f}: expected format {FORMAT!r} version {' or '.join(map(str, READ_VERSIONS))}, received "
                          f"{manifest.get('format')!r} version {manifest.get('format_version')!r}")
     manifest.setdefault("weights", WEIGHTS)
     if manifest["weights"] not in (WEIGHTS, INDEX):
         raise ValueError(f"{f}: expected weights {WEIGHTS!r} or {INDEX!r}, received {manifest['weights']!r}")
+    if manifest["format_version"] >= 3 and not isinstance(manifest.get("checksums"), dict):
+        raise ValueError(f"{f}: format version {manifest['format_version']} without its checksums (damaged or "
+                         f"edited); compress the model again")
     return manifest
+
+
+def _verify_folder(path: Path, manifest: dict, names) -> None:
+    """Every file of ``names`` against the checksum ``compressed.json`` records for it (once per process)."""
+    sums = manifest.get("checksums")
+    if sums is None:
+        warnings.warn(f"{path}: written by rankalloc before checksums (format version {manifest['format_version']}); "
+                      f"its weights are not verified. Compress it again to add them", stacklevel=3)
+        return
+    unlisted = sorted(set(sums) - set(names))
+    remedy = "the folder mixes two runs or a file is damaged; compress the model again"
+    for n in sorted(set(names)):
+        filerules.verify_file(path / n, sums.get(n), path / MANIFEST, remedy)
+    for n in unlisted:  # recorded but not named by the weights form: still part of the output
+        filerules.verify_file(path / n, sums[n], path / MANIFEST, remedy)
 
 
 def weight_files(path, manifest: dict) -> dict[str, Path]:
@@ -157,10 +250,16 @@ def weight_files(path, manifest: dict) -> dict[str, Path]:
             except (OSError, ValueError, KeyError) as exc:
                 raise ValueError(f"{path / INDEX}: unreadable safetensors index ({exc})") from None
         files = {k: path / v for k, v in weight_map.items()}
+        missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{path}: weight shard(s) {missing[:3]} missing ({len(missing)} of "
+                                    f"{len(set(files.values()))}); the folder is incomplete")
+        _verify_folder(path, manifest, [p.name for p in files.values()] + [INDEX])
     else:
         single = path / WEIGHTS
         if not single.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS} (the manifest names it)")
+        _verify_folder(path, manifest, [WEIGHTS])
         try:
             with safe_open(str(single), framework="pt") as fh:
                 files = {k: single for k in fh.keys()}

@@ -9,7 +9,7 @@ namespace.
 from __future__ import annotations
 
 import copy
-import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -94,46 +94,99 @@ def allocation_record(allocation, prof, method: str, cost: str, removed: float) 
     out.update({"method": method, "kind": allocation.problem.objective, "cost_model": cost,
                 "grid": allocation.problem.grid, "budget_removed": {cost: float(removed)},
                 "curves": str(getattr(prof, "path", ""))})
-    return out
+    from rankalloc.allocators.allocation import seal
+
+    return seal(out)
+
+
+def _choice(src: str, name: str, value):
+    """A saved choice (``"dense"``, a rank >= 0, or ``[rank, kept sparse fraction]``) as a :class:`Choice`."""
+    from rankalloc.allocators.costs import DENSE
+    from rankalloc.allocators.problem import Choice
+
+    def rank_ok(r):
+        return isinstance(r, int) and not isinstance(r, bool) and r >= 0
+
+    if value == "dense":
+        return Choice(DENSE)
+    if rank_ok(value):
+        return Choice(value)
+    if (isinstance(value, list) and len(value) == 2 and rank_ok(value[0]) and not isinstance(value[1], bool)
+            and isinstance(value[1], (int, float)) and 0 <= value[1] <= 1):
+        return Choice(value[0], float(value[1]))
+    raise ValueError(f"{src}: component {name!r}: expected a rank (an integer >= 0), \"dense\" or [rank, kept "
+                     f"sparse fraction], received {value!r}")
 
 
 def load_allocation(prof, data, method: str = "svd", model=None):
     """Rebuild the :class:`Allocation` saved in ``data`` (a dict or a JSON path) against ``prof``'s curves.
 
     The choices are re-priced on the method's curves (every rank is a candidate, so any grid works) under the saved
-    absolute budgets. Raises ``ValueError`` when the JSON names components the method's curves do not have, lacks
-    some, or was priced with a cost model that is not registered.
+    absolute budgets. Raises ``ValueError`` naming the file when it is not JSON, when its contents no longer match
+    the sha256 it was written with (damaged or edited; see :func:`~rankalloc.allocators.allocation.check_seal`),
+    when a field is malformed, when it names components the method's curves do not have or lacks some, when it was
+    priced with a cost model that is not registered, and when its choices exceed the budget it records.
     """
-    from rankalloc.allocators.allocation import Allocation
+    from rankalloc.allocators.allocation import Allocation, Status, check_seal
+    from rankalloc.profiling.files import read_json
 
+    src = "allocation JSON"
     if not isinstance(data, Mapping):
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"allocation file {path} does not exist; create one with "
                                     f"`rankalloc allocate --curves PROFILE_DIR --budget 0.3 --out {path}`")
-        data = json.loads(path.read_text())
+        src = f"allocation file {path}"
+        data = read_json(path, "expected the output of `rankalloc allocate --out`")
+        if not isinstance(data, dict):
+            raise ValueError(f"{src}: expected a JSON object, the output of `rankalloc allocate --out`")
+        check_seal(data, src)
     for key in ("choices", "budget"):
         if key not in data:
-            raise ValueError(f"allocation JSON: missing {key!r}; expected the output of `rankalloc allocate --out`")
+            raise ValueError(f"{src}: missing {key!r}; expected the output of `rankalloc allocate --out`")
+    if not isinstance(data["choices"], Mapping) or not isinstance(data["budget"], Mapping) or not data["budget"]:
+        raise ValueError(f"{src}: expected 'choices' {{component: choice}} and 'budget' {{resource: limit}}")
+    for res, limit in data["budget"].items():
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 0:
+            raise ValueError(f"{src}: budget {res!r}: expected a finite number >= 0, received {limit!r}")
+    if data.get("status", "feasible") not in {s.value for s in Status}:
+        raise ValueError(f"{src}: status: expected one of {[s.value for s in Status]}, received {data['status']!r}")
     saved = data.get("method")
     if saved is not None and saved != method:
-        raise ValueError(f"the allocation was made for method {saved!r}; compress it with --method {saved}, "
-                         f"received {method!r}")
+        raise ValueError(f"{src}: made for method {saved!r}; compress it with --method {saved}, received "
+                         f"{method!r}")
     kind = data.get("kind") or data.get("objective_kind")
     mc = method_curves(prof, method, model)
     if kind not in mc.curve_set.kinds:
-        raise ValueError(f"the allocation optimised curve kind {kind!r}, which the {method} curves of {prof.path} "
+        raise ValueError(f"{src}: it optimised curve kind {kind!r}, which the {method} curves of {prof.path} "
                          f"do not have ({list(mc.curve_set.kinds)}); was it made from another profile?")
     names = {c.name for c in mc.curve_set.components}
-    unknown = sorted(set(data["choices"]) - names)
+    choices = {n: _choice(src, n, v) for n, v in data["choices"].items()}
+    unknown = sorted(set(choices) - names)
     if unknown:
-        raise ValueError(f"the allocation names {len(unknown)} components that the {method} curves of {prof.path} "
+        raise ValueError(f"{src}: names {len(unknown)} components that the {method} curves of {prof.path} "
                          f"do not have (e.g. {unknown[:3]}); was it made from another profile or method?")
     costs = {res: _cost_model(mc, res) for res in data["budget"]}
     budgets = tuple(Budget(res, limit=float(limit)) for res, limit in data["budget"].items())
     problem = AllocationProblem(mc.curve_set.curves(kind, grid=1), budgets, costs, grid=1, objective=kind,
                                 layer_scores=mc.curve_set.layer_scores, name=f"{method}/{kind}")
-    return Allocation.from_dict(problem, data)
+    idx = []
+    for cv in problem.curves:
+        c = cv.component.name
+        if c not in choices:
+            raise ValueError(f"{src}: no choice for component {c!r} ({len(choices)} choices for "
+                             f"{len(problem.curves)} components)")
+        try:
+            idx.append(cv.index_of(choices[c]))
+        except ValueError as exc:
+            raise ValueError(f"{src}: {exc}") from None
+    _, cost = problem.evaluate(idx)
+    if not problem.is_feasible(cost):
+        over = "; ".join(f"{r} {cost[r]:,.6g} > {problem.limits[r]:,.6g}" for r in problem.resources
+                         if cost[r] > problem.limits[r])
+        raise ValueError(f"{src}: its choices cost more than the budget it records ({over}); the choices and the "
+                         f"budget disagree (edited by hand?): fix them, or allocate again")
+    return Allocation.from_dict(problem, dict(data, choices={n: ch.to_json() for n, ch in choices.items()}))
 
 
 def compress(model, prof, allocation, method: str = "svd", *, config=None, inplace: bool = False,
@@ -141,9 +194,12 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
     """Build the compressed model of ``allocation`` with ``method``; returns ``(model, report)``.
 
     ``model``: the dense model (or a :class:`~rankalloc.profiling.run.Run`); it is deep-copied unless ``inplace``.
-    ``config``: the method's config (default: its config class with default settings).
+    ``config``: the method's config (default: its config class with default settings). Under several processes
+    (torchrun) the decoder layers are split across them and every rank gets the same compressed model
+    (:func:`~rankalloc.decomposers.streamed.compress_in_parts`).
     """
     from rankalloc.decomposers.base import compress_
+    from rankalloc.profiling import distributed
 
     m = get_method(method)
     if config is None:
@@ -152,8 +208,11 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
         raise ValueError(f"method {method!r} takes a {m.config.__name__}, received {type(config).__name__}")
     model = getattr(model, "model", model) if not hasattr(model, "forward") else model
     model = model if inplace else copy.deepcopy(model)
-    report = compress_(model, allocation, config, prof, progress=progress)
-    return model, report
+    if distributed.world() > 1:
+        from rankalloc.decomposers.streamed import compress_in_parts
+
+        return model, compress_in_parts(model, allocation, config, prof, progress=progress)
+    return model, compress_(model, allocation, config, prof, progress=progress)
 
 
 def compressed_perplexity(run, prof, allocation, method: str, *, ids=None, batch_size: int = 4, config=None):

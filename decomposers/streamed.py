@@ -25,6 +25,13 @@ times differ), and the total realized count is checked against ``allocation.cost
 Peak memory: one decoder layer (dense while it is compressed, then its compressed modules) plus the method's
 working set (the profile's Grams of one component, its factors), plus the small non-layer parameters the
 skeleton holds, and one non-layer part while it is copied.
+
+Several processes (``torchrun``; :mod:`~rankalloc.profiling.distributed`): the decoder layers are split across
+ranks by parameter count (:func:`layer_owners`). Out of core, in each round every rank compresses its next layer
+and sends its tensors to rank 0, which writes every shard, the index and the manifest. In memory,
+:func:`compress_in_parts` (what :func:`~rankalloc.decomposers.problems.compress` runs under several processes)
+compresses each rank's layers and then sends every compressed layer to every rank, so all of them end with the same
+model. Each matrix is computed by the same code on the same tensors as in one process: the weights are identical.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankalloc.decomposers.report import CompressionReport, config_dict, profile_id
+from rankalloc.profiling import distributed
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -161,6 +169,11 @@ def layer_allocations(allocation, layers_path: str, num_layers: int) -> dict[int
     return out
 
 
+def layer_owners(layers) -> list[int]:
+    """The rank that compresses each decoder layer: bin-packed by parameter count (all 0 in one process)."""
+    return distributed.assign([sum(p.numel() for p in layer.parameters()) for layer in layers])
+
+
 # ----------------------------------------------------------------------------- writing
 def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict) -> None:
     from safetensors.torch import save_file
@@ -231,8 +244,22 @@ def _clear_outputs(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def compress_to_folder(loaded, prof, allocation, method: str, out, *, config=None, device="cpu",
-                       progress: bool = True) -> CompressionReport:
+def compress_to_folder(loaded, prof, allocation, method: str, out, *, overwrite: bool = False, protect=(),
+                       **kwargs) -> CompressionReport:
+    """:func:`write_folder` into a private folder inside ``out``, whose files replace ``out``'s output only once it
+    is complete (:func:`~rankalloc.decomposers.io.output_folder`: ``out`` must be new, empty or an earlier
+    compressed output unless ``overwrite``, never a model folder nor one of ``protect``; its lock is held)."""
+    from rankalloc.decomposers.io import output_folder
+    from rankalloc.profiling import distributed
+
+    if not distributed.is_main():  # the other ranks only compress and send their layers
+        return write_folder(loaded, prof, allocation, method, Path(out), **kwargs)
+    with output_folder(out, overwrite=overwrite, protect=protect) as build:
+        return write_folder(loaded, prof, allocation, method, build, **kwargs)
+
+
+def write_folder(loaded, prof, allocation, method: str, out, *, config=None, device="cpu",
+                 progress: bool = True) -> CompressionReport:
     """Compress the out-of-core model ``loaded`` as ``allocation`` says, one decoder layer at a time, into ``out``.
 
     Args:
@@ -246,11 +273,12 @@ def compress_to_folder(loaded, prof, allocation, method: str, out, *, config=Non
         out: the output folder (shards, index, ``compressed.json``); it must not be the model's own folder.
         device: where each layer is made resident and its factors computed.
 
-    Returns the combined :class:`CompressionReport` (as ``compress_`` in memory). Raises ``ValueError`` on bad
-    input before any layer is read, ``RuntimeError`` if a realized parameter count differs from the allocation's.
+    Returns the combined :class:`CompressionReport` (as ``compress_`` in memory; on every rank under several
+    processes, where rank 0 alone writes). Raises ``ValueError`` on bad input before any layer is read,
+    ``RuntimeError`` if a realized parameter count differs from the allocation's.
     """
-    from rankalloc.decomposers.base import compress_, expected_params
-    from rankalloc.decomposers.io import INDEX, MANIFEST, manifest_of, write_json_atomic
+    from rankalloc.decomposers.base import combined_report, compress_, expected_params
+    from rankalloc.decomposers.io import _swap_in, module_specs
     from rankalloc.decomposers.registry import get_method
 
     m = get_method(method)
@@ -273,55 +301,71 @@ def compress_to_folder(loaded, prof, allocation, method: str, out, *, config=Non
                          f"write the compressed model to a folder of its own")
     path = (getattr(prof, "meta", None) or {}).get("layers_path")
     layers_path, layers = decoder_layers(model, path)
-    device = torch.device(device)
+    device = distributed.device_of(torch.device(device))
     subs = layer_allocations(allocation, layers_path, len(layers))
     expected = expected_params(model, allocation)
     parts, aliases = _non_layer_parts(model, weights, layers_path)
     total = len(layers) + len(parts)
-    names = [cv.component.name for cv in allocation.problem.curves]
-    order = {n: i for i, n in enumerate(names)}
+    _agree(m.name, config, allocation, prof)
 
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out)
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_outputs(out)
     weight_map: dict[str, str] = {}
     reports = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(layers), unit="layer", desc=f"compress ({method})", disable=not progress)
+    owners = layer_owners(layers)
+    mine = [i for i, r in enumerate(owners) if r == distributed.rank()]
+    rounds = max(owners.count(r) for r in range(distributed.world()))
+    bar = tqdm(total=len(layers), unit="layer", desc=f"compress ({method})", disable=not progress or not main)
     try:
-        for i, layer in enumerate(layers):
-            prefix = f"{layers_path}.{i}."
-            before = {id(b) for b in layer.buffers()}
-            with weights.resident(layer, prefix, device):
-                if i in subs:
-                    reports += compress_(model, subs[i], config, prof, progress=False).components
-                tensors, layer_aliases = _layer_tensors(layer, prefix)
-                _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map)
+        for k in range(rounds):  # every rank compresses its k-th layer; rank 0 writes them all
+            done = None
+            if k < len(mine):
+                i = mine[k]
+                layer, prefix = layers[i], f"{layers_path}.{i}."
+                before = {id(b) for b in layer.buffers()}
+                with weights.resident(layer, prefix, device):
+                    got = compress_(model, subs[i], config, prof, progress=False).components if i in subs else []
+                    tensors, layer_aliases = _layer_tensors(layer, prefix)
+                    if main:  # written while it is resident, as in one process
+                        _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map)
+                        done = (i, None, None, layer_aliases, got)
+                    else:
+                        specs = {prefix + n: spec for n, spec in module_specs(layer).items()}
+                        done = (i, tensors, specs, layer_aliases, got)
+                    del tensors
+                _release_new_buffers(layer, before)
+            for item in distributed.gather_to_main(done, f"compressing decoder layers (round {k + 1} of {rounds})") \
+                    or []:
+                if item is None:
+                    continue
+                i, tensors, specs, layer_aliases, got = item
+                if tensors is not None:  # another rank's layer: its shard, and its structure in the skeleton
+                    _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map)
+                    _swap_in(model, specs, out)
                 aliases.update(layer_aliases)
-                del tensors
-            _release_new_buffers(layer, before)
-            bar.update(1)
+                reports += got
+                bar.update(1)
     finally:
         bar.close()
+    def finish():
+        report = combined_report(m.name, config, allocation, reports, expected, prof, time.perf_counter() - t0)
+        return _finish_folder(out, model, weights, parts, len(layers), total, weight_map, aliases, report)
+
+    return distributed.on_main(finish, "writing the compressed model")
+
+
+def _finish_folder(out: Path, model, weights, parts, n_layers: int, total: int, weight_map: dict, aliases: dict,
+                   report: CompressionReport) -> CompressionReport:
+    """The non-layer shards, then the index and the manifest (last, atomically); stale shards removed."""
+    from rankalloc.decomposers.io import INDEX, MANIFEST, manifest_of, write_json_atomic
+
     for k, (label, entries) in enumerate(parts):
         tensors = _read_part(weights, entries)
-        _write_shard(out, SHARD.format(len(layers) + k + 1, total), tensors, weight_map)
+        _write_shard(out, SHARD.format(n_layers + k + 1, total), tensors, weight_map)
         del tensors
-    reports.sort(key=lambda r: order[r.name])
-    got = [r.name for r in reports]
-    if sorted(got) != sorted(names):
-        missing, extra = sorted(set(names) - set(got)), sorted(set(got) - set(names))
-        raise RuntimeError(f"{method}: the handler reported {len(got)} components for {len(names)} in the "
-                           f"allocation (missing {missing[:5]}, unexpected {extra[:5]})")
-    realized = sum(r.params_after for r in reports)
-    if realized != expected:
-        raise RuntimeError(f"{method}: realized {realized:,} weight parameters for the allocation's components, "
-                           f"but the allocation costs {expected:,} (first components: "
-                           f"{[(r.name, r.params_after) for r in reports][:5]})")
-    report = CompressionReport(m.name, config_dict(config), tuple(reports), expected, profile_id(prof),
-                               time.perf_counter() - t0,
-                               {"solver": allocation.solver, "status": str(allocation.status),
-                                "objective": allocation.objective, "objective_kind": allocation.problem.objective,
-                                "cost": dict(allocation.cost)})
     manifest = manifest_of(model, report, aliases, weights.dtype, weights=INDEX, weight_map=weight_map)
     written = set(weight_map.values())
     for f in out.iterdir():  # shards of an earlier run with another shard count (nothing complete names them)
@@ -330,6 +374,52 @@ def compress_to_folder(loaded, prof, allocation, method: str, out, *, config=Non
     write_json_atomic(out / INDEX, {"metadata": {"format": "pt"}, "weight_map": weight_map})
     write_json_atomic(out / MANIFEST, manifest)
     return report
+
+
+def compress_in_parts(model: nn.Module, allocation, config, prof, progress: bool = True) -> CompressionReport:
+    """:func:`~rankalloc.decomposers.base.compress_` split across the ranks of several processes, in memory.
+
+    Each rank compresses the decoder layers :func:`layer_owners` gives it (a sub-allocation per layer through
+    ``compress_``, as :func:`compress_to_folder` does); then each compressed layer's module specs and state dict
+    go from its rank to every other, which swaps in the compressed modules and loads them. Every rank ends with the
+    same compressed ``model``, equal to one process's; the realized parameter count is checked against the
+    allocation. In one process this is ``compress_`` layer by layer.
+    """
+    from rankalloc.decomposers.base import combined_report, compress_, expected_params
+    from rankalloc.decomposers.io import _swap_in, module_specs
+    from rankalloc.decomposers.registry import method_of_config
+
+    method = method_of_config(config).name
+    if not allocation.feasible:
+        raise ValueError(f"allocation by {allocation.solver!r} has status {allocation.status}: expected a "
+                         f"feasible allocation ({allocation.message})")
+    layers_path, layers = decoder_layers(model, (getattr(prof, "meta", None) or {}).get("layers_path"))
+    subs = layer_allocations(allocation, layers_path, len(layers))
+    expected = expected_params(model, allocation)
+    _agree(method, config, allocation, prof)
+    owners = layer_owners(layers)
+    t0 = time.perf_counter()
+    done = {}
+    for i in tqdm([i for i in subs if owners[i] == distributed.rank()], desc=f"compress ({method})", unit="layer",
+                  disable=not progress or not distributed.is_main()):
+        done[i] = compress_(model, subs[i], config, prof, progress=False).components
+    reports = []
+    for i in sorted(subs):
+        layer, ours = layers[i], owners[i] == distributed.rank()
+        sent = (done[i], module_specs(layer), {k: v.cpu() for k, v in layer.state_dict().items()}) if ours else None
+        got, specs, state = distributed.broadcast(sent, f"sending compressed decoder layer {i}", src=owners[i])
+        if not ours:
+            _swap_in(layer, specs, f"decoder layer {i} from rank {owners[i]}")
+            layer.load_state_dict(state, strict=True)
+        reports += got
+    return combined_report(method, config, allocation, reports, expected, prof, time.perf_counter() - t0)
+
+
+def _agree(method: str, config, allocation, prof) -> None:
+    """Every rank compresses the same allocation of the same profile with the same method and settings."""
+    distributed.agree("compress", {"method": method, "config": config_dict(config), "profile": profile_id(prof),
+                                   "choices": [cv.component.name + ":" + str(j) for cv, j in
+                                               zip(allocation.problem.curves, allocation.choice_index)]})
 
 
 def _layer_tensors(layer: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -190,6 +190,20 @@ def capture_inputs(model, structure: DecoderStructure, ids: torch.Tensor, batch_
     return Captured(hidden, calls)
 
 
+def check_range(hidden: list[torch.Tensor], what: str) -> None:
+    """``NonFiniteError`` naming ``what`` when the hidden states are zero on every token, or so large that their mean
+    square overflows float32: the norm at the next layer's entry then returns zeros (not an error there), and every
+    matrix after it would be profiled on zero input."""
+    if all(not bool(h.any()) for h in hidden):
+        raise NonFiniteError(f"{what}: zero on every calibration token (an all-zero embedding or layer output); the "
+                             f"matrices after it would see no input")
+    for b, h in enumerate(hidden):
+        if torch.isinf(h.float().square().mean(-1)).any():
+            raise NonFiniteError(f"{what}, batch {b}: the activations overflow: max |h| = {h.abs().max().item():.3g}, "
+                                 f"whose square exceeds float32 (the norm of such a hidden state is zero); the "
+                                 f"weights are far out of range (a scaled or damaged checkpoint?)")
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -315,6 +329,8 @@ def run_layer(structure: DecoderStructure, layer: int, module: torch.nn.Module, 
 
     Returns its outputs (the next layer's inputs), its statistics (with ``collect``) and whether it returns tuples.
     """
+    if layer == 0:
+        check_range(inputs, f"input of decoder layer 0 ({structure.layers_path}.0, the embedding output)")
     acc = LayerAccumulator(structure, layer, device, config.gram_dtype) if collect else None
     outputs, as_tuple = [], False
     try:
@@ -338,6 +354,8 @@ def run_layer(structure: DecoderStructure, layer: int, module: torch.nn.Module, 
         if not torch.isfinite(y).all():
             raise NonFiniteError(f"output of decoder layer {layer} ({structure.layers_path}.{layer}), batch {b}: "
                                  f"non-finite activations (NaN/Inf)")
+    if layer + 1 < structure.num_layers:
+        check_range(outputs, f"output of decoder layer {layer} ({structure.layers_path}.{layer})")
     if stats is not None:
         stats.timings["forward"] = total - stats.timings["gram"] - stats.timings["value_cov"]
     return outputs, stats, as_tuple

@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,11 +312,65 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
         return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer, weights), weights)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if isinstance(folder, Path):
+            _check_weight_files(folder)
+        with _quiet_load_report():
+            net, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except OSError as err:
         if isinstance(folder, Path):
             raise ValueError(f"could not load the model folder {str(folder)!r}: {err}") from err
         raise OSError(f"could not load model {model_id!r} from the Hugging Face hub ({err}). Offline? Download "
                       "it on a machine with network access and pass the local folder instead.") from err
+    except (RuntimeError, TypeError, KeyError, AttributeError, ImportError) as err:  # transformers' own loader
+        raise ValueError(f"could not load the model {model_id!r}: {type(err).__name__}: {' '.join(str(err).split())} "
+                         f"(do config.json and the weights belong together?)") from err
+    _check_loading_info(model_id, info)
     net = net.to(device).eval()
     return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer))
+
+
+def _check_weight_files(folder: Path) -> None:
+    """The safetensors files of a model folder read as far as their headers (truncated, padded or garbage files
+    are a ``ValueError`` naming the file, not a SafetensorError from deep inside transformers)."""
+    import transformers
+
+    from rankalloc.profiling.weights import INDEX, SINGLE, Checkpoint, skeleton
+
+    if not ((folder / INDEX).is_file() or (folder / SINGLE).is_file()):
+        return
+    checkpoint = Checkpoint(folder)
+    shapes = checkpoint.validate()
+    model = skeleton(transformers.AutoConfig.from_pretrained(folder))  # on meta: names and shapes only
+    for name, p in model.named_parameters():
+        if name in shapes and shapes[name] != tuple(p.shape):
+            raise ValueError(f"checkpoint {checkpoint.files[name]}: tensor {name!r} has shape {shapes[name]}, "
+                             f"config.json gives {tuple(p.shape)}; the config does not match the weights")
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers' load report (missing, unexpected, mismatched tensors) silenced: rankalloc reports them itself,
+    as one error."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _check_loading_info(model_id: str, info: dict) -> None:
+    """No tensor the model needs was missing from the checkpoint (transformers would initialise it at random), none
+    was left unused, none had another shape."""
+    for key, what in (("missing_keys", "is missing from the checkpoint (it would be left at random initialisation)"),
+                      ("mismatched_keys", "has another shape in the checkpoint than config.json gives"),
+                      ("unexpected_keys", "is in the checkpoint but not in the model config.json describes")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in (info.get(key) or ()))
+        if names:
+            raise ValueError(f"model {model_id!r}: tensor {names[0]!r} {what} ({len(names)} such); the weights do not "
+                             f"match the config (a truncated download or another model?)")
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise ValueError(f"model {model_id!r}: loading the weights failed: {' '.join(str(errors[0]).split())}")

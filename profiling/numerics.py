@@ -93,12 +93,11 @@ def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping(), *,
     place (no second ``n x n`` copy: at a 14336-wide input that is 1.6 GB saved); a failed try then needs the
     original back, from ``reload()`` (e.g. the Gram stored on disk), else a copy is taken for the retries.
     """
-    G = check_finite(G.to(PRECISION), f"Gram matrix of {name}")
+    G = check_finite(G.to(PRECISION), f"{_gram_label(name)} (activations overflowed, or NaN)")
     diag = torch.diagonal(G).clone()
     mean_diag = diag.mean().item()
     if not mean_diag > 0:
-        raise NumericalError(f"Gram matrix of {name} is zero: the input was never active on the calibration "
-                             f"data (use more or different calibration text)")
+        raise NumericalError(_not_positive(G, diag, name))
     damp = damping.damp
     for attempt in range(damping.retries + 1):
         delta = damp * mean_diag
@@ -118,10 +117,33 @@ def damped_cholesky(G: torch.Tensor, name: str, damping: Damping = Damping(), *,
                                  f"delta {delta:.3g} = {damp:.3g} x mean diagonal, and it was factored in place "
                                  f"with no copy to retry from")
         damp *= damping.growth
+    negative = int((diag < 0).sum())
+    why = (f" It has {negative} negative diagonal entries (min {diag.min().item():.3g}): it is not a Gram matrix "
+           f"(sum_t x x^T has none), so the statistics are damaged." if negative else
+           " Increase damping or use more calibration samples.")
     raise NumericalError(
         f"Cholesky of the Gram matrix of {name} ({G.shape[0]}x{G.shape[0]}) failed after {damping.retries} "
-        f"damping retries (last delta {delta:.3g} = {damp / damping.growth:.3g} x mean diagonal). "
-        f"Increase damping or use more calibration samples.")
+        f"damping retries (last delta {delta:.3g} = {damp / damping.growth:.3g} x mean diagonal).{why}")
+
+
+def _gram_label(name: str) -> str:
+    return name if "Gram" in name else f"Gram matrix of {name}"
+
+
+def _not_positive(G: torch.Tensor, diag: torch.Tensor, name: str) -> str:
+    """Why a Gram with a mean diagonal <= 0 cannot be whitened: it is exactly zero (say where zeros come from), or
+    it has negative diagonal entries (not a Gram at all)."""
+    label = _gram_label(name)
+    if (diag < 0).any():
+        return (f"{label} has {int((diag < 0).sum())} negative diagonal entries (min {diag.min().item():.3g}): it is "
+                f"not a Gram matrix (sum_t x x^T has a non-negative diagonal), so the statistics are damaged")
+    if "output-gradient" in name:
+        return (f"{label} is exactly zero: the loss gradient at that output is zero on every calibration token, so "
+                f"nothing after the matrix uses its output: a weight after it is all zero (this layer's o_proj after "
+                f"q/k/v, its down_proj after gate/up); more text would not change that")
+    return (f"{label} is exactly zero: its input was zero on every calibration token, which no text can change: what "
+            f"produces it outputs zeros, so a weight before it is all zero (a norm's weight before q/k/v or gate/up, "
+            f"v_proj before o_proj, gate_proj or up_proj before down_proj)")
 
 
 def _blas_ready(*ts) -> bool:
@@ -193,11 +215,11 @@ def psd_roots(G: torch.Tensor, name: str, damping: Damping = Damping()) -> tuple
 
     Eigenvalues are clamped at ``delta`` after damping, so negative round-off never gives NaNs.
     """
-    G = check_finite(G.to(PRECISION), f"Gram matrix of {name}")
+    G = check_finite(G.to(PRECISION), f"{_gram_label(name)} (activations overflowed, or NaN)")
     G = 0.5 * (G + G.T)
     mean_diag = torch.diagonal(G).mean().item()
     if not mean_diag > 0:
-        raise NumericalError(f"Gram matrix of {name} is zero: nothing to whiten")
+        raise NumericalError(_not_positive(G, torch.diagonal(G), name))
     damp = damping.damp
     for _ in range(damping.retries + 1):
         delta = damp * mean_diag

@@ -13,6 +13,7 @@ the sample count, the sequence length and the seed; a profile is never reused fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -67,8 +68,32 @@ def prepare(model: str | None = None, text=None, *, samples: int = 128, seqlen: 
     for what, value, least in (("samples", samples, 1), ("seqlen", seqlen, 2), ("eval_seqlen", eval_seqlen, 2),
                                ("eval_windows", eval_windows, 1)):
         _positive(what, value, least)
-    return Run(load_model(model, progress=progress, out_of_core=out_of_core), load_text(text, progress=progress),
-               samples, seqlen, seed, eval_seqlen, eval_windows, device)
+    loaded = load_model(model, progress=progress, out_of_core=out_of_core)
+    for option, value in (("--seqlen", seqlen), ("--eval-seqlen", eval_seqlen)):
+        check_context(loaded, value, option)
+    return Run(loaded, load_text(text, progress=progress), samples, seqlen, seed, eval_seqlen, eval_windows, device)
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_context(config) -> tuple[int, str] | None:
+    """``(positions, config key)``: how many positions a model was trained on (``max_position_embeddings``, GPT-2's
+    ``n_positions`` ...), or None when its config does not say."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def check_context(loaded, seqlen: int, option: str = "--seqlen") -> None:
+    """``ValueError`` naming ``option`` when ``seqlen`` tokens exceed the model's context: positions past the
+    trained range give meaningless statistics (rotary models) or no embedding at all (GPT-2, OPT)."""
+    ctx = model_context(getattr(loaded.model, "config", None))
+    if ctx is not None and seqlen > ctx[0]:
+        raise ValueError(f"{option} {seqlen}: longer than the context of the model {loaded.model_id!r}, {ctx[0]} "
+                         f"positions (its config's {ctx[1]}); use {option} {ctx[0]} or less")
 
 
 def profile_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
@@ -102,33 +127,68 @@ def profile_dir(run: Run, root: str | Path | None = None) -> Path:
 
 def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | None = None, *,
             batch_size: int | None = None, resume: bool = True, progress: bool = True,
-            fisher_samples: int | None = None, store: str = "compact"):
+            fisher_samples: int | None = None, store: str | None = None, overwrite: bool = False):
     """Profile ``run`` into ``out`` (default :func:`profile_dir`), or open the finished profile there.
 
     An interrupted run resumes from its first unfinished layer when called again with the same arguments;
-    loss-aware kinds missing from a finished profile are added to it. ``batch_size`` (sequences per forward
-    pass) defaults to the existing profile's, else 8. ``fisher_samples``: Fisher output-gradient Grams on the
-    first N calibration sequences only (default all).
+    loss-aware kinds missing from a finished profile are added to it. Reusing a profile, finished or not, needs the
+    same model, text, samples, seqlen, seed, batch size, store and Fisher samples: a difference is a ``ValueError``
+    naming the option (``--restart``, i.e. ``resume=False``, discards the profile instead). ``batch_size``
+    (sequences per forward pass) and ``store`` default to the existing profile's, else 8 and ``"compact"``.
+    ``fisher_samples``: Fisher output-gradient Grams on the first N calibration sequences only (default all).
+    ``out`` must be new, empty or a profile (``overwrite``: any folder; its other files are left alone). The run
+    holds the folder's lock (:func:`~rankalloc.profiling.files.folder_lock`): a second run into it is refused,
+    naming the first.
     """
+    from rankalloc.profiling import distributed, files
     from rankalloc.profiling.profile import profile_model
-    from rankalloc.profiling.store import Profile
+    from rankalloc.profiling.store import STORES, Profile
 
     want = profile_kinds(kinds)
+    for option, value in (("--batch-size", batch_size), ("--fisher-samples", fisher_samples)):
+        if value is not None:
+            _positive(option, value, 1)
+    if store is not None and store not in STORES:
+        raise ValueError(f"--store: expected one of {list(STORES)}, received {store!r}")
     path = Path(out) if out is not None else profile_dir(run)
-    if resume and (path / "meta.json").exists():
-        prof = Profile.load(path)
-        if prof.meta.get("fingerprint") != run.loaded.fingerprint:
-            raise ValueError(f"{path} holds a profile of another model (fingerprint {prof.meta.get('fingerprint')}, "
-                             f"this model {run.loaded.fingerprint}); use another --out directory")
-        if prof.complete and all(k in prof.kinds for k in want):
-            return prof
-        if batch_size is None:
-            batch_size = prof.meta.get("settings", {}).get("batch_size")
-    return profile_model(run.model, run.text, out=path, tokenizer=run.tokenizer, n_samples=run.samples,
-                         seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
-                         model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
-                         batch_size=batch_size or 8, resume=resume, progress=progress,
-                         fisher_samples=fisher_samples, store=store, weights=run.loaded.weights)
+    distributed.on_main(lambda: files.check_output_folder(path, "--out", ours=(path / "meta.json").exists(),
+                                                          overwrite=overwrite), "checking the output folder")
+    with files.folder_lock(path) if distributed.is_main() else contextlib.nullcontext():
+        if resume and (path / "meta.json").exists():
+            prof = Profile.load(path)
+            settings = prof.meta.get("settings", {})
+            batch_size = settings.get("batch_size") if batch_size is None else batch_size
+            store = settings.get("store") if store is None else store
+            check_reuse(prof, run, batch_size, fisher_samples, store)
+            if prof.complete and all(k in prof.kinds for k in want):
+                return prof
+        return profile_model(run.model, run.text, out=path, tokenizer=run.tokenizer, n_samples=run.samples,
+                             seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
+                             model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
+                             batch_size=batch_size or 8, resume=resume, progress=progress,
+                             fisher_samples=fisher_samples, store=store or "compact", weights=run.loaded.weights)
+
+
+def check_reuse(prof, run: Run, batch_size: int | None, fisher_samples: int | None, store: str | None) -> None:
+    """``ValueError`` naming each option in which ``run`` (and the given settings) differ from the existing profile
+    ``prof``: ``--model``, ``--text``, ``--samples``, ``--seqlen``, ``--seed``, ``--batch-size``, ``--store``,
+    ``--fisher-samples``; the curve kinds may differ (missing ones are added)."""
+    from rankalloc.profiling.store import mismatch_error, setting_differences
+    from rankalloc.profiling.text import text_fingerprint
+
+    if prof.meta.get("fingerprint") != run.loaded.fingerprint:
+        raise ValueError(f"{prof.path} holds a profile of another model ({prof.meta.get('model_id')!r}, fingerprint "
+                         f"{prof.meta.get('fingerprint')}; this --model {run.loaded.model_id!r} has fingerprint "
+                         f"{run.loaded.fingerprint}); use another --out directory, or --restart to discard it")
+    now = {"source_id": f"{run.text.source_id}@{text_fingerprint(run.text)}", "n_samples": run.samples,
+           "seqlen": run.seqlen, "seed": run.seed}
+    old_settings = prof.meta.get("settings", {})
+    new_settings = {"batch_size": batch_size or 8, "store": store or "compact", "fisher_samples": fisher_samples}
+    diff = setting_differences(prof.meta, now, fields=tuple(now))
+    diff += setting_differences({"settings": {k: old_settings.get(k) for k in new_settings}},
+                                {"settings": new_settings}, fields=("settings",))
+    if diff:
+        raise mismatch_error(prof.path, diff)
 
 
 def linear_params(prof) -> int:

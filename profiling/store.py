@@ -19,6 +19,9 @@ Layout of a profile directory::
     kinds/<kind>.npz                 curve kinds added after profiling (write_kind), keyed by component
     extra/<name>.csv                 other curve sets (write_extra): sola, flat, sslc ...
     curves.csv                       long-format curves of every kind; written once all layers are done
+    checksums.json                   sha256, size and expected contents (array names, shapes, dtypes; for
+                                     curves.csv the component list) of every file above (profiling.files)
+    .rankalloc.lock                  while a run writes here: its pid, host, start time and command line
     scratch/                         layer inputs kept for the layer-streamed backward; removed when done
 
 Store modes (``settings["store"]``): ``compact`` (default) keeps what the curves and every decomposer need at no
@@ -26,8 +29,12 @@ more than the model's own size: float32 input roots (the input Gram is ``S S^T -
 up to the break-even rank ``r* = mn / (m + n)``. ``full`` also keeps every float64 Gram (8 n^2 bytes each).
 
 Every file is written to a temporary name and moved into place with ``os.replace``, so an
-interrupted run never leaves a half-written file. Reading curves needs numpy and pandas only;
-torch is imported lazily by the Gram and covariance accessors.
+interrupted run never leaves a half-written file, and its checksum is recorded in ``checksums.json``.
+Each reader verifies a file the first time this process opens it (then caches the result), and checks
+what a checksum cannot: a Gram is square, finite, symmetric with a non-negative diagonal; a Cholesky
+root has a positive diagonal; curves.csv lists exactly the profiled components. A failed check is a
+``ValueError`` naming the file. Writers hold the folder's lock (:func:`~rankalloc.profiling.files.folder_lock`).
+Reading curves needs numpy and pandas only; torch is imported lazily by the Gram and covariance accessors.
 """
 
 from __future__ import annotations
@@ -39,16 +46,55 @@ from pathlib import Path
 import numpy as np
 
 from rankalloc.allocators.problem import Component, Curve
+from rankalloc.profiling import files
 from rankalloc.profiling.files import _load_tensor, _load_tensors, atomic_save_tensors, atomic_savez, atomic_write_bytes
 
-FORMAT = 2
+FORMAT = 3
+"""Store format: 3 added ``checksums.json``; a profile in another format is refused (profile it again)."""
 STORES = ("compact", "full")
 """Profile store modes; see the module docstring."""
 
 KEY_FIELDS = ("fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen", "seed", "settings")
 """Meta fields that must agree for a run to resume into an existing profile directory."""
 
+FLAGS = {"fingerprint": "--model", "source_id": "--text", "calibration_hash": "--text/--samples/--seqlen/--seed",
+         "n_samples": "--samples", "seqlen": "--seqlen", "seed": "--seed", "batch_size": "--batch-size",
+         "store": "--store", "fisher_samples": "--fisher-samples"}
+"""The ``rankalloc profile`` option that sets each key field (and setting), for error messages."""
+
+
+def setting_differences(old: dict, new: dict, fields=KEY_FIELDS) -> list[str]:
+    """One phrase per key field (each setting on its own) that differs between two metas, naming its option."""
+    out = []
+    for k in fields:
+        if k == "settings":
+            a, b = old.get(k) or {}, new.get(k) or {}
+            for s in sorted(set(a) | set(b)):
+                if a.get(s) != b.get(s):
+                    flag = FLAGS.get(s, f"the {s} setting")
+                    out.append(f"{flag} ({s}): {_shown(a.get(s))} in the profile, {_shown(b.get(s))} now")
+        elif old.get(k) != new.get(k):
+            out.append(f"{FLAGS.get(k, k)} ({k}): {_shown(old.get(k))} in the profile, {_shown(new.get(k))} now")
+    return out
+
+
+def _shown(value) -> str:
+    return "not set" if value is None else repr(value)
+
+
+def mismatch_error(path, diff: list[str]) -> ValueError:
+    return ValueError(f"{path} holds a profile made with other settings: {'; '.join(diff)}. Rerun with the "
+                      f"profile's settings to use it, add --restart to discard it and profile again, or use another "
+                      f"--out directory")
+
 BASE_CURVE_KINDS = ("whitened", "energy", "relative", "epsilon")
+
+
+def _symmetric(G: np.ndarray, rtol: float = 1e-9) -> bool:
+    """``|G - G^T| <= rtol * max|diag G|`` (float round-off of a product allowed), checked 512 rows at a time."""
+    tol = rtol * float(np.abs(np.diagonal(G)).max(initial=0.0))
+    return all(float(np.abs(G[i:i + 512] - G[:, i:i + 512].T).max(initial=0.0)) <= tol
+               for i in range(0, G.shape[0], 512))
 
 
 class Profile:
@@ -61,14 +107,21 @@ class Profile:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def load(cls, path) -> "Profile":
-        """Open an existing profile directory (no model needed)."""
+    def load(cls, path, *, any_format: bool = False) -> "Profile":
+        """Open an existing profile directory (no model needed); one in another store format is refused."""
         path = Path(path)
         meta = path / "meta.json"
         if not meta.exists():
             raise FileNotFoundError(f"{path} is not a profile directory ({meta.name} is missing); create one with "
                                     f"`rankalloc profile --out {path}` or rankalloc.profiling.profile_model(...)")
-        return cls(path, json.loads(meta.read_text()))
+        data = files.read_json(meta, f"profile it again: rankalloc profile --restart --out {path}")
+        if not isinstance(data, dict):
+            raise ValueError(f"{meta}: expected a JSON object (profile metadata)")
+        if not any_format and data.get("format") != FORMAT:
+            raise ValueError(f"{path} holds a profile in store format {data.get('format')!r}; this rankalloc reads "
+                             f"format {FORMAT} (with checksums): profile it again with `rankalloc profile --restart "
+                             f"--out {path}`")
+        return cls(path, data)
 
     @classmethod
     def start(cls, path, meta: dict, resume: bool = True) -> "Profile":
@@ -79,39 +132,39 @@ class Profile:
         With ``resume=False`` the profile's own files are removed first.
         """
         path = Path(path)
-        if (path / "meta.json").exists():
-            old = cls.load(path)
-            if resume and old.meta.get("format") != FORMAT:
-                raise ValueError(f"{path} holds a profile in format {old.meta.get('format')!r} (this rankalloc writes "
-                                 f"format {FORMAT}); profile again with --restart, or use another --out directory")
-            if resume:
-                diff = [k for k in KEY_FIELDS if old.meta.get(k) != meta.get(k)]
-                if diff:
-                    detail = "; ".join(f"{k}: existing {old.meta.get(k)!r}, this run {meta.get(k)!r}" for k in diff)
-                    raise ValueError(f"{path} holds a profile of a different run ({detail}). Use another --out "
-                                     f"directory, or resume=False to overwrite it.")
-                return old
-            old.clear()
-        path.mkdir(parents=True, exist_ok=True)
-        for sub in ("layers", "roots"):
-            (path / sub).mkdir(exist_ok=True)
-        prof = cls(path, dict(meta, format=FORMAT, finished_layers=[], layer_scores={}, timings={}))
-        prof._write_meta()
-        return prof
+        with files.folder_lock(path):
+            if (path / "meta.json").exists():
+                old = cls.load(path, any_format=True)
+                if resume and old.meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} holds a profile in store format {old.meta.get('format')!r} (this "
+                                     f"rankalloc writes format {FORMAT}); profile again with --restart, or use "
+                                     f"another --out directory")
+                if resume:
+                    diff = setting_differences(old.meta, meta)
+                    if diff:
+                        raise mismatch_error(path, diff)
+                    return old
+                old.clear()
+            for sub in ("layers", "roots"):
+                (path / sub).mkdir(exist_ok=True)
+            prof = cls(path, dict(meta, format=FORMAT, finished_layers=[], layer_scores={}, timings={}))
+            prof._write_meta()
+            return prof
 
     def clear(self) -> None:
         """Delete this profile's own files (nothing else in the directory)."""
-        for sub in ("layers", "roots", "fisher", "extra_fisher", "grams", "output_grams", "kinds", "extra"):
-            d = self.path / sub
-            if d.is_dir():
-                for f in d.iterdir():
-                    if re.fullmatch(r"\.?[\w.-]+\.(npz|safetensors|csv)(\.tmp\d+)?", f.name):
-                        f.unlink()
-        for f in ("curves.csv", "meta.json"):
-            (self.path / f).unlink(missing_ok=True)
-        import shutil
+        with files.folder_lock(self.path):
+            for sub in ("layers", "roots", "fisher", "extra_fisher", "grams", "output_grams", "kinds", "extra"):
+                d = self.path / sub
+                if d.is_dir():
+                    for f in d.iterdir():
+                        if re.fullmatch(r"\.?[\w.-]+\.(npz|safetensors|csv)(\.tmp\d+)?", f.name):
+                            f.unlink()
+            for f in ("curves.csv", "meta.json", files.CHECKSUMS):
+                (self.path / f).unlink(missing_ok=True)
+            import shutil
 
-        shutil.rmtree(self.path / "scratch", ignore_errors=True)
+            shutil.rmtree(self.path / "scratch", ignore_errors=True)
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -167,10 +220,70 @@ class Profile:
                          f"(it has {len(self.meta['components'])} components, e.g. {self.meta['components'][0][0]!r})")
 
     def _write_meta(self) -> None:
-        atomic_write_bytes(self.path / "meta.json", json.dumps(self.meta, indent=1, sort_keys=True).encode())
+        with files.folder_lock(self.path):
+            atomic_write_bytes(self.path / "meta.json", json.dumps(self.meta, indent=1, sort_keys=True).encode())
 
     def _layer_file(self, sub: str, layer: int, ext: str) -> Path:
         return self.path / sub / f"layer_{layer:03d}.{ext}"
+
+    # ------------------------------------------------------------------ integrity
+    @property
+    def _remedy(self) -> str:
+        return f"profile it again: rankalloc profile --restart --out {self.path}"
+
+    def _save(self, path: Path, arrays: dict) -> None:
+        """Write one store file atomically (npz or safetensors by its suffix) and record its checksum."""
+        with files.folder_lock(self.path):
+            path.parent.mkdir(exist_ok=True)
+            save = atomic_savez if path.suffix == ".npz" else atomic_save_tensors
+            files.record(self.path, path, save(path, arrays))
+
+    def _verified(self, path: Path) -> dict:
+        """``path`` checked against ``checksums.json`` (once per process); returns its entry."""
+        return files.verify(self.path, path, self._remedy)
+
+    def _npz(self, path: Path) -> dict:
+        rec = self._verified(path)
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        files.check_contents(path, rec, arrays, self._remedy)
+        return arrays
+
+    def _csv(self, path: Path):
+        import pandas as pd
+
+        self._verified(path)
+        try:
+            return pd.read_csv(path)
+        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: unreadable CSV ({' '.join(str(exc).split())}); {self._remedy}") from None
+
+    def _tensor(self, path: Path, key: str, what: str):
+        """One tensor of a verified safetensors file; ``ValueError`` naming ``what`` and the file if it lacks it."""
+        rec = self._verified(path)
+        a = _load_tensor(path, key)
+        if a is None:
+            raise ValueError(f"{what}: {key!r} is not in {path}; {self._remedy}")
+        want = (rec.get("contents") or {}).get(key)
+        if want is not None and [list(a.shape), a.dtype.str] != want:
+            raise ValueError(f"{path}: {key!r} has shape {a.shape} and dtype {a.dtype.str}, but {want[0]} and "
+                             f"{want[1]} were written; {self._remedy}")
+        return a
+
+    def _gram_checked(self, G: np.ndarray, n: int, what: str, path: Path) -> np.ndarray:
+        """A stored Gram read back: square ``n x n``, finite, symmetric, with a non-negative diagonal."""
+        problem = None
+        if G.shape != (n, n):
+            problem = f"shape {G.shape}, expected ({n}, {n})"
+        elif not np.isfinite(G).all():
+            problem = f"{int((~np.isfinite(G)).sum())} non-finite values"
+        elif not _symmetric(G):
+            problem = f"not symmetric (max |G - G^T| = {float(np.abs(G - G.T).max()):.3g})"
+        elif (np.diagonal(G) < 0).any():
+            problem = f"negative diagonal entries (min {float(np.diagonal(G).min()):.3g}): not a Gram matrix"
+        if problem:
+            raise ValueError(f"{path}: the {what} is damaged: {problem}; {self._remedy}")
+        return G
 
     # ------------------------------------------------------------------ curves
     def to_frame(self):
@@ -181,10 +294,28 @@ class Profile:
                 raise FileNotFoundError(
                     f"{self.path} is an unfinished profile ({len(self.finished_layers)}/{self.num_layers} layers "
                     f"done; curves.csv is missing); finish it with `rankalloc profile --out {self.path}`")
-            import pandas as pd
-
-            self._frame = pd.read_csv(csv)
+            frame = self._csv(csv)
+            self._check_frame(frame, csv)
+            self._frame = frame
         return self._frame
+
+    def _check_frame(self, frame, csv: Path) -> None:
+        """``curves.csv`` lists every profiled component, in order, with ranks 0..min(m, n) and its kinds."""
+        comps = self.components
+        missing = [c for c in ("component", "m", "n", "rank", *self.kinds) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{csv}: missing columns {missing}; {self._remedy}")
+        names = list(dict.fromkeys(frame["component"].astype(str)))
+        want = [c.name for c in comps]
+        if names != want:
+            lost = [n for n in want if n not in names]
+            raise ValueError(f"{csv}: lists {len(names)} components, the profile has {len(want)} (missing "
+                             f"{lost[:3]}{' ...' if len(lost) > 3 else ''}); {self._remedy}")
+        counts = frame.groupby(frame["component"].astype(str), sort=False).size()
+        for c in comps:
+            if counts[c.name] != c.max_rank + 1:
+                raise ValueError(f"{csv}: component {c.name!r} has {counts[c.name]} rows, expected "
+                                 f"{c.max_rank + 1} (ranks 0..{c.max_rank}); {self._remedy}")
 
     def curve_set(self, kinds=None):
         """A :class:`~rankalloc.allocators.curveset.CurveSet` with ranks 0..min(m, n) (no dense row)."""
@@ -204,8 +335,7 @@ class Profile:
         if not f.exists():
             raise ValueError(f"layer {layer} is not in the profile at {self.path} "
                              f"(finished layers: {self.finished_layers})")
-        with np.load(f) as z:
-            return {k: z[k] for k in z.files}
+        return self._npz(f)
 
     def spectrum(self, name: str, whitened: bool = True) -> np.ndarray:
         """Singular values of ``W S`` (``whitened=True``) or of ``W``, descending, float64."""
@@ -237,13 +367,15 @@ class Profile:
         kinds_dir = self.path / "kinds"
         if kinds_dir.is_dir():
             for f in sorted(kinds_dir.glob("*.npz")):
-                with np.load(f) as z:
-                    errors[f.stem] = {k: z[k] for k in z.files}
+                errors[f.stem] = self._npz(f)
         ranks = {c.name: np.arange(c.max_rank + 1) for c in comps}
         cs = CurveSet(comps, ranks, errors, layer_scores=self.layer_scores, name=self.path.name)
-        cs.write_csv(self.path / "curves.csv")
-        self.meta["kinds"] = list(errors)
-        self._write_meta()
+        with files.folder_lock(self.path):
+            csv = self.path / "curves.csv"
+            cs.write_csv(csv)
+            files.record(self.path, csv, {"components": [c.name for c in comps], "kinds": list(errors)})
+            self.meta["kinds"] = list(errors)
+            self._write_meta()
         self._frame = None
 
     # ------------------------------------------------------------------ statistics (torch)
@@ -263,11 +395,17 @@ class Profile:
 
         c, key = self._group(name)
         f = self._layer_file("roots", c.layer, "safetensors")
-        packed = _load_tensor(f, key) if f.exists() else None
-        if packed is None:
-            raise ValueError(f"{name}: no input root {key!r} in {f} (layer {c.layer} unfinished, or a profile "
-                             f"written before store modes existed: profile it again)")
-        return unpack_lower(torch.from_numpy(packed), c.n), self.damping_delta(name)
+        if not f.exists():
+            raise ValueError(f"{name}: no input root {key!r} in {f} (layer {c.layer} unfinished)")
+        packed = self._tensor(f, key, f"input root of {name}")
+        if packed.shape != (c.n * (c.n + 1) // 2,) or not np.isfinite(packed).all():
+            raise ValueError(f"{f}: the input root {key!r} is damaged (shape {packed.shape}, expected "
+                             f"({c.n * (c.n + 1) // 2},), or non-finite values); {self._remedy}")
+        S = unpack_lower(torch.from_numpy(packed), c.n)
+        if not bool((torch.diagonal(S) > 0).all()):
+            raise ValueError(f"{f}: the input root {key!r} is damaged: a Cholesky factor has a positive diagonal, "
+                             f"this one has {int((torch.diagonal(S) <= 0).sum())} entries <= 0; {self._remedy}")
+        return S, self.damping_delta(name)
 
     def input_gram(self, name: str):
         """``sum_t x_t x_t^T`` over the calibration tokens of the input of ``name`` (torch float64, n x n): stored
@@ -276,11 +414,9 @@ class Profile:
 
         c, key = self._group(name)
         f = self._layer_file("grams", c.layer, "safetensors")
-        if f.exists():
-            G = _load_tensor(f, key)
-            if G is None:
-                raise ValueError(f"{name}: its input Gram {key!r} is missing from {f}")
-            return torch.from_numpy(G)
+        if self.store_mode == "full":
+            G = self._tensor(f, key, f"input Gram of {name}")
+            return torch.from_numpy(self._gram_checked(G, c.n, f"input Gram {key!r}", f))
         S, delta = self.input_root(name)
         G = S @ S.T
         G.diagonal().sub_(delta)
@@ -292,13 +428,13 @@ class Profile:
 
         c = self.component(name)
         f = self._layer_file("output_grams", c.layer, "safetensors")
-        G = _load_tensor(f, name) if f.exists() else None
+        G = _load_tensor(f, name) if f.exists() and self._verified(f) is not None else None
         if G is None:
             how = ("profile with kinds including 'fisher'" if "fisher" not in self.kinds else
                    "this compact profile keeps the Fisher bases instead; profile with --store full to keep every "
                    "float64 Gram")
             raise ValueError(f"{name}: no output-gradient Gram in the profile at {self.path}; {how}")
-        return torch.from_numpy(G)
+        return torch.from_numpy(self._gram_checked(G, c.m, f"output-gradient Gram {name!r}", f))
 
     def has_output_grams(self) -> bool:
         """True when every component's output-gradient Gram is stored (full store with ``fisher``)."""
@@ -311,6 +447,7 @@ class Profile:
             f = self._layer_file("output_grams", layer, "safetensors")
             if not f.exists():
                 return False
+            self._verified(f)
             with safe_open(str(f), framework="numpy") as h:
                 if not names <= set(h.keys()):
                     return False
@@ -326,10 +463,18 @@ class Profile:
         if f.exists():
             from safetensors import safe_open
 
+            self._verified(f)
             with safe_open(str(f), framework="numpy") as h:
                 keys = [k for k in h.keys() if k.split("|")[0] == name]
-                if keys:
-                    return {k.split("|")[1]: torch.from_numpy(h.get_tensor(k)).to(torch.float64) for k in keys}
+                parts = {k.split("|")[1]: h.get_tensor(k) for k in keys}
+            if parts:
+                rows = {"right": c.n, "left_a": c.m, "left_b": None}
+                bad = [p for p, a in parts.items() if p not in rows or a.ndim != 2 or not np.isfinite(a).all()
+                       or (rows[p] is not None and a.shape[0] != rows[p])]
+                if bad:
+                    raise ValueError(f"{f}: the Fisher basis of {name} is damaged (parts {bad}: unknown, not "
+                                     f"2-D of the matrix's size, or non-finite); {self._remedy}")
+                return {p: torch.from_numpy(a).to(torch.float64) for p, a in parts.items()}
         raise ValueError(f"{name}: no Fisher basis in the profile at {self.path}; profile with kinds including "
                          f"'fisher'")
 
@@ -338,9 +483,7 @@ class Profile:
         f = self._layer_file("extra_fisher", layer, "npz")
         if not f.exists():
             return None
-        with np.load(f) as z:
-            key = f"{kind}:{name}"
-            return z[key] if key in z.files else None
+        return self._npz(f).get(f"{kind}:{name}")
 
     def neuron_norms(self, layer: int) -> np.ndarray:
         """``a_i = ||h_{:,i}||_2`` over the calibration tokens, ``h`` the input of down_proj of ``layer``."""
@@ -371,26 +514,24 @@ class Profile:
     # ------------------------------------------------------------------ writers
     def _write_layer(self, layer: int, arrays: dict, roots: dict, grams: dict | None, score: float) -> None:
         """Store one finished layer, then record it in meta (so a crash never marks a layer half-written)."""
-        atomic_savez(self._layer_file("layers", layer, "npz"), arrays)
-        atomic_save_tensors(self._layer_file("roots", layer, "safetensors"), roots)
-        if grams is not None:
-            (self.path / "grams").mkdir(exist_ok=True)
-            atomic_save_tensors(self._layer_file("grams", layer, "safetensors"), grams)
-        self.meta["finished_layers"] = sorted(set(self.finished_layers) | {layer})
-        self.meta["layer_scores"][str(layer)] = float(score)
-        self._write_meta()
+        with files.folder_lock(self.path):
+            self._save(self._layer_file("layers", layer, "npz"), arrays)
+            self._save(self._layer_file("roots", layer, "safetensors"), roots)
+            if grams is not None:
+                self._save(self._layer_file("grams", layer, "safetensors"), grams)
+            self.meta["finished_layers"] = sorted(set(self.finished_layers) | {layer})
+            self.meta["layer_scores"][str(layer)] = float(score)
+            self._write_meta()
 
     def write_fisher_layer(self, layer: int, bases: dict, extras: dict, grams: dict | None) -> None:
         """Store one layer's Fisher bases (``{name: {part: array}}``), SoLA/FLAT loss curves and, in the full
         store, its float64 output-gradient Grams."""
-        for sub in ("fisher", "extra_fisher"):
-            (self.path / sub).mkdir(exist_ok=True)
-        atomic_save_tensors(self._layer_file("fisher", layer, "safetensors"),
-                            {f"{n}|{part}": a for n, parts in bases.items() for part, a in parts.items()})
-        atomic_savez(self._layer_file("extra_fisher", layer, "npz"), extras)
-        if grams is not None:
-            (self.path / "output_grams").mkdir(exist_ok=True)
-            atomic_save_tensors(self._layer_file("output_grams", layer, "safetensors"), grams)
+        with files.folder_lock(self.path):
+            self._save(self._layer_file("fisher", layer, "safetensors"),
+                       {f"{n}|{part}": a for n, parts in bases.items() for part, a in parts.items()})
+            self._save(self._layer_file("extra_fisher", layer, "npz"), extras)
+            if grams is not None:
+                self._save(self._layer_file("output_grams", layer, "safetensors"), grams)
 
     def _check_complete(self, what: str) -> None:
         if len(self.finished_layers) != self.num_layers:
@@ -417,9 +558,9 @@ class Profile:
                                  f"{c.max_rank + 1} errors (ranks 0..{c.max_rank}), received {len(e)}")
             Curve(c, np.arange(c.max_rank + 1), e)  # validates: finite, >= 0, non-increasing in rank
             arrays[c.name] = e
-        (self.path / "kinds").mkdir(exist_ok=True)
-        atomic_savez(self.path / "kinds" / f"{kind}.npz", arrays)
-        self._write_curves()
+        with files.folder_lock(self.path):
+            self._save(self.path / "kinds" / f"{kind}.npz", arrays)
+            self._write_curves()
 
     def write_output_grams(self, grams: dict) -> None:
         """Store output-gradient Grams ``sum_t g g^T`` (``m x m``) for some components (float64)."""
@@ -431,20 +572,26 @@ class Profile:
                 raise ValueError(f"output Gram of {name}: expected shape ({c.m}, {c.m}), received {a.shape}")
             if not np.isfinite(a).all():
                 raise ValueError(f"output Gram of {name}: {int((~np.isfinite(a)).sum())} non-finite values")
+            if not _symmetric(a):
+                raise ValueError(f"output Gram of {name}: not symmetric (max |G - G^T| = "
+                                 f"{float(np.abs(a - a.T).max()):.3g}); a Gram sum_t g g^T is")
             by_layer.setdefault(c.layer, {})[name] = a
-        (self.path / "output_grams").mkdir(exist_ok=True)
-        for layer, new in sorted(by_layer.items()):
-            f = self._layer_file("output_grams", layer, "safetensors")
-            merged = _load_tensors(f) if f.exists() else {}
-            merged.update(new)
-            atomic_save_tensors(f, merged)
+        with files.folder_lock(self.path):
+            for layer, new in sorted(by_layer.items()):
+                f = self._layer_file("output_grams", layer, "safetensors")
+                merged = _load_tensors(f) if f.exists() and self._verified(f) is not None else {}
+                merged.update(new)
+                self._save(f, merged)
 
     def write_extra(self, name: str, curve_set) -> None:
         """Store another curve set (e.g. ``"sola"``, ``"flat"``, ``"sslc"``) as ``extra/<name>.csv``."""
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][\w-]*", name):
             raise ValueError(f"extra curve set name: expected an identifier, received {name!r}")
-        (self.path / "extra").mkdir(exist_ok=True)
-        curve_set.write_csv(self.path / "extra" / f"{name}.csv")
+        with files.folder_lock(self.path):
+            f = self.path / "extra" / f"{name}.csv"
+            f.parent.mkdir(exist_ok=True)
+            curve_set.write_csv(f)
+            files.record(self.path, f, {"components": [c.name for c in curve_set.components]})
 
     def has_extra(self, name: str) -> bool:
         """Whether :meth:`write_extra` stored a curve set ``name`` here."""
@@ -452,15 +599,17 @@ class Profile:
 
     def extra(self, name: str):
         """The curve set stored by :meth:`write_extra` under ``name``."""
-        import pandas as pd
-
         from rankalloc.allocators.curveset import CurveSet
 
         f = self.path / "extra" / f"{name}.csv"
         if not f.exists():
             have = sorted(p.stem for p in (self.path / "extra").glob("*.csv")) if (self.path / "extra").is_dir() else []
             raise ValueError(f"no extra curve set {name!r} in the profile at {self.path}; it has {have}")
-        return CurveSet.from_frame(pd.read_csv(f), name=name, layer_scores=self.layer_scores)
+        frame = self._csv(f)
+        try:
+            return CurveSet.from_frame(frame, name=name, layer_scores=self.layer_scores)
+        except ValueError as exc:
+            raise ValueError(f"{f}: {exc}") from None
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"{len(self.finished_layers)}/{self.num_layers} layers"

@@ -139,7 +139,11 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist (or is not a file)")
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n").strip()
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}: "
+                         f"{exc.object[exc.start:exc.start + 4]!r}); convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
     if not text:
         raise ValueError(f"text file {str(path)!r} is empty")
     blocks = [b.strip() for b in re.split(r"\n[ \t]*\n", text)]

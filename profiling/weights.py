@@ -34,10 +34,10 @@ class Checkpoint:
         index, single = self.folder / INDEX, self.folder / SINGLE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {str(k): self.folder / str(v) for k, v in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{index}: not a safetensors index (expected a JSON with weight_map): {exc}") from None
-            self.files = {k: self.folder / v for k, v in weight_map.items()}
         elif single.is_file():
             header, _ = safetensors_header(single)
             self.files = {k: single for k in header if k != "__metadata__"}
@@ -46,6 +46,70 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def validate(self) -> dict[str, tuple]:
+        """Every file of the checkpoint read as far as its header: present, a well-formed header whose tensors fit
+        the file exactly (a truncated or padded file, a garbage one, is a ``ValueError`` naming it), and every tensor
+        the index names is in its file. Returns ``{tensor name: shape}``."""
+        shapes = {}
+        for path in sorted(set(self.files.values())):
+            if not path.is_file():
+                raise ValueError(f"checkpoint {path}: missing (the index names it); the download is incomplete")
+            header, start = safetensors_header(path)
+            end = start
+            for k, info in header.items():
+                if k == "__metadata__":
+                    continue
+                try:
+                    lo, hi = (int(x) for x in info["data_offsets"])
+                    shape = tuple(int(d) for d in info["shape"])
+                    item = torch.empty(0, dtype=_DTYPES[info["dtype"]]).element_size()
+                except (KeyError, TypeError, ValueError):
+                    raise ValueError(f"checkpoint {path}: damaged safetensors header (entry {k!r})") from None
+                count = 1
+                for d in shape:
+                    count *= d
+                if hi - lo != count * item or lo < 0:
+                    raise ValueError(f"checkpoint {path}: tensor {k!r} is damaged ({hi - lo} bytes for {count} values "
+                                     f"of {info['dtype']})")
+                end = max(end, start + hi)
+                if self.files.get(k) == path:
+                    shapes[k] = shape
+            size = os.path.getsize(path)
+            if end != size:
+                raise ValueError(f"checkpoint {path}: {size:,} bytes, but its header describes {end:,}: the file is "
+                                 f"{'truncated' if size < end else 'damaged'} (download it again)")
+        missing = sorted(k for k in self.files if k not in shapes)
+        if missing:
+            raise ValueError(f"checkpoint {self.files[missing[0]]}: lacks tensor {missing[0]!r}, which the index names "
+                             f"({len(missing)} missing)")
+        return shapes
+
+    def check_model(self, model: torch.nn.Module, weights: "Weights") -> None:
+        """The checkpoint holds exactly the parameters of ``model`` (a skeleton of its config) in their shapes: a
+        missing tensor (which would stay at random initialisation), a mis-shaped one or one the model does not have
+        (a config that does not match the weights) is a ``ValueError`` naming it."""
+        shapes = self.validate()
+        expected = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = name if name in shapes else (weights._tied_source(name) or name)
+            expected[key] = tuple(p.shape)
+        missing = sorted(k for k in expected if k not in shapes)
+        if missing:
+            raise ValueError(f"checkpoint {self.folder}: no tensor {missing[0]!r} ({len(missing)} of the model's "
+                             f"{len(expected)} missing); the weights do not match config.json (a truncated download or "
+                             f"another model?) and would be left at random initialisation")
+        wrong = sorted(k for k in expected if shapes[k] != expected[k])
+        if wrong:
+            k = wrong[0]
+            raise ValueError(f"checkpoint {self.files[k]}: tensor {k!r} has shape {shapes[k]}, config.json gives "
+                             f"{expected[k]} ({len(wrong)} mis-shaped); the config does not match the weights")
+        buffers = {n for n, _ in model.named_buffers()}
+        unexpected = sorted(k for k in shapes if k not in expected and k not in buffers)
+        if unexpected:
+            raise ValueError(f"checkpoint {self.files[unexpected[0]]}: tensor {unexpected[0]!r} is not a parameter of "
+                             f"the model config.json describes ({len(unexpected)} such); the config does not match "
+                             f"the weights")
 
     def read(self, names, device, dtype, shapes: dict | None = None) -> dict[str, torch.Tensor]:
         """The tensors ``names`` on ``device`` in ``dtype`` (each shard opened once, closed after reading)."""
@@ -87,6 +151,8 @@ def safetensors_header(path) -> tuple[dict, int]:
             header = json.loads(f.read(size))
         except ValueError as exc:
             raise ValueError(f"checkpoint {path}: damaged safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"checkpoint {path}: damaged safetensors header (not a JSON object)")
     return header, 8 + size
 
 
@@ -246,6 +312,7 @@ def load_out_of_core(folder, dtype: torch.dtype = torch.float32):
     config = transformers.AutoConfig.from_pretrained(folder)
     model = skeleton(config, dtype)
     weights = Weights(model, Checkpoint(folder))
+    weights.checkpoint.check_model(model, weights)
     structure = find_structure(model)
     big = {id(m) for m in structure.layers} | {id(model.get_input_embeddings())}
     head = model.get_output_embeddings()

@@ -10,13 +10,20 @@ Each subcommand lives in its own module listed in :data:`COMMANDS`. The module p
 Only the module of the chosen subcommand is imported, so ``rankalloc allocate`` never loads
 torch. Exit codes: 0 success, 1 failure (bad input, missing file, infeasible budget: one
 line on stderr, no traceback), 2 command-line usage error, 130 interrupted.
+
+Several processes: the subcommands in :data:`DISTRIBUTED` also run under ``torchrun ... -m rankalloc COMMAND``
+(``WORLD_SIZE > 1``): every rank runs the same command, only rank 0 prints results, and an error on any rank is
+one line prefixed by the rank (``rankalloc profile [rank 1]: error: ...``), a lost or late rank included
+(:class:`rankalloc.profiling.distributed.RankError`). The others refuse torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Sequence
 
@@ -30,6 +37,9 @@ COMMANDS: dict[str, str] = {
     "check": "rankalloc.studies.cmd_check",
 }
 """Subcommand name -> module. Add a subcommand by adding its module here."""
+
+DISTRIBUTED = ("profile", "compress", "evaluate")
+"""Subcommands that run under torchrun, split across its processes (:mod:`rankalloc.profiling.distributed`)."""
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -91,15 +101,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    label, errors = f"rankalloc {args.command}", (ValueError, OSError)
     try:
-        return int(args._run(args))
-    except (ValueError, OSError) as exc:  # bad input, missing file, unreachable hub id
+        if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+            return int(args._run(args))
+        from rankalloc.profiling import distributed  # under torchrun
+
+        label, errors = f"{label} [rank {os.environ.get('RANK', '?')}]", errors + (distributed.RankError,)
+        with _processes(args.command, distributed):
+            return int(args._run(args))
+    except errors as exc:  # bad input, missing file, unreachable hub id, a lost rank
         text = " ".join(str(exc).split())  # one line
-        print(f"rankalloc {args.command}: error: {text}", file=sys.stderr)
+        print(f"{label}: error: {text}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"rankalloc {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001  a bug: bad input raises ValueError naming the culprit at its source
+        text = " ".join(str(exc).split())
+        print(f"rankalloc {args.command}: error: {type(exc).__name__}: {text} (an unexpected error: a bug in "
+              f"rankalloc; please report it with the command line)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def _processes(command: str, distributed):
+    """Inside the block this process is in the group of a subcommand of :data:`DISTRIBUTED`, and stdout goes nowhere
+    on ranks other than 0. The group is left after a success only (a failed peer could keep the exit waiting)."""
+    if command not in DISTRIBUTED:
+        raise ValueError(f"runs in one process; launch it without torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); "
+                         f"these run under torchrun: {', '.join(DISTRIBUTED)}")
+    distributed.init_from_env()
+    with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere if not distributed.is_main() else
+                                                                      sys.stdout):
+        yield
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Library functions (explicit arguments, usable from Python): :func:`load_problem`
 
 from __future__ import annotations
 
-import json
 import math
 from functools import reduce
 from pathlib import Path
@@ -182,13 +181,33 @@ def add_arguments(parser) -> None:
                         help="rank grid (default 16 for a profile; for a CSV the largest grid holding every row)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="seconds, for solvers that take a time limit (exact)")
-    parser.add_argument("--out", default=None, metavar="JSON", help="write the allocation as JSON here")
+    parser.add_argument("--out", default=None, metavar="JSON",
+                        help="write the allocation as JSON here (replacing only an earlier allocation JSON)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it is a file that is not an allocation JSON")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
                         help="Python file registering extra solvers or cost models (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line, not the table")
 
 
+def check_out(out, overwrite: bool = False) -> Path:
+    """``--out``: a file path whose folder exists, not a folder, and not a file other than an allocation JSON (unless
+    ``overwrite``); checked before solving."""
+    from rankalloc.allocators.allocation import is_allocation_file
+
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give the path of a JSON file, e.g. {out / 'alloc.json'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: its folder {out.parent} does not exist")
+    if out.exists() and not overwrite and not is_allocation_file(out):
+        raise ValueError(f"--out {out}: exists and is not an allocation JSON; give another path, or --overwrite to "
+                         f"replace it")
+    return out
+
+
 def run(args) -> int:
+    out = check_out(args.out, args.overwrite) if args.out else None
     allocation = allocate(args.curves, solver=args.solver, budget=args.budget, cost=args.cost, kind=args.kind,
                           grid=args.grid, time_limit=args.time_limit, plugins=args.plugin)
     if not allocation.feasible:
@@ -199,11 +218,10 @@ def run(args) -> int:
     print(summary_line(allocation))
     if allocation.message:
         print(f"note: {allocation.message}")
-    if args.out:
-        out = Path(args.out)
-        data = result_dict(allocation, args.curves, args.cost, allocation.problem.grid)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(out)
+    if out is not None:
+        from rankalloc.allocators.allocation import seal
+        from rankalloc.profiling.files import atomic_write_json
+
+        atomic_write_json(out, seal(result_dict(allocation, args.curves, args.cost, allocation.problem.grid)))
         print(f"wrote {out}")
     return 0

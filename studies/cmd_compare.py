@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="seconds, for solvers that take a time limit (exact)")
     parser.add_argument("--out", default="rankalloc-compare", metavar="DIR",
-                        help="output directory (default ./rankalloc-compare)")
+                        help="output directory (default ./rankalloc-compare); new, empty or an earlier compare output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it is a non-empty folder that holds no compare output")
     add_plugin_option(parser)
 
 
@@ -67,6 +69,11 @@ def run(args) -> int:
     from rankalloc.studies.compare import compare, format_table
     from rankalloc.studies.options import comma_list, fractions, load_plugins, named
 
+    from rankalloc.profiling.files import atomic_write_json, check_output_folder
+
+    out = Path(args.out)
+    check_output_folder(out, "--out", ours=(out / "compare.json").is_file() or (out / "compare.csv").is_file(),
+                        overwrite=args.overwrite)
     load_plugins(args.plugin)
     ratios = fractions("--ratios", args.ratios)
     solvers = named("--solvers", comma_list(args.solvers), get_solver)
@@ -87,19 +94,20 @@ def run(args) -> int:
     else:
         runs.check_same_model(run_.loaded, prof)
     t2 = time.perf_counter()
-    out = Path(args.out)
     notes = []
     frame = compare(run_, prof, ratios, solvers, methods, kinds, cost=args.cost, grid=args.grid,
                     time_limit=args.time_limit, out=out / "allocations", batch_size=args.batch_size,
                     log=notes.append)
     t3 = time.perf_counter()
-    frame.to_csv(out / "compare.csv", index=False, float_format="%.10g")
+    tmp = out / f".compare.csv.tmp{os.getpid()}"
+    frame.to_csv(tmp, index=False, float_format="%.10g")
+    os.replace(tmp, out / "compare.csv")
     settings = {"model": str(run_.loaded.model_id), "fingerprint": run_.loaded.fingerprint,
                 "profile": str(prof.path), "text": run_.text.source_id, "ratios": ratios, "solvers": solvers,
                 "methods": methods, "kinds": kinds, "cost": args.cost, "grid": args.grid,
                 "eval_seqlen": run_.eval_seqlen, "windows": run_.eval_windows, "dense_ppl": frame.attrs["dense_ppl"],
                 "protocol": frame.attrs["protocol"]}
-    (out / "compare.json").write_text(json.dumps(settings, indent=1) + "\n")
+    atomic_write_json(out / "compare.json", settings)
     print(f"profile: {prof.path}")
     print(f"perplexity protocol: {frame.attrs['protocol']}")
     print(f"dense perplexity {frame.attrs['dense_ppl']:.4f}; budgets and 'removed' are fractions of the dense "

@@ -15,10 +15,14 @@ The allocation JSON names a rank per matrix of the profile; --method builds each
 (svd: SVD-LLM whitened SVD; fisher_svd: two-sided Fisher whitening, needs a profile with fisher;
 pgsvd: SVD + alternating least squares; sola, sslc, flat: allocations made on their own curves).
 The model defaults to the one recorded in the profile and must be that model (checked by fingerprint).
-The output folder holds model.safetensors and compressed.json; `rankalloc evaluate --compressed DIR`
-reads it back. With --out-of-core the model stays on disk: one decoder layer at a time is read from
+The output folder holds model.safetensors and compressed.json (with the checksum of every file);
+`rankalloc evaluate --compressed DIR` reads it back. --out must be new, empty or an earlier output of
+`rankalloc compress` (--overwrite: any folder but a model folder); the new output replaces the earlier
+one only once it is complete, and a second run into the same --out is refused while one runs. With --out-of-core the model stays on disk: one decoder layer at a time is read from
 the model folder's safetensors, compressed and written as its own shard (model-000NN-of-000MM.safetensors
 with model.safetensors.index.json); compressed.json is written last, so an interrupted run leaves none.
+Under torchrun (torchrun --nproc-per-node N -m rankalloc compress ...) the decoder layers are split
+across the processes and rank 0 writes the model: the same weights as one process.
 
 examples:
   rankalloc profile --out runs/smollm2
@@ -42,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, metavar="M",
                         help="the profiled model (default: the folder or hub id recorded in the profile)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the compressed model to")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it is a non-empty folder that holds no compressed model "
+                             "(never a model folder)")
     parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
     add_out_of_core_option(parser)
     add_plugin_option(parser)
@@ -49,17 +56,21 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from rankalloc.decomposers import save_compressed
+    from rankalloc.decomposers.io import check_output
     from rankalloc.decomposers.evaluate import model_params
     from rankalloc.profiling.data import load_model
     from rankalloc.profiling.store import Profile
     from rankalloc.profiling import run as runs
     from rankalloc.decomposers import problems
     from rankalloc.decomposers.registry import get_method
+    from rankalloc.profiling import distributed
     from rankalloc.studies.options import load_plugins, named
 
     load_plugins(args.plugin)
     named("--method", [args.method], get_method)
     prof = Profile.load(args.profile)
+    distributed.on_main(lambda: check_output(args.out, overwrite=args.overwrite, protect=_protected(args, prof)),
+                        "checking the output folder")  # before any work
     if not Path(args.allocation).is_file():
         raise FileNotFoundError(f"--allocation {args.allocation} does not exist; create it with `rankalloc allocate "
                                 f"--curves {args.profile} --budget 0.3 --out {args.allocation}`")
@@ -72,9 +83,18 @@ def run(args) -> int:
     linear = runs.linear_params(prof)
     model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True)
     kept = model_params(model)
-    save_compressed(model, args.out, report)
+    if distributed.is_main():
+        save_compressed(model, args.out, report, overwrite=args.overwrite, protect=_protected(args, prof))
     _summary(args, report, allocation, dense_params, kept, linear)
     return 0
+
+
+def _protected(args, prof) -> tuple:
+    """Folders the output must never be: the profile and the dense model's folder."""
+    from rankalloc.profiling import run as runs
+
+    model = runs.profiled_model(prof, args.model)
+    return (prof.path,) + ((Path(model).expanduser(),) if model is not None else ())
 
 
 def _summary(args, report, allocation, dense_params: int, kept: int, linear: int) -> None:
@@ -106,7 +126,8 @@ def _run_out_of_core(args, prof) -> int:
                          f"store them in the profile)") from None
     dense_params = model_params(loaded.model)
     linear = runs.linear_params(prof)
-    report = compress_to_folder(loaded, prof, allocation, args.method, args.out, device=args.device)
+    report = compress_to_folder(loaded, prof, allocation, args.method, args.out, device=args.device,
+                                overwrite=args.overwrite, protect=_protected(args, prof))
     kept = model_params(loaded.model)
     _summary(args, report, allocation, dense_params, kept, linear)
     return 0

@@ -13,7 +13,9 @@ The text is split into calibration and held-out evaluation articles by a fixed r
 held-out side is scored, in non-overlapping windows of --seqlen tokens (BOS + seqlen-1 text tokens),
 at most --windows of them. With --compressed the dense model it was built from (recorded in the
 folder, or --model) is scored on the same windows, beside it. With --out-of-core both models stay on
-disk and are scored with one decoder layer resident at a time (the same figures).
+disk and are scored with one decoder layer resident at a time (the same figures). Under torchrun
+(torchrun --nproc-per-node N -m rankalloc evaluate ...) the windows are split across the processes in
+whole batches and the summed losses reduced: the same figures, printed by rank 0.
 
 examples:
   rankalloc evaluate                                   # dense SmolLM2 on gensim Wikipedia
@@ -56,9 +58,11 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
     run = runs.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
                        progress=progress, out_of_core=out_of_core)
     ids = runs.evaluation_ids(run)
+    _agree(run, compressed)
     out = {"dense": None, "compressed": None, "params": {}}
     comp = comp_weights = None
     if compressed is not None:
+        check_baseline(run.loaded, compressed)
         if out_of_core:
             comp, comp_weights = open_compressed(compressed, out_of_core=True)
         else:
@@ -79,6 +83,37 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
         out["params"]["compressed"] = model_params(comp)
     out["model_id"] = run.loaded.model_id
     return out
+
+
+def _agree(run, compressed) -> None:
+    """Under several processes: every rank scores the same dense model and the same compressed folder."""
+    from rankalloc.profiling import distributed
+
+    if distributed.world() > 1:
+        import hashlib
+        import json
+
+        from rankalloc.decomposers.io import read_manifest
+
+        digest = None if compressed is None else hashlib.sha256(
+            json.dumps(read_manifest(compressed), sort_keys=True).encode()).hexdigest()[:16]
+        distributed.agree("evaluate", {"model": run.loaded.fingerprint, "compressed manifest": digest})
+
+
+def check_baseline(loaded, compressed) -> None:
+    """``ValueError`` unless ``loaded`` is the dense model the ``compressed`` folder was built from (the fingerprint
+    its manifest records from the profile): a baseline of another model would make the ratio meaningless."""
+    from rankalloc.decomposers.io import read_manifest
+
+    recorded = read_manifest(compressed).get("profile", {})
+    want = recorded.get("fingerprint")
+    if want is None:
+        raise ValueError(f"--compressed {compressed}: its compressed.json records no model fingerprint, so the dense "
+                         f"model it was built from cannot be checked; compress it again")
+    if loaded.fingerprint != want:
+        raise ValueError(f"--model {loaded.model_id!r} (fingerprint {loaded.fingerprint}) is not the model "
+                         f"--compressed {compressed} was built from ({recorded.get('model_id')!r}, fingerprint "
+                         f"{want}); pass that model with --model, or leave --model out to use it")
 
 
 def add_arguments(parser) -> None:

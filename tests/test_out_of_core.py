@@ -115,7 +115,8 @@ def test_compress_to_folder_equals_compress_in_memory(setup, tmp_path, monkeypat
     assert all(streamed.materialized(layer) == 0 for layer in watch.layers)
 
     manifest = read_manifest(out)
-    assert manifest["weights"] == INDEX and manifest["format_version"] == 2
+    assert manifest["weights"] == INDEX and manifest["format_version"] == 3
+    assert set(manifest["checksums"]) == set(manifest["weight_map"].values()) | {INDEX}
     assert json.loads((out / INDEX).read_text())["weight_map"] == manifest["weight_map"]
     assert not (out / WEIGHTS).exists()
     restored = load_compressed(out)
@@ -185,9 +186,10 @@ def test_open_compressed_reads_the_single_file_form(setup, tmp_path):
     assert perplexity(load_compressed(tmp_path / "c"), ids, batch_size=3, progress=False).nll == a.nll
 
 
-def test_interrupted_compress_to_folder_leaves_no_manifest(setup, tmp_path, monkeypatch):
-    """A run that dies after layer 0 leaves no compressed.json (nor index), even over a finished earlier run:
-    the folder never looks complete."""
+def test_interrupted_compress_to_folder_leaves_the_earlier_output(setup, tmp_path, monkeypatch):
+    """A run that dies after layer 0 over a finished earlier run leaves that earlier output as it was (the new one is
+    built in a private folder and moved into place only when complete), its checksums verified; into a new folder it
+    leaves no compressed.json (nor index): a folder never looks complete when it is not."""
     folder, loaded, prof, _ = setup
     config, allocation = method_case("svd", loaded.model, prof)
     out = tmp_path / "c"
@@ -202,13 +204,21 @@ def test_interrupted_compress_to_folder_leaves_no_manifest(setup, tmp_path, monk
         calls.append(name)
         return write(folder_, name, tensors, weight_map)
 
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
     monkeypatch.setattr(streamed, "_write_shard", dies_after_layer_0)
     with pytest.raises(RuntimeError, match="interrupted"):
         streamed.compress_to_folder(load_model(folder, progress=False, out_of_core=True), prof, allocation, "svd",
                                     out, config=config, progress=False)
-    assert calls and not (out / MANIFEST).exists() and not (out / INDEX).exists()
+    assert calls and {f.name: f.read_bytes() for f in out.iterdir()} == before
+    load_compressed(out)
+    calls.clear()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        streamed.compress_to_folder(load_model(folder, progress=False, out_of_core=True), prof, allocation, "svd",
+                                    fresh, config=config, progress=False)
+    assert calls and not (fresh / MANIFEST).exists() and not (fresh / INDEX).exists()
     with pytest.raises(FileNotFoundError, match="no compressed.json"):
-        load_compressed(out)
+        load_compressed(fresh)
 
 
 def test_out_of_core_refusals(setup, tmp_path):

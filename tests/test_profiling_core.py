@@ -296,7 +296,10 @@ def test_store_writers_roundtrip(tmp_path):
         prof.write_kind("probe", {**fake, c0.name: fake[c0.name][::-1]})
     with pytest.raises(ValueError, match="missing"):
         prof.write_kind("probe", {c0.name: fake[c0.name]})
-    G = torch.randn(c0.m, c0.m, dtype=torch.float64)
+    A = torch.randn(c0.m, c0.m, dtype=torch.float64)
+    G = A @ A.T
+    with pytest.raises(ValueError, match="not symmetric"):
+        prof.write_output_grams({c0.name: A})
     prof.write_output_grams({c0.name: G})
     assert torch.equal(prof.output_gram(c0.name), G)
     with pytest.raises(ValueError, match=prof.components[1].name):
