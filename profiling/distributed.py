@@ -204,6 +204,12 @@ def _missing_message(me: int, step: str, seconds: float, text: str) -> str:
         who = f"rank {ranks} did" if "," not in ranks else f"ranks {ranks} did"
         return (f"rank {me}: {step}: {who} not arrive within {seconds:g} s ({TIMEOUT_ENV}): the process died, "
                 f"failed or is stuck; see its own error")
+    if me == 0:  # rank 0 runs the barrier: a peer whose connection closed (it died) fails it before the timeout
+        named = re.search(r"\b[Rr]ank (\d+)\b", text)
+        who = (f"rank {named.group(1)}" if named and named.group(1) != "0" else
+               "rank 1" if world() == 2 else f"one of ranks 1-{world() - 1}")
+        return (f"rank 0: {step}: {who} did not arrive within {seconds:g} s ({TIMEOUT_ENV}) or its connection "
+                f"closed: the process died, failed or is stuck; see its own error")
     return (f"rank {me}: {step}: lost rank 0, which coordinates the ranks, within {seconds:g} s ({TIMEOUT_ENV}): it "
             f"died, failed or is stuck; see its own error")
 

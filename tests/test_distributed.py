@@ -54,6 +54,20 @@ def test_slices_and_assignment_without_a_group(monkeypatch):
     assert distributed.assign([10, 1, 1, 1, 9, 1]) == [0, 2, 2, 2, 1, 2]
 
 
+def test_a_failed_barrier_names_the_missing_rank_never_rank_0_on_rank_0(monkeypatch):
+    """Rank 0 runs the monitored barrier: a peer that died closes its connection before the timeout, and the message
+    still names that peer (the only other rank of two; a rank named by gloo), never rank 0 itself."""
+    from rankalloc.profiling import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    closed = distributed._missing_message(0, "forward layer 1", 30, "Connection closed by peer [127.0.0.1]:5")
+    assert "rank 1 did not arrive within 30 s" in closed and "rank 0," not in closed.split(":", 2)[2]
+    monkeypatch.setattr(distributed, "world", lambda: 4)
+    assert "rank 2 did not arrive" in distributed._missing_message(0, "s", 5, "Rank 2 failed to pass monitoredBarrier")
+    assert "one of ranks 1-3" in distributed._missing_message(0, "s", 5, "Connection closed by peer")
+    assert "lost rank 0" in distributed._missing_message(3, "s", 5, "Connection closed by peer")
+
+
 def _env(root, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT", "RANKALLOC_TEST_FAIL_AT_LAYER")}
