@@ -83,24 +83,32 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _hooks(modules: dict, names, grams: dict, timings: dict):
-    """Forward hooks that register a tensor hook on each named module's output, adding ``g^T g`` into ``grams``."""
+def _hooks(modules: dict, names, grams: dict, timings: dict, taps: dict | None = None):
+    """Forward hooks that register a tensor hook on each named module's output, adding ``g^T g`` into ``grams``;
+    ``taps[name]`` (callables ``tap(y, g)``) also see each batch's outputs ``y`` and output gradients ``g``."""
     handles = []
+    taps = taps or {}
 
     def make(name):
-        def on_grad(g):
-            t0 = time.perf_counter()
-            g = g.detach().reshape(-1, g.shape[-1]).to(PRECISION)
-            if name in grams:
-                grams[name].addmm_(g.T, g)
-            else:
-                grams[name] = g.T @ g
-            timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t0
-
         def hook(module, args, out):
             t = out[0] if isinstance(out, tuple) else out
-            if t.requires_grad:
-                t.register_hook(on_grad)
+            if not t.requires_grad:
+                return
+            y = t.detach() if taps.get(name) else None
+
+            def on_grad(g):
+                t0 = time.perf_counter()
+                g = g.detach()
+                for tap in taps.get(name, ()):
+                    tap(y, g)
+                g = g.reshape(-1, g.shape[-1]).to(PRECISION)
+                if name in grams:
+                    grams[name].addmm_(g.T, g)
+                else:
+                    grams[name] = g.T @ g
+                timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t0
+
+            t.register_hook(on_grad)
         return hook
 
     for n in names:
@@ -109,11 +117,13 @@ def _hooks(modules: dict, names, grams: dict, timings: dict):
 
 
 def layer_backward(layer_module, structure, layer: int, boundaries: Boundaries, calls: list, grads: list,
-                   device, dtype, groups: list[list], on_group, timings: dict) -> list[torch.Tensor]:
+                   device, dtype, groups: list[list], on_group, timings: dict,
+                   taps: dict | None = None) -> list[torch.Tensor]:
     """Recompute layer ``layer`` from its stored inputs and backpropagate ``grads`` (one tensor per batch).
 
     For each group of components, one pass accumulates their output-gradient Grams and calls
-    ``on_group(grams)`` (``{name: G_g}``, float64) before the next group. Returns ``dL/dh_layer`` per batch.
+    ``on_group(grams)`` (``{name: G_g}``, float64) before the next group. ``taps``: ``{name: [tap(y, g)]}``
+    called with every batch's outputs and output gradients of that module. Returns ``dL/dh_layer`` per batch.
     """
     new_grads: list[torch.Tensor | None] = [None] * len(grads)
     frozen = {p: p.requires_grad for p in layer_module.parameters()}  # no weight gradients: only dL/dh and G_g
@@ -122,7 +132,7 @@ def layer_backward(layer_module, structure, layer: int, boundaries: Boundaries, 
     try:
         for group in groups:
             _group_pass(layer_module, structure, layer, boundaries, calls, grads, device, dtype, group, on_group,
-                        timings, new_grads)
+                        timings, new_grads, taps)
     finally:
         for p, f in frozen.items():
             p.requires_grad_(f)
@@ -130,10 +140,11 @@ def layer_backward(layer_module, structure, layer: int, boundaries: Boundaries, 
 
 
 def _group_pass(layer_module, structure, layer, boundaries, calls, grads, device, dtype, group, on_group, timings,
-                new_grads) -> None:
+                new_grads, taps=None) -> None:
     """One recomputed backward of the layer accumulating the output Grams of ``group``; fills ``new_grads``."""
     grams: dict = {}
-    handles = _hooks(structure.modules, [c.name for c in group], grams, timings)
+    names = [c.name for c in group]
+    handles = _hooks(structure.modules, names, grams, timings, {n: t for n, t in (taps or {}).items() if n in names})
     try:
         for b, ((args, kwargs), g_out) in enumerate(zip(calls, grads)):
             t0 = time.perf_counter()

@@ -13,17 +13,25 @@ so the ``vo`` curve at head rank ``r = 0..head_dim`` is ``sum_h sum_{i>r} lambda
 ``<layers>.<l>.self_attn.vo`` (kind ``vo``, ``m`` = O's output dim, ``n`` = V's input dim), priced by
 :class:`~rankalloc.allocators.costs.FlatParams`. q, k, gate, up, down keep their profiled curves.
 
-``fisher`` (when the profile has output-gradient Grams): FLAT's truncation changes ``W_v`` by
-``dW_v = -P_r W_v`` with ``P_r = blockdiag_h(I - Q_{h,r} Q_{h,r}^T)``, whose K-FAC loss increase
-(see :mod:`~rankalloc.profiling.fisher`) is ``tr(P_r C P_r G_g) / (2 N_x N_loss)``; keeping only the
-per-head diagonal blocks of ``C`` (the covariance is stored per head) gives
-``sum_h sum_{i>r} lambda_{h,i} q_{h,i}^T G_g^{hh} q_{h,i} / (2 N_x N_loss)``, non-increasing in ``r``.
-``fisher_svd`` prices what the FLAT decomposer builds: that ``vo`` curve, plus the one-sided
-(whitened SVD) ``fisher_svd`` curves of q, k, gate, up and down, which the decomposer factorizes by
-whitened SVD. ``fisher`` pairs the same ``vo`` curve with the two-sided curves of the others, which
-underprice their whitened-SVD truncation. Even with ``fisher_svd``, the exact optimum did worse than
-IPRS on SmolLM2 at 30-40% removed (perplexity 297 against 130 at 40%; cause not established), so
-FLAT's allocator is IPRS; see the README's quality table.
+``fisher`` (when the profile has the Fisher kinds): FLAT's truncation changes the value outputs by
+``dy_s = -P_r y_s`` at every position, ``P_r = blockdiag_h(I - Q_{h,r} Q_{h,r}^T)``. Under the per-position
+empirical Fisher of :mod:`~rankalloc.profiling.fisher` (its steps 1-2) the loss increase is
+
+    vo_fisher(r) = sum_s (g_s^T P_r y_s)^2 / (2 N_loss) = sum_s (sum_{i>r} sum_h (q_{h,i}^T g_s)(q_{h,i}^T y_s))^2 / (2 N_loss),
+
+``g_s`` the output gradient of the value projection. It is accumulated token by token in the layer-streamed
+backward (:class:`ValueLossTap`), in the basis the decomposer keeps, for every ``r`` at once (then made
+non-increasing from the top). It deliberately skips K-FAC's step 3 (``sum_s (y y^T) (x) (g g^T) ~ C (x) G_g /
+N_x``, the older curve of this module), because values and their gradients are far from independent across
+positions: the attention-sink token (BOS) carries
+most of the value gradient (0.94 of ``tr G_g`` in layer 15 of SmolLM2-135M) and almost no value energy (< 0.001
+of ``tr C``), so the Kronecker product charged every value direction with the sink's gradient and overpriced
+FLAT's truncation 2.6-5.8x in layers 15-29 (head rank 16 in layer 15: measured loss increase 0.016 nats, K-FAC
+0.088, this curve 0.022). ``fisher_svd`` prices what the FLAT decomposer builds: that ``vo`` curve, plus
+the one-sided (whitened SVD) ``fisher_svd`` curves of q, k, gate, up and down, which the decomposer factorizes
+by whitened SVD. ``fisher`` pairs the same ``vo`` curve with the two-sided curves of the others, which
+underprice their whitened-SVD truncation. Profiles made before this curve existed (or without the ``flat``
+extra) have no ``vo`` loss curve: their FLAT curve set offers the other kinds only.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from rankalloc.profiling.numerics import PRECISION, NumericalError, check_finite
 
 KEEP_KINDS = ("q", "k", "gate", "up", "down")
 FLAT_KINDS = ("whitened", "energy", "relative", "fisher", "fisher_svd")
+LOSS_KINDS = ("fisher", "fisher_svd")
+TOKEN_FISHER = "token_fisher"  # key prefix of the stored vo loss curves (profile.fisher_extra)
 
 
 def eig_desc(C: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,34 +75,55 @@ def dropped_eigenvalues(C: torch.Tensor, name: str = "value covariance") -> np.n
     return out.numpy()
 
 
-def flat_fisher_curve(C: torch.Tensor, Gg: torch.Tensor, n_tokens: int, n_loss_tokens: int,
-                      name: str = "value covariance") -> np.ndarray:
-    """K-FAC loss increase of FLAT's head-rank-``r`` truncation (per-head blocks; see the module doc)."""
-    heads, d, _ = C.shape
-    if tuple(Gg.shape) != (heads * d, heads * d):
-        raise ValueError(f"{name}: expected a {heads * d}x{heads * d} output-gradient Gram of the value projection, "
-                         f"received {tuple(Gg.shape)}")
-    Gg = Gg.to(PRECISION)
-    out = 0.0
-    for h in range(heads):
-        lam, Q = eig_desc(C[h], f"{name}, head {h}")
-        block = Gg[h * d:(h + 1) * d, h * d:(h + 1) * d]
-        terms = lam * torch.einsum("ik,ij,jk->k", Q, 0.5 * (block + block.T), Q).clamp_min(0.0)
-        out = out + _tail(terms)
-    return (out / (2.0 * n_tokens * n_loss_tokens)).numpy()
+class ValueLossTap:
+    """Accumulates ``sum_s z_s(r)^2`` for r = 0..head_dim, ``z_s(r) = g_s^T P_r y_s`` (see the module doc), from the
+    value projection's outputs ``y`` and output gradients ``g`` (``... x kv_heads*head_dim``), batch by batch.
+
+    ``Q``: the kept bases, ``(kv_heads, head_dim, head_dim)`` float64, columns by descending eigenvalue
+    (:func:`head_bases`). ``sums`` (float64, ``head_dim + 1``; 0 at ``r = head_dim``) is summed over processes."""
+
+    def __init__(self, Q: torch.Tensor):
+        if Q.ndim != 3 or Q.shape[1] != Q.shape[2]:
+            raise ValueError(f"ValueLossTap: expected bases of shape (kv_heads, head_dim, head_dim), "
+                             f"received {tuple(Q.shape)}")
+        self.Q = Q.to(PRECISION)
+        self.sums = torch.zeros(Q.shape[1] + 1, dtype=PRECISION, device=Q.device)
+
+    def __call__(self, y: torch.Tensor, g: torch.Tensor) -> None:
+        kv, d, _ = self.Q.shape
+        a = torch.einsum("nhd,hdk->nhk", y.reshape(-1, kv, d).to(PRECISION), self.Q)
+        b = torch.einsum("nhd,hdk->nhk", g.reshape(-1, kv, d).to(PRECISION), self.Q)
+        terms = (a * b).sum(1)  # (tokens, d): direction i's share of g^T y, summed over the heads
+        z = torch.flip(torch.cumsum(torch.flip(terms, [1]), 1), [1])  # z[:, r] = sum_{i >= r}: dropped at rank r
+        self.sums[:d] += (z * z).sum(0)
+
+    def curve(self, n_loss_tokens: int) -> np.ndarray:
+        """``vo_fisher(r)``, r = 0..head_dim, in nats per predicted token, made non-increasing from the top
+        (``max_{r' >= r}``: a quadratic form of the dropped set need not shrink when a direction is kept, and the
+        price of a rank is then never below the estimate of the rank that is built)."""
+        if n_loss_tokens < 1:
+            raise ValueError(f"ValueLossTap: expected n_loss_tokens >= 1, received {n_loss_tokens!r}")
+        return np.maximum.accumulate((self.sums / (2.0 * n_loss_tokens)).cpu().numpy()[::-1])[::-1].copy()
 
 
-def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_loss: int) -> dict[str, np.ndarray]:
-    """FLAT's value-head loss curve of one layer, computed in the layer-streamed backward from the value
-    projection's output-gradient Gram (the compact store keeps no such Gram)."""
+def fisher_tap(profile, c: Component, device=None) -> ValueLossTap | None:
+    """The :class:`ValueLossTap` of a value projection (None for other kinds, or without a value covariance)."""
     if c.kind != "v":
-        return {}
+        return None
     try:
-        C = profile.value_covariance(c.layer)
+        Q = head_bases(profile, c.layer)
     except ValueError:
+        return None
+    return ValueLossTap(Q.to(device) if device is not None else Q)
+
+
+def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_loss: int,
+                  tap: ValueLossTap | None = None) -> dict[str, np.ndarray]:
+    """FLAT's value-head loss curve of one layer (stored as ``token_fisher:<vo>``) from the :class:`ValueLossTap`
+    that the layer-streamed backward filled for the value projection."""
+    if c.kind != "v" or tap is None:
         return {}
-    curve = flat_fisher_curve(C, Gg, profile.tokens, n_loss, f"value covariance of layer {c.layer}")
-    return {f"fisher:{vo_name(c.name)}": curve}
+    return {f"{TOKEN_FISHER}:{vo_name(c.name)}": tap.curve(n_loss)}
 
 
 def head_bases(profile, layer: int) -> torch.Tensor:
@@ -109,15 +140,25 @@ def vo_name(v_name: str) -> str:
 
 def flat_curve_set(profile, kinds=None) -> CurveSet:
     """FLAT-LLM's curve set (see the module doc). ``kinds``: default every kind of :data:`FLAT_KINDS`
-    the profile has ("fisher" needs its output-gradient Grams)."""
+    the profile has; "fisher" and "fisher_svd" need the ``vo`` loss curves stored in the Fisher backward (a profile
+    without them offers the other kinds by default, and asking for a loss kind is a ``ValueError``)."""
+    asked = kinds is not None
     kinds = profile.select_kinds(FLAT_KINDS, kinds, "FLAT")
+    if set(LOSS_KINDS) & set(kinds):
+        missing = [c.layer for c in profile.components
+                   if c.kind == "v" and profile.fisher_extra(TOKEN_FISHER, vo_name(c.name), c.layer) is None]
+        if missing and asked:
+            raise ValueError(f"layer {missing[0]}: the profile has no FLAT value-head loss curve (profiled before "
+                             f"rankalloc computed it per token, or without the 'flat' extra); profile again with "
+                             f"--restart to get the FLAT kinds {list(LOSS_KINDS)}")
+        if missing:
+            kinds = tuple(k for k in kinds if k not in LOSS_KINDS)
     cfg = profile.meta["config"]
     head_dim = int(cfg["head_dim"])
     base = profile.curve_set(kinds)
     by_layer: dict[int, dict[str, Component]] = {}
     for c in base.components:
         by_layer.setdefault(c.layer, {})[c.kind] = c
-    n_loss = profile.fisher_loss_tokens
     comps, ranks, errors = [], {}, {k: {} for k in kinds}
     for layer in sorted(by_layer):
         found = by_layer[layer]
@@ -145,12 +186,8 @@ def flat_curve_set(profile, kinds=None) -> CurveSet:
         curves = {"whitened": dropped,
                   "energy": dropped / total if total > 0 else np.zeros_like(dropped)}
         curves["relative"] = np.sqrt(curves["energy"])
-        if {"fisher", "fisher_svd"} & set(kinds):
-            stored = profile.fisher_extra("fisher", vo.name, layer)
-            if stored is None:
-                stored = flat_fisher_curve(C, profile.output_gram(v.name), profile.tokens, n_loss,
-                                           f"value covariance of layer {layer}")
-            curves["fisher"] = curves["fisher_svd"] = stored
+        if set(LOSS_KINDS) & set(kinds):
+            curves["fisher"] = curves["fisher_svd"] = profile.fisher_extra(TOKEN_FISHER, vo.name, layer)
         comps.append(vo)
         ranks[vo.name] = np.arange(head_dim + 1)
         for k in kinds:

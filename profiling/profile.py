@@ -24,6 +24,8 @@ import hashlib
 import importlib
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -274,11 +276,21 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
     return distributed.on_main(lambda: Profile.load(profile.path), "reading the finished profile")
 
 
+@dataclass(frozen=True)
+class Extra:
+    """A method's loss curves computed in the layer-streamed backward: ``curves(profile, component, W, G_g, n_loss,
+    tap)`` once the component's output-gradient Gram is summed; ``tap(profile, component, device)`` (optional) gives
+    a per-token accumulator ``tap(y, g)`` fed every batch's outputs and output gradients (or None)."""
+
+    curves: Callable
+    tap: Callable | None = None
+
+
 def _extras(names) -> tuple:
     import rankalloc.profiling.flat as flat_mod
     import rankalloc.profiling.sola as sola_mod
 
-    known = {"sola": sola_mod.fisher_extras, "flat": flat_mod.fisher_extras}
+    known = {"sola": Extra(sola_mod.fisher_extras), "flat": Extra(flat_mod.fisher_extras, flat_mod.fisher_tap)}
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"extras: expected some of {sorted(known)}, received {list(names)}")

@@ -101,7 +101,8 @@ def marginal_curves(W: torch.Tensor, Gx: torch.Tensor, rows, cols, kinds, name: 
     return out
 
 
-def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_loss: int) -> dict[str, np.ndarray]:
+def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_loss: int,
+                  tap=None) -> dict[str, np.ndarray]:
     """The SoLA marginal ``fisher`` and ``fisher_svd`` curves of one FFN component at the profile's gamma, computed
     in the layer-streamed backward while its output-gradient Gram exists (the compact store keeps no such Gram)."""
     if c.kind not in FFN_KINDS:

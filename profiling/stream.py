@@ -258,17 +258,21 @@ def backward_pass(p: Pass, boundaries: Boundaries, calls: list, grads: list, n_l
         new_grads, mine = None, {}
         for group in groups:
             held: dict = {}
+            taps = {c.name: [extra.tap(p.profile, c, p.device) if extra.tap else None for extra in extras]
+                    for c in group}
             p.phase(f"backward layer {layer}: {', '.join(c.kind for c in group)}")
             if grads:
                 with p.resident(layer) as module:
                     got = layer_backward(module, p.structure, layer, boundaries, calls[layer], grads, p.device,
-                                         p.weights.dtype, [group], held.update, p.timings)
+                                         p.weights.dtype, [group], held.update, p.timings,
+                                         {n: [t for t in ts if t is not None] for n, ts in taps.items()})
             else:
                 got = []
                 held.update({c.name: torch.zeros(c.m, c.m, dtype=torch.float64, device=p.device) for c in group})
             new_grads = got if new_grads is None else new_grads
             t0 = time.perf_counter()
             distributed.all_reduce_sum_(*(held[c.name] for c in group),
+                                        *(t.sums for ts in taps.values() for t in ts if t is not None),
                                         step=f"backward layer {layer}: summing the output-gradient Grams")
             p.add("reduce", time.perf_counter() - t0)
             owners = distributed.assign([c.m ** 3 + c.n ** 3 + c.m * c.n * (c.m + c.n) for c in group])
@@ -276,7 +280,7 @@ def backward_pass(p: Pass, boundaries: Boundaries, calls: list, grads: list, n_l
                 Gg = held.pop(c.name)
                 if owner == distributed.rank():
                     p.phase(f"backward layer {layer}: curves of {c.kind}")
-                    mine[c.name] = _component_curves(p, c, Gg, (scale, n_loss), extras)
+                    mine[c.name] = _component_curves(p, c, Gg, (scale, n_loss), extras, taps[c.name])
                 del Gg
         grads = new_grads
         parts = distributed.gather_to_main(mine, f"backward layer {layer}: gathering the Fisher curves")
@@ -296,16 +300,17 @@ def backward_pass(p: Pass, boundaries: Boundaries, calls: list, grads: list, n_l
     return curves
 
 
-def _component_curves(p: Pass, c, Gg, counts, extras) -> tuple:
+def _component_curves(p: Pass, c, Gg, counts, extras, taps) -> tuple:
     """``(fisher, fisher_svd, basis, extras, float64 Gram or None)`` of one component from its output-gradient Gram
-    (consumed); the basis as float32 arrays, as stored."""
+    (consumed) and its extras' filled taps (one per extra, None where an extra has none); the basis as float32
+    arrays, as stored."""
     t0 = time.perf_counter()
     scale, n_loss = counts
     gram = Gg.cpu().numpy() if p.store == "full" else None
     W = p.weights.matrix(p.structure.modules[c.name], c.name)
     extra: dict = {}
-    for fn in extras:
-        extra.update(fn(p.profile, c, W, Gg, n_loss))
+    for fn, tap in zip(extras, taps):
+        extra.update(fn.curves(p.profile, c, W, Gg, n_loss, tap))
     S, _ = p.profile.input_root(c.name)
     out = fisher_component(W, S.to(p.device), Gg, scale, c.name, p.spec.damping,
                            method=resolve_method(p.spec.method, W.shape))

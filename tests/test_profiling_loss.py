@@ -17,7 +17,8 @@ from rankalloc.allocators.costs import FlatParams, Params
 from rankalloc.allocators.problem import Choice, Curve
 from rankalloc.profiling.architectures import find_structure
 from rankalloc.profiling.fisher import (fisher_curve, fisher_svd_curve, loss_token_count, output_gradient_grams)
-from rankalloc.profiling.flat import dropped_eigenvalues, eig_desc, flat_curve_set, head_bases
+from rankalloc.profiling.flat import (TOKEN_FISHER, ValueLossTap, dropped_eigenvalues, eig_desc, flat_curve_set,
+                                      head_bases)
 from rankalloc.profiling.numerics import damped_cholesky, psd_power, svd
 from rankalloc.profiling.predict import curve_kind_agreement
 from rankalloc.profiling.probe import (LayerCache, calibration_loss, monotone_curve, probe_ranks, read_weight,
@@ -439,6 +440,99 @@ def test_flat_curve_set_components_and_pricing(profiled):
         np.testing.assert_array_equal(cs.errors["fisher_svd"][vo.name], cs.errors["fisher"][vo.name])
         for name in (f"model.layers.{layer}.mlp.up_proj", f"model.layers.{layer}.self_attn.q_proj"):
             np.testing.assert_array_equal(cs.errors["fisher_svd"][name], prof.curve_set().errors["fisher_svd"][name])
+
+
+def _value_outputs_and_gradients(model, ids, names, batch_size=8):
+    """Per-position outputs y_s and loss-sum gradients g_s of the named modules (a full backward, float64)."""
+    ys, gs, hooks = {n: [] for n in names}, {n: [] for n in names}, []
+    for n in names:
+        def hook(mod, args, out, n=n):
+            ys[n].append(out.detach())
+            out.register_hook(lambda g, n=n: gs[n].append(g.detach()))
+        hooks.append(model.get_submodule(n).register_forward_hook(hook))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True)))
+    try:
+        for b in range(0, ids.shape[0], batch_size):
+            logits = model(input_ids=ids[b:b + batch_size], use_cache=False).logits[:, :-1]
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                              ids[b:b + batch_size, 1:].reshape(-1), reduction="sum").backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return ({n: torch.cat(ys[n]).reshape(-1, ys[n][0].shape[-1]) for n in names},
+            {n: torch.cat(gs[n]).reshape(-1, gs[n][0].shape[-1]) for n in names})
+
+
+def test_value_loss_tap_is_the_per_token_fisher_not_its_kronecker_split():
+    """ValueLossTap's curve is sum_s (g_s^T P_r y_s)^2 / (2 N_loss) with P_r = blockdiag(I - Q_r Q_r^T), batch by batch.
+    With an attention-sink position (a large gradient, a zero value) the K-FAC split tr(P C P G_g) / (2 N_x N_loss),
+    FLAT's old vo curve, charges every value direction with the sink's gradient; the per-token curve does not."""
+    g = torch.Generator().manual_seed(3)
+    kv, d, T = 2, 4, 50
+    y = torch.randn(T, kv * d, generator=g, dtype=torch.float64)
+    grad = 0.1 * torch.randn(T, kv * d, generator=g, dtype=torch.float64)
+    y[0], grad[0] = 0.0, 30.0  # the sink: no value, most of the gradient
+    C = torch.stack([y[:, h * d:(h + 1) * d].T @ y[:, h * d:(h + 1) * d] for h in range(kv)])
+    Q = torch.stack([eig_desc(C[h], "C")[1] for h in range(kv)])
+    tap = ValueLossTap(Q)
+    tap(y[:20], grad[:20])
+    tap(y[20:].reshape(3, 10, kv * d), grad[20:].reshape(3, 10, kv * d))
+    n_loss = T - 1
+    curve = tap.curve(n_loss)
+    want, kfac = [], []
+    for r in range(d + 1):
+        P = torch.block_diag(*[torch.eye(d, dtype=torch.float64) - Q[h][:, :r] @ Q[h][:, :r].T for h in range(kv)])
+        dy = y @ P
+        want.append(float(((dy * grad).sum(1) ** 2).sum()) / (2 * n_loss))
+        kfac.append(float(torch.trace(dy.T @ dy @ grad.T @ grad)) / (2 * T * n_loss))
+    want = np.maximum.accumulate(np.array(want)[::-1])[::-1]  # made non-increasing from the top
+    np.testing.assert_allclose(curve, want, rtol=1e-10, atol=1e-14)
+    assert curve[d] == 0.0 and (np.diff(curve) <= 0).all()
+    assert kfac[1] > 20 * curve[1]  # the mispricing: the Kronecker split is driven by the sink's gradient
+
+
+def test_flat_vo_fisher_curve_equals_explicit_per_token_formula(profiled):
+    """The stored FLAT vo loss curve (layer-streamed backward, in batches) equals sum_s (g_s^T P_r y_s)^2 / (2 N_loss)
+    from a full backward, in the basis the decomposer keeps (head_bases); it is 0 at r = head_dim, and the FLAT
+    fisher and fisher_svd kinds both price vo with it."""
+    model, ids, prof = profiled
+    cs = flat_curve_set(prof)
+    cfg = prof.meta["config"]
+    kv, d = cfg["kv_heads"], cfg["head_dim"]
+    names = [f"model.layers.{l}.self_attn.v_proj" for l in range(2)]
+    ys, gs = _value_outputs_and_gradients(model, ids, names)
+    n_loss = loss_token_count(ids)
+    assert prof.fisher_loss_tokens == n_loss
+    for layer, n in enumerate(names):
+        Q = head_bases(prof, layer)
+        vo = n.rsplit(".", 1)[0] + ".vo"
+        stored = prof.fisher_extra(TOKEN_FISHER, vo, layer)
+        want = []
+        for r in range(d + 1):
+            P = torch.block_diag(*[torch.eye(d, dtype=torch.float64) - Q[h][:, :r] @ Q[h][:, :r].T
+                                   for h in range(kv)])
+            want.append(float(((ys[n] @ P * gs[n]).sum(1) ** 2).sum()) / (2 * n_loss))
+        want = np.maximum.accumulate(np.array(want)[::-1])[::-1]
+        np.testing.assert_allclose(stored, want, rtol=1e-7, atol=1e-12 * want[0])
+        np.testing.assert_array_equal(cs.errors["fisher"][vo], stored)
+        np.testing.assert_array_equal(cs.errors["fisher_svd"][vo], stored)
+
+
+def test_flat_curves_without_the_vo_loss_curve(profiled, tmp_path):
+    """A profile with no stored vo loss curve (made before it existed, or without the 'flat' extra) offers FLAT's
+    other kinds by default and refuses the loss kinds when they are asked for, naming the fix."""
+    model, ids, _ = profiled
+    prof = profile_model(model, ids[:8], out=tmp_path / "p", batch_size=8, progress=False,
+                         kinds=("whitened", "fisher"), extras=())
+    kinds = set(flat_curve_set(prof).kinds)
+    assert "whitened" in kinds and not kinds & {"fisher", "fisher_svd"}
+    with pytest.raises(ValueError, match="no FLAT value-head loss curve.*--restart"):
+        flat_curve_set(prof, kinds=("whitened", "fisher"))
 
 
 # ------------------------------------------------------------------------------------------- SSLC
