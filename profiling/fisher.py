@@ -35,6 +35,7 @@ square roots ``numerics.psd_power`` that the fisher_svd decomposer applies, at a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import numpy as np
@@ -48,6 +49,26 @@ from rankalloc.profiling.probe import on_device, token_loss_sum
 def loss_token_count(ids: torch.Tensor) -> int:
     """Predicted tokens in ``ids`` (W, T): every position but the last of each sequence."""
     return int(ids.shape[0] * (ids.shape[1] - 1))
+
+
+
+@contextlib.contextmanager
+def frozen_from_embeddings(model):
+    """Inside the block the model's weights take no gradients and the graph starts at the input embeddings, so a
+    backward gives activation gradients only; the weights' ``requires_grad`` flags are restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handle = None
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        handle = model.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: out.detach().requires_grad_(True))
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
 
 
 def output_gradient_grams(model: torch.nn.Module, ids: torch.Tensor, modules: Mapping[str, torch.nn.Module],
@@ -86,16 +107,9 @@ def output_gradient_grams(model: torch.nn.Module, ids: torch.Tensor, modules: Ma
                 t.register_hook(capture(name))
         return hook
 
-    def start_graph(module, args, out):  # the graph starts at the embeddings, not at any weight
-        return out.detach().requires_grad_(True)
-
-    flags = {p: p.requires_grad for p in model.parameters()}
     handles = []
-    with on_device(model, device) as dev:
+    with on_device(model, device) as dev, frozen_from_embeddings(model):
         try:
-            for p in flags:
-                p.requires_grad_(False)
-            handles.append(model.get_input_embeddings().register_forward_hook(start_graph))
             handles += [m.register_forward_hook(forward_hook(n)) for n, m in modules.items()]
             for b in tqdm(range(0, ids.shape[0], batch_size), desc="output-gradient Grams", disable=not progress):
                 loss_sum, _ = token_loss_sum(model, ids[b:b + batch_size].to(dev))
@@ -105,8 +119,6 @@ def output_gradient_grams(model: torch.nn.Module, ids: torch.Tensor, modules: Ma
         finally:
             for h in handles:
                 h.remove()
-            for p, f in flags.items():
-                p.requires_grad_(f)
     missing = [n for n in modules if n not in grams]
     if missing:
         raise ValueError(f"no output gradient reached {missing[:3]}: expected every module to influence the loss")

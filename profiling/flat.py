@@ -24,10 +24,10 @@ backward (:class:`ValueLossTap`), in the basis the decomposer keeps, for every `
 non-increasing from the top). It deliberately skips K-FAC's step 3 (``sum_s (y y^T) (x) (g g^T) ~ C (x) G_g /
 N_x``, the older curve of this module), because values and their gradients are far from independent across
 positions: the attention-sink token (BOS) carries
-most of the value gradient (0.94 of ``tr G_g`` in layer 15 of SmolLM2-135M) and almost no value energy (< 0.001
-of ``tr C``), so the Kronecker product charged every value direction with the sink's gradient and overpriced
-FLAT's truncation 2.6-5.8x in layers 15-29 (head rank 16 in layer 15: measured loss increase 0.016 nats, K-FAC
-0.088, this curve 0.022). ``fisher_svd`` prices what the FLAT decomposer builds: that ``vo`` curve, plus
+most of the value gradient (0.66-0.98 of ``tr G_g`` in layers 12-29 of SmolLM2-135M) and almost no value energy
+(< 0.001 of ``tr C``), so the Kronecker product charged every value direction with the sink's gradient and priced
+FLAT's truncation at 1.8-143x the measured loss in layers 12-29 (head rank 16 in layer 15: measured loss increase
+0.0163 nats, K-FAC 0.0951, this curve 0.0250; ``python -m rankalloc.studies.study_flat_values``). ``fisher_svd`` prices what the FLAT decomposer builds: that ``vo`` curve, plus
 the one-sided (whitened SVD) ``fisher_svd`` curves of q, k, gate, up and down, which the decomposer factorizes
 by whitened SVD. ``fisher`` pairs the same ``vo`` curve with the two-sided curves of the others, which
 underprice their whitened-SVD truncation. Profiles made before this curve existed (or without the ``flat``

@@ -30,6 +30,7 @@ def value_statistics(model, ids, names, batch_size: int = 4):
     named modules from a full backward of ``model`` on ``ids`` (weights frozen)."""
     import torch
 
+    from rankalloc.profiling.fisher import frozen_from_embeddings
     from rankalloc.profiling.probe import token_loss_sum
 
     ys, gs, hooks = {n: [] for n in names}, {n: [] for n in names}, []
@@ -38,19 +39,14 @@ def value_statistics(model, ids, names, batch_size: int = 4):
             ys[n].append(out.detach().double())
             out.register_hook(lambda g, n=n: gs[n].append(g.detach().double()))
         hooks.append(model.get_submodule(n).register_forward_hook(hook))
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True)))
-    flags = {p: p.requires_grad for p in model.parameters()}
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        for b in range(0, ids.shape[0], batch_size):
-            loss, _ = token_loss_sum(model, ids[b:b + batch_size])
-            loss.backward()
+        with frozen_from_embeddings(model):
+            for b in range(0, ids.shape[0], batch_size):
+                loss, _ = token_loss_sum(model, ids[b:b + batch_size])
+                loss.backward()
     finally:
         for h in hooks:
             h.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
     return {n: (torch.cat(ys[n]), torch.cat(gs[n])) for n in names}
 
 
