@@ -83,8 +83,9 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _hooks(modules: dict, names, grams: dict, timings: dict, taps: dict | None = None):
-    """Forward hooks that register a tensor hook on each named module's output, adding ``g^T g`` into ``grams``;
+def _hooks(modules: dict, names, grams: dict, timings: dict, taps: dict | None = None, gram_dtype=PRECISION):
+    """Forward hooks that register a tensor hook on each named module's output, adding ``g^T g`` into ``grams``
+    (float64 accumulators; each batch's product formed in ``gram_dtype``, float64 or float32);
     ``taps[name]`` (callables ``tap(y, g)``) also see each batch's outputs ``y`` and output gradients ``g``."""
     handles = []
     taps = taps or {}
@@ -101,8 +102,12 @@ def _hooks(modules: dict, names, grams: dict, timings: dict, taps: dict | None =
                 g = g.detach()
                 for tap in taps.get(name, ()):
                     tap(y, g)
-                g = g.reshape(-1, g.shape[-1]).to(PRECISION)
-                if name in grams:
+                g = g.reshape(-1, g.shape[-1]).to(gram_dtype)
+                if gram_dtype != PRECISION:  # float32 product, float64 sum (the profile's gram_dtype="float32")
+                    gg = (g.T @ g).to(PRECISION)
+                    gg = (gg + gg.T).mul_(0.5)  # a float32 GEMM need not be exactly symmetric; the store checks it
+                    grams[name] = grams[name].add_(gg) if name in grams else gg
+                elif name in grams:
                     grams[name].addmm_(g.T, g)
                 else:
                     grams[name] = g.T @ g
@@ -118,12 +123,13 @@ def _hooks(modules: dict, names, grams: dict, timings: dict, taps: dict | None =
 
 def layer_backward(layer_module, structure, layer: int, boundaries: Boundaries, calls: list, grads: list,
                    device, dtype, groups: list[list], on_group, timings: dict,
-                   taps: dict | None = None) -> list[torch.Tensor]:
+                   taps: dict | None = None, gram_dtype=PRECISION) -> list[torch.Tensor]:
     """Recompute layer ``layer`` from its stored inputs and backpropagate ``grads`` (one tensor per batch).
 
     For each group of components, one pass accumulates their output-gradient Grams and calls
     ``on_group(grams)`` (``{name: G_g}``, float64) before the next group. ``taps``: ``{name: [tap(y, g)]}``
-    called with every batch's outputs and output gradients of that module. Returns ``dL/dh_layer`` per batch.
+    called with every batch's outputs and output gradients of that module. ``gram_dtype``: the dtype of each batch's
+    ``g^T g`` (float64, or float32 added into the float64 Grams). Returns ``dL/dh_layer`` per batch.
     """
     new_grads: list[torch.Tensor | None] = [None] * len(grads)
     frozen = {p: p.requires_grad for p in layer_module.parameters()}  # no weight gradients: only dL/dh and G_g
@@ -132,7 +138,7 @@ def layer_backward(layer_module, structure, layer: int, boundaries: Boundaries, 
     try:
         for group in groups:
             _group_pass(layer_module, structure, layer, boundaries, calls, grads, device, dtype, group, on_group,
-                        timings, new_grads, taps)
+                        timings, new_grads, taps, gram_dtype)
     finally:
         for p, f in frozen.items():
             p.requires_grad_(f)
@@ -140,11 +146,12 @@ def layer_backward(layer_module, structure, layer: int, boundaries: Boundaries, 
 
 
 def _group_pass(layer_module, structure, layer, boundaries, calls, grads, device, dtype, group, on_group, timings,
-                new_grads, taps=None) -> None:
+                new_grads, taps=None, gram_dtype=PRECISION) -> None:
     """One recomputed backward of the layer accumulating the output Grams of ``group``; fills ``new_grads``."""
     grams: dict = {}
     names = [c.name for c in group]
-    handles = _hooks(structure.modules, names, grams, timings, {n: t for n, t in (taps or {}).items() if n in names})
+    handles = _hooks(structure.modules, names, grams, timings, {n: t for n, t in (taps or {}).items() if n in names},
+                     gram_dtype)
     try:
         for b, ((args, kwargs), g_out) in enumerate(zip(calls, grads)):
             t0 = time.perf_counter()

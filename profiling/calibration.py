@@ -20,7 +20,8 @@
    FFN neuron norms ``a_i^2 = sum_t h_{t,i}^2`` (``h`` = input of down_proj) are the diagonal of
    the down_proj Gram, so they are read from it rather than accumulated twice.
 
-Gram precision (``gram_dtype``): ``"float64"`` casts each batch to float64 before ``X^T X``.
+Gram precision (``gram_dtype``, for the input Grams here and the output-gradient Grams of the layer-streamed
+backward): ``"float64"`` casts each batch to float64 before ``X^T X``.
 ``"float32"`` forms each batch's ``X^T X`` in float32 and adds it into the float64 accumulator:
 about 1.8x faster for the Gram products on CPU, and accurate to about 1e-6 of the largest entry
 (not to float64 round-off), which the exactness checks of the float64 path would not pass.

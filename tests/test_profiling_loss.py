@@ -225,6 +225,24 @@ def test_layer_streamed_backward_equals_the_full_backward(arch, tmp_path):
         assert not (prof.path / "scratch").exists()  # the stored layer inputs are removed at the end
 
 
+def test_float32_gram_dtype_reaches_the_streamed_output_grams(tmp_path):
+    """gram_dtype='float32' also forms the layer-streamed backward's per-batch g^T g in float32: the output Grams
+    differ from the float64 ones (the setting is used) by at most 1e-5 of the largest entry, and stay symmetric."""
+    model = tiny_model("llama").double()
+    ids = torch.randint(3, 300, (6, 20), generator=torch.Generator().manual_seed(0))
+    kw = dict(batch_size=4, progress=False, kinds=("whitened", "fisher"), store="full", extras=())
+    ref = profile_model(model, ids, out=tmp_path / "f64", **kw)
+    fast = profile_model(model, ids, out=tmp_path / "f32", gram_dtype="float32", **kw)
+    differs = 0
+    for c in ref.components:
+        G0, G = ref.output_gram(c.name), fast.output_gram(c.name)
+        assert G.dtype == torch.float64 and torch.equal(G, G.T), c.name
+        err = float((G - G0).abs().max())
+        assert err <= 1e-5 * float(G0.abs().max()), c.name
+        differs += err > 0
+    assert differs == len(ref.components)
+
+
 def test_fisher_added_to_a_finished_profile_equals_profiling_it_at_once(sampled, tmp_path):
     """A profile finished with the spectral kinds, asked again with fisher, runs only the forward (no statistics)
     and the streamed backward; its curves equal a profile made with fisher from the start."""
