@@ -113,15 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors as exc:  # bad input, missing file, unreachable hub id, a lost rank
         text = " ".join(str(exc).split())  # one line
         print(f"{label}: error: {text}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(EXIT_FAILURE)
     except KeyboardInterrupt:
         print(f"rankalloc {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _failed(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001  a bug: bad input raises ValueError naming the culprit at its source
         text = " ".join(str(exc).split())
         print(f"rankalloc {args.command}: error: {type(exc).__name__}: {text} (an unexpected error: a bug in "
               f"rankalloc; please report it with the command line)", file=sys.stderr)
-        return EXIT_FAILURE
+        return _failed(EXIT_FAILURE)
+
+
+def _failed(code: int) -> int:
+    """``code``; a rank that failed inside a process group leaves at once with it (its ``finally`` blocks have run).
+
+    The group is not left after a failure (a failed peer could keep that waiting), and letting the interpreter tear
+    a live gloo group down aborted the process instead ("terminate called without an active exception", exit -6
+    in place of 1, seen in CI when two ranks failed together)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 @contextlib.contextmanager
