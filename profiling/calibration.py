@@ -55,6 +55,11 @@ class StreamConfig:
         if self.gram_dtype not in GRAM_DTYPES:
             raise ValueError(f"gram_dtype: expected one of {GRAM_DTYPES}, received {self.gram_dtype!r}")
 
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """The dtype each batch's Gram product is formed in (the sums are float64 either way)."""
+        return torch.float32 if self.gram_dtype == "float32" else PRECISION
+
 
 @dataclass
 class Captured:
@@ -250,9 +255,9 @@ def finish_gram(G: torch.Tensor, block: int | None = None) -> torch.Tensor:
 class LayerAccumulator:
     """Forward hooks that accumulate one layer's statistics batch by batch (GPTQ's ``add_batch``)."""
 
-    def __init__(self, structure: DecoderStructure, layer: int, device: torch.device, gram_dtype: str):
+    def __init__(self, structure: DecoderStructure, layer: int, device: torch.device, gram_dtype: torch.dtype):
         self.structure, self.layer, self.device = structure, layer, device
-        self.gram_dtype = torch.float32 if gram_dtype == "float32" else PRECISION
+        self.gram_dtype = gram_dtype
         self.groups = structure.layer_groups(layer)
         self.grams = {g.key: torch.zeros(g.n, g.n, dtype=PRECISION, device=device) for g in self.groups}
         self.value = structure.value_slice(layer)
@@ -332,7 +337,7 @@ def run_layer(structure: DecoderStructure, layer: int, module: torch.nn.Module, 
     """
     if layer == 0:
         check_range(inputs, f"input of decoder layer 0 ({structure.layers_path}.0, the embedding output)")
-    acc = LayerAccumulator(structure, layer, device, config.gram_dtype) if collect else None
+    acc = LayerAccumulator(structure, layer, device, config.product_dtype) if collect else None
     outputs, as_tuple = [], False
     try:
         if acc is not None:

@@ -41,6 +41,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from rankalloc.profiling.calibration import StreamConfig
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                           lean_cholesky, lower_t_times_, singular_values, svd, tail_sums, times_lower_)
 from rankalloc.profiling.probe import on_device, token_loss_sum
@@ -82,9 +83,7 @@ def output_gradient_grams(model: torch.nn.Module, ids: torch.Tensor, modules: Ma
     ``gram_dtype="float32"`` forms each batch's ``g^T g`` in float32 before adding it to the float64
     accumulator (faster; ~1e-6 relative), as the profile's own ``gram_dtype`` setting does.
     """
-    if gram_dtype not in ("float64", "float32"):
-        raise ValueError(f"gram_dtype: expected 'float64' or 'float32', received {gram_dtype!r}")
-    batch_dtype = PRECISION if gram_dtype == "float64" else torch.float32
+    batch_dtype = StreamConfig(gram_dtype=gram_dtype).product_dtype  # ValueError for an unknown gram_dtype
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"expected calibration ids of shape (samples, seqlen >= 2), received {tuple(ids.shape)}")
     if batch_size < 1:

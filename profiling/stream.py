@@ -266,7 +266,7 @@ def backward_pass(p: Pass, boundaries: Boundaries, calls: list, grads: list, n_l
                     got = layer_backward(module, p.structure, layer, boundaries, calls[layer], grads, p.device,
                                          p.weights.dtype, [group], held.update, p.timings,
                                          {n: [t for t in ts if t is not None] for n, ts in taps.items()},
-                                         torch.float32 if p.stream.gram_dtype == "float32" else torch.float64)
+                                         p.stream.product_dtype)
             else:
                 got = []
                 held.update({c.name: torch.zeros(c.m, c.m, dtype=torch.float64, device=p.device) for c in group})
