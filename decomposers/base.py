@@ -107,6 +107,19 @@ def factorize_once():
         _FACTORS = outer
 
 
+@contextlib.contextmanager
+def no_factor_cache():
+    """Inside the block every matrix is factorized afresh, even within :func:`factorize_once` (sequential
+    calibration fits weights that exist for one allocation only; caching them would only hold memory)."""
+    global _FACTORS
+    outer = _FACTORS
+    _FACTORS = None
+    try:
+        yield
+    finally:
+        _FACTORS = outer
+
+
 def truncation(key: tuple, W: torch.Tensor, rank: int, compute: Callable[[int], Factors]) -> Factors:
     """``compute(rank)`` (factors at ``rank`` with ``info["tails"]``, the error at every rank), or its truncation from
     the cache of :func:`factorize_once`. ``key`` names the method, matrix and settings; a checksum of ``W`` is

@@ -190,16 +190,31 @@ def load_allocation(prof, data, method: str = "svd", model=None):
 
 
 def compress(model, prof, allocation, method: str = "svd", *, config=None, inplace: bool = False,
-             progress: bool = True):
+             progress: bool = True, sequential=None, ids=None):
     """Build the compressed model of ``allocation`` with ``method``; returns ``(model, report)``.
 
     ``model``: the dense model (or a :class:`~rankalloc.profiling.run.Run`); it is deep-copied unless ``inplace``.
     ``config``: the method's config (default: its config class with default settings). Under several processes
     (torchrun) the decoder layers are split across them and every rank gets the same compressed model
     (:func:`~rankalloc.decomposers.streamed.compress_in_parts`).
+    ``sequential``: a :class:`~rankalloc.decomposers.sequential.SequentialConfig` to fit each matrix at the inputs
+    of the already-compressed layers, on the calibration ``ids`` (default: the Run's own calibration sequences).
     """
     from rankalloc.decomposers.base import compress_
     from rankalloc.profiling import distributed
+
+    if sequential is not None:
+        from rankalloc.decomposers.sequential import compress_sequential_
+
+        if ids is None:
+            if not hasattr(model, "tokenizer"):
+                raise ValueError("sequential calibration: pass the calibration ids, or a Run that can make them")
+            from rankalloc.profiling.text import calibration_ids
+
+            ids = calibration_ids(model.tokenizer, model.text, n_samples=model.samples, seqlen=model.seqlen,
+                                  seed=model.seed)
+        if distributed.world() > 1:
+            raise ValueError("sequential calibration: runs in one process (each layer waits for the one before)")
 
     m = get_method(method)
     if config is None:
@@ -208,6 +223,8 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
         raise ValueError(f"method {method!r} takes a {m.config.__name__}, received {type(config).__name__}")
     model = getattr(model, "model", model) if not hasattr(model, "forward") else model
     model = model if inplace else copy.deepcopy(model)
+    if sequential is not None:
+        return model, compress_sequential_(model, allocation, config, prof, ids, sequential, progress=progress)
     if distributed.world() > 1:
         from rankalloc.decomposers.streamed import compress_in_parts
 

@@ -138,16 +138,34 @@ def layer_of(name: str, layers_path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def layer_allocations(allocation, layers_path: str, num_layers: int) -> dict[int, object]:
-    """``{layer: Allocation}`` over each layer's curves with the allocation's choices (a layer without components
-    has none). Each sub-problem keeps the costs, grid, objective, weights and layer scores, and the full budgets,
-    which hold: costs are >= 0, so a part costs at most the whole."""
+def sub_allocation(allocation, names, label: str | None = None):
+    """The allocation restricted to the components ``names`` (in problem order), with the same choices. The
+    sub-problem keeps the costs, grid, objective, weights and layer scores, and the full budgets, which hold: costs
+    are >= 0, so a part costs at most the whole."""
     from rankalloc.allocators.allocation import finish
     from rankalloc.allocators.problem import AllocationProblem, Budget
 
     p = allocation.problem
-    by_layer: dict[int, list[int]] = {}
-    for l, cv in enumerate(p.curves):
+    want = set(names)
+    idx = [l for l, cv in enumerate(p.curves) if cv.component.name in want]
+    if len(idx) != len(want):
+        missing = sorted(want - {p.curves[l].component.name for l in idx})
+        raise ValueError(f"components {missing[:3]} are not in the allocation")
+    budgets = tuple(Budget(res, limit=float(p.limits[res])) for res in p.resources)
+    curves = [p.curves[l] for l in idx]
+    label = label or f"{len(idx)} components"
+    sub = AllocationProblem(curves, budgets, p.costs, weights={k: w for k, w in p.weights.items() if k in want},
+                            grid=p.grid, objective=p.objective, layer_scores=p.layer_scores,
+                            name=f"{p.name} ({label})" if p.name else label)
+    return finish(sub, allocation.solver, [allocation.choice_index[l] for l in idx], allocation.status,
+                  message=allocation.message)
+
+
+def layer_allocations(allocation, layers_path: str, num_layers: int) -> dict[int, object]:
+    """``{layer: Allocation}`` over each layer's curves with the allocation's choices (a layer without components
+    has none); see :func:`sub_allocation`."""
+    by_layer: dict[int, list[str]] = {}
+    for cv in allocation.problem.curves:
         c = cv.component
         i = layer_of(c.name, layers_path)
         if i is None or not 0 <= i < num_layers:
@@ -155,18 +173,8 @@ def layer_allocations(allocation, layers_path: str, num_layers: int) -> dict[int
                              f"out-of-core compression handles the decoder layers' components only")
         if c.layer >= 0 and c.layer != i:
             raise ValueError(f"component {c.name!r}: its layer index is {c.layer}, but its name lies in layer {i}")
-        by_layer.setdefault(i, []).append(l)
-    budgets = tuple(Budget(res, limit=float(p.limits[res])) for res in p.resources)
-    out = {}
-    for i, idx in sorted(by_layer.items()):
-        curves = [p.curves[l] for l in idx]
-        names = {cv.component.name for cv in curves}
-        sub = AllocationProblem(curves, budgets, p.costs, weights={k: w for k, w in p.weights.items() if k in names},
-                                grid=p.grid, objective=p.objective, layer_scores=p.layer_scores,
-                                name=f"{p.name} (layer {i})" if p.name else f"layer {i}")
-        out[i] = finish(sub, allocation.solver, [allocation.choice_index[l] for l in idx], allocation.status,
-                        message=allocation.message)
-    return out
+        by_layer.setdefault(i, []).append(c.name)
+    return {i: sub_allocation(allocation, names, f"layer {i}") for i, names in sorted(by_layer.items())}
 
 
 def layer_owners(layers) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import resource
 import sys
 import time
@@ -74,11 +75,13 @@ def readme_table(df, baseline=("svd", "whitened", "uniform", 1)) -> str:
     if "grid" not in df.columns:
         df["grid"] = 16
     df["grid"] = df["grid"].fillna(16).astype(int)
-    key_cols = ["method", "kind", "solver", "grid"]
+    df["seq"] = df["seq"].fillna(0).astype(int) if "seq" in df.columns else 0
+    key_cols = ["method", "kind", "solver", "grid", "seq"]
+    baseline = (*baseline, 0)
     ratios = sorted(df.ratio.unique())
     base = df[(df[key_cols] == pd_row(baseline, key_cols)).all(axis=1)].groupby("ratio").ppl.last()
     keys = list(dict.fromkeys(tuple(r) for r in df[key_cols].itertuples(index=False)))
-    keys.sort(key=lambda k: list(LABELS).index(k) if k in LABELS else len(LABELS))
+    keys.sort(key=lambda k: (list(LABELS).index(k[:4]) if k[:4] in LABELS else len(LABELS), k[4]))
     head = ["method and allocation", "curve kind", "solver"] + [f"ppl at {r:.0%} removed" for r in ratios] + \
         ["compress s"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(ratios) + 1)]
@@ -92,7 +95,9 @@ def readme_table(df, baseline=("svd", "whitened", "uniform", 1)) -> str:
             p, rm = sub.loc[r, "ppl"], sub.loc[r, "removed_linear"]
             times = f" ×{p / base[r]:.2f}" if r in base.index and key != tuple(baseline) else ""
             cells.append(f"{p:.1f}{times} ({rm:.1%})")
-        label = LABELS.get(key, f"{key[0]}, {key[2]} on `{key[1]}` (grid {key[3]})")
+        label = LABELS.get(key[:4], f"{key[0]}, {key[2]} on `{key[1]}` (grid {key[3]})")
+        if key[4]:
+            label = f"{label.strip('*')}, **sequential calibration** ({key[4]} sequences)"
         lines.append(f"| {label} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {sub.compress_s.mean():.0f} |")
     return "\n".join(lines)
 
@@ -171,8 +176,10 @@ def gap_table(gaps) -> str:
     return "\n".join(lines)
 
 
-def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, speed, total_linear, total_model):
-    """Solve, compress (timed, with the process peak RSS) and evaluate one combo at one ratio."""
+def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, speed, total_linear, total_model,
+                 sequential=None):
+    """Solve, compress (timed, with the process peak RSS) and evaluate one combo at one ratio (``sequential``: a
+    ``SequentialConfig``, or None for the plain decomposer)."""
     from rankalloc.allocators.registry import get_solver
     from rankalloc.decomposers.evaluate import evaluate, model_params
     from rankalloc.decomposers.evaluate import throughput as measure_speed
@@ -183,14 +190,16 @@ def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, sp
     with watch if watch is not None else contextlib.nullcontext():
         problem = problem_for(prof, method=method, kind=kind, removed=ratio, grid=grid, curves=curves)
         allocation = get_solver(solver).solve(problem)
-        model, report = compress(run, prof, allocation, method=method, progress=False)
+        model, report = compress(run, prof, allocation, method=method, progress=False, sequential=sequential)
     t1 = time.perf_counter()
     res = evaluate(model, run, progress=False)
     kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
-    row = dict(method=method, kind=kind, solver=solver, grid=grid, ratio=ratio, status=str(allocation.status),
+    row = dict(method=method, kind=kind, solver=solver, grid=grid, seq=sequential.samples if sequential else 0,
+               ratio=ratio, status=str(allocation.status),
                objective=allocation.objective, lower_bound=allocation.lower_bound,
                removed_linear=1 - kept_linear / total_linear, removed_model=1 - model_params(model) / total_model,
-               ppl=res.ppl, dense_ppl=dense.ppl, ppl_vs_uniform=float("nan"), nonfinite=res.nonfinite_tokens,
+               ppl=res.ppl, dense_ppl=dense.ppl, increase_nats=math.log(res.ppl / dense.ppl),
+               ppl_vs_uniform=float("nan"), nonfinite=res.nonfinite_tokens,
                solve_s=allocation.solve_seconds, compress_s=t1 - t0 - allocation.solve_seconds, eval_s=res.seconds,
                compress_rss_mib=watch.peak / 2**20 if watch is not None else float("nan"))
     if speed is not None:
@@ -201,14 +210,15 @@ def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, sp
 
 
 def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress: bool = True,
-                throughput: bool = False):
+                throughput: bool = False, sequential=None):
     """Rows of (method, kind, solver, grid, ratio, objective, removed, ppl, ...) as a DataFrame.
 
     ``combos``: ``(method, kind, solver[, grid])`` tuples. Per row: solve and compression time, and the
     peak RSS of the whole process while solving and compressing (``compress_rss_mib``: the dense model,
     its deep copy and the method's working set; run one combo per fresh process to compare methods). ``throughput``: prefill/decode tokens per second of the dense
     model and of every compressed one (:func:`decomposers.evaluate.throughput`, eval_seqlen-token prompt, 32
-    generated tokens, batch 1).
+    generated tokens, batch 1). ``sequential``: a ``SequentialConfig`` applied to every combo (column ``seq``: the
+    calibration sequences it used, 0 for the plain decomposer).
     """
     import pandas as pd
 
@@ -228,7 +238,7 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
     rows, curves = [], {}
     with factorize_once():  # one factorization per matrix serves every combo and ratio of a method
         _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_linear, total_model, out,
-                      progress)
+                      progress, sequential)
     df = pd.DataFrame(rows)
     for ratio in ratios:
         base = df[(df.ratio == ratio) & (df.solver == "uniform") & (df.method == "svd") & (df.grid == 16)]
@@ -238,7 +248,7 @@ def run_quality(run, prof, ratios, combos, *, out: Path | None = None, progress:
 
 
 def _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_linear, total_model, out,
-                  progress) -> None:
+                  progress, sequential=None) -> None:
     import pandas as pd
 
     from rankalloc.decomposers.problems import method_curves
@@ -251,9 +261,10 @@ def _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_l
             if key not in curves:  # SoLA / SSLC / FLAT curve sets are built (and stored) on first use, untimed
                 curves[key] = method_curves(prof, method, run.model, grid=grid, progress=progress)
             row, model, allocation = _quality_row(run, prof, curves[key], method, kind, solver, grid, ratio, dense,
-                                                  speed, total_linear, total_model)
+                                                  speed, total_linear, total_model, sequential)
             rows.append(row)
-            print(f"{ratio:.0%} {method:6s} {kind:11s} {solver:10s} ppl {row['ppl']:9.2f}  removed(linear) "
+            print(f"{ratio:.0%} {method + ('+seq' if sequential else ''):10s} {kind:11s} {solver:10s} ppl "
+                  f"{row['ppl']:9.2f}  removed(linear) "
                   f"{row['removed_linear']:.4f}  objective {allocation.objective:.4g} [{allocation.status}]",
                   flush=True)
             del model
@@ -282,6 +293,9 @@ def main(argv=None) -> int:
                     help="curve kinds the profile must hold (missing ones are computed)")
     ap.add_argument("--throughput", action="store_true",
                     help="also measure prefill/decode tokens per second of the dense and every compressed model")
+    ap.add_argument("--sequential", type=int, default=0, metavar="N",
+                    help="fit every matrix at the inputs of the already-compressed layers, measured on the first N "
+                         "calibration sequences (decomposers.sequential; per-matrix methods; 0: off)")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--gaps", default=None, metavar="KIND1,KIND2",
                     help="only print how every solver does on these curve kinds (objective vs the exact optimum, "
@@ -321,11 +335,16 @@ def main(argv=None) -> int:
     print(gap_table(gaps), flush=True)
     if args.gaps:
         return 0
-    df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput)
+    seq = None
+    if args.sequential:
+        from rankalloc.decomposers.sequential import SequentialConfig
+
+        seq = SequentialConfig(samples=args.sequential)
+    df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput, sequential=seq)
     df.to_csv(out / "quality.csv", index=False)
     print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
           f"decoder linear-layer parameters removed.")
-    cols = ["ratio", "method", "kind", "solver", "grid", "ppl", "ppl_vs_uniform", "removed_linear", "objective",
+    cols = ["ratio", "method", "kind", "solver", "grid", "seq", "ppl", "ppl_vs_uniform", "removed_linear", "objective",
             "status", "solve_s", "compress_s", "compress_rss_mib"]
     cols += [c for c in ("prefill_tok_s", "decode_tok_s") if c in df.columns]
     print(markdown_table(df[cols]))

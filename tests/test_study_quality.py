@@ -79,3 +79,36 @@ def test_within_ratio_spearman_groups_by_budget():
                         "pred_bad": [3.0, 2.0, 1.0, 30.0, 20.0, 10.0]})
     got = within_ratio_spearman(per, ["good", "bad"])
     assert got["good"] == pytest.approx(1.0) and got["bad"] == pytest.approx(-1.0)
+
+
+def test_sequential_rows_and_per_method_agreement(tmp_path):
+    """run_quality with a SequentialConfig marks its rows (seq = the sequences used) and keeps the plain rows' exact
+    budget; method_agreement scores each method's own allocations on the evaluation text: measured is
+    ln(ppl / dense ppl), and a kind's prediction of its own exact optimum is that optimum's objective."""
+    from rankalloc.decomposers.sequential import SequentialConfig
+    from rankalloc.profiling.run import prepare, profile
+    from rankalloc.studies.study_agreement import method_agreement, method_summary
+
+    torch.manual_seed(0)
+    run = prepare(str(save_tiny_model_dir(tmp_path / "model")), str(write_text_file(tmp_path / "text.txt")),
+                  samples=4, seqlen=32, eval_windows=2, progress=False)
+    prof = profile(run, kinds=("whitened", "fisher"), out=tmp_path / "profile", progress=False, store="full")
+    combos = [("svd", "fisher_svd", "exact"), ("fisher_svd", "fisher", "exact")]
+    plain, _ = run_quality(run, prof, [0.3], combos, progress=False)
+    seq, _ = run_quality(run, prof, [0.3], combos, progress=False, sequential=SequentialConfig(samples=2))
+    assert list(plain.seq) == [0, 0] and list(seq.seq) == [2, 2]
+    assert list(seq.removed_linear) == list(plain.removed_linear)
+    assert (seq.ppl != plain.ppl).all() and seq.ppl.map(math.isfinite).all()
+
+    per = method_agreement(run, prof, ["svd", "fisher_svd"], [0.3], progress=False)
+    assert set(per.method) == {"svd", "fisher_svd"} and len(per) >= 8
+    assert ((per.measured - (per.ppl / per.dense_ppl).map(math.log)).abs() < 1e-12).all()
+    from rankalloc.allocators.registry import get_solver
+    from rankalloc.decomposers.problems import problem_for
+
+    best = per[(per.method == "svd") & (per.solver == "exact") & (per.kind == "fisher_svd")]
+    a = get_solver("exact").solve(problem_for(prof, "svd", "fisher_svd", 0.3))
+    assert math.isclose(best.pred_fisher_svd.iloc[0], a.objective, rel_tol=1e-9)
+    summary = method_summary(per)
+    assert set(summary.method) == {"svd", "fisher_svd"} and summary.within_budget_spearman.between(-1, 1).all()
+    assert "pred/measured 30%" in summary.columns

@@ -1,0 +1,214 @@
+# Sequential calibration with output correction: each matrix is fitted to the inputs the already-compressed layers
+# feed it (GPTQ's sequential mode, Frantar et al., 2023, Sec. 4), against the dense model's outputs.
+"""Compress decoder layers in order, each against the inputs the compressed model really gives it.
+
+The additive objective prices every matrix at the dense model's inputs ``X``. Once earlier matrices are
+compressed, matrix ``W`` (``m x n``) sees other inputs ``X_hat`` (tokens as rows, ``T x n``), and its error is
+``||X W^T - X_hat W_hat^T||_F^2``. With ``C = X^T X_hat`` and ``G_hat = X_hat^T X_hat``,
+
+    X W^T - X_hat W_hat^T = (X W^T - X_hat W_tilde^T) + X_hat (W_tilde - W_hat)^T,
+    W_tilde = W C G_hat^{-1},
+
+and the first term is orthogonal to the column space of ``X_hat``. So the best ``W_hat`` is the method's own
+low-rank fit of the corrected weight ``W_tilde`` under the input Gram ``G_hat``: every per-matrix method
+(whitened SVD, two-sided Fisher SVD, PGSVD) runs unchanged on ``(W_tilde, G_hat)``. ``G_hat`` is damped
+relatively before the solve; directions ``X_hat`` never reaches have ``C v = 0`` and get ``W_tilde v = 0``.
+
+Order. Decoder layer ``l`` runs twice per input group (the matrices sharing one input, in forward order): the
+dense copy on the dense stream gives ``X``; the partly compressed layer on the compressed stream gives
+``X_hat`` and stops there. So ``o_proj`` sees the compressed ``q, k, v`` and ``down_proj`` the compressed
+``gate, up``, as well as every earlier layer. The output-gradient Grams of the two-sided method stay the dense
+profile's (they need a backward; see ``field.md``). One decoder layer's inputs are held per stream at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from rankalloc.decomposers.base import combined_report, compress_, expected_params, no_factor_cache
+from rankalloc.decomposers.registry import method_of_config
+from rankalloc.profiling.calibration import _Stop, _layer_output, batches, capture_inputs
+from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, damped_cholesky
+from rankalloc.profiling.probe import read_weight, write_weight_
+
+
+@dataclass(frozen=True)
+class SequentialConfig:
+    """``samples``: calibration sequences the compressed-model inputs are measured on (the first N; 0: all).
+    ``damp``: relative damping of ``G_hat`` in the correction. ``correct``: fit ``W_tilde`` (else ``W`` itself,
+    re-whitened by ``G_hat`` only). ``batch_size``: sequences per forward."""
+
+    samples: int = 0
+    damp: float = 1e-4
+    correct: bool = True
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ValueError(f"SequentialConfig: expected samples >= 0 (0: all), received {self.samples!r}")
+        if not (isinstance(self.damp, (int, float)) and self.damp > 0):
+            raise ValueError(f"SequentialConfig: expected damp > 0, received {self.damp!r}")
+        if not isinstance(self.correct, bool):
+            raise ValueError(f"SequentialConfig: expected correct True or False, received {self.correct!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"SequentialConfig: expected batch_size >= 1, received {self.batch_size!r}")
+
+
+class Remeasured:
+    """The dense profile, with the input Grams of some matrices replaced by ones measured at the compressed
+    model. A stored Fisher basis or input root belongs to the dense inputs, so asking for one is an error."""
+
+    def __init__(self, profile, grams: dict):
+        self._profile, self._grams = profile, grams
+
+    def input_gram(self, name: str):
+        return self._grams[name] if name in self._grams else self._profile.input_gram(name)
+
+    def input_root(self, name: str):
+        if name in self._grams:
+            raise ValueError(f"{name}: sequential calibration re-measures its inputs, so the profile's stored input "
+                             f"root does not apply")
+        return self._profile.input_root(name)
+
+    def fisher_basis(self, name: str):
+        raise ValueError(f"{name}: sequential calibration with two-sided Fisher SVD needs the output-gradient Grams, "
+                         f"and this compact profile keeps only the dense-point Fisher basis; profile with "
+                         f"--store full")
+
+    def __getattr__(self, attr):
+        return getattr(self._profile, attr)
+
+
+def _corrected(W: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``W C (G_hat + delta I)^{-1}`` with ``S S^T = G_hat + delta I``."""
+    return torch.cholesky_solve((W @ C).T, S).T
+
+
+def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
+                         seq: SequentialConfig = SequentialConfig(), progress: bool = True):
+    """:func:`~rankalloc.decomposers.base.compress_` with sequential calibration (module docstring), in place.
+
+    ``ids``: the calibration token ids (``sequences x seqlen``), the ones ``profile`` was measured on; the
+    first ``seq.samples`` are used. The method must be per-matrix (svd, fisher_svd, pgsvd); its own settings
+    are ``config``. Returns the :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized
+    parameter count checked against the allocation as ``compress_`` does.
+    """
+    from rankalloc.decomposers.base import allocation_items
+    from rankalloc.decomposers.streamed import sub_allocation
+    from rankalloc.profiling.architectures import find_structure
+
+    method = method_of_config(config)
+    if not method.per_matrix:
+        raise ValueError(f"sequential calibration: method {method.name!r} does not factor one matrix at a time; "
+                         f"expected a per-matrix method such as svd, fisher_svd or pgsvd")
+    if not allocation.feasible:
+        raise ValueError(f"allocation by {allocation.solver!r} has status {allocation.status}: expected a "
+                         f"feasible allocation ({allocation.message})")
+    if ids.ndim != 2 or ids.shape[0] < 1:
+        raise ValueError(f"sequential calibration: expected token ids of shape (sequences, seqlen), received "
+                         f"{tuple(ids.shape)}")
+    if seq.samples > ids.shape[0]:
+        raise ValueError(f"SequentialConfig.samples: {seq.samples} calibration sequences asked, {ids.shape[0]} given")
+    ids = ids[:seq.samples] if seq.samples else ids
+    expected = expected_params(model, allocation)
+    structure = find_structure(model)
+    chosen = {c.name: ch for c, ch in allocation_items(allocation)}
+    unknown = sorted(set(chosen) - set(structure.modules))
+    if unknown:
+        raise ValueError(f"sequential calibration: components {unknown[:3]} are not decoder-layer linear maps of "
+                         f"{type(model).__name__}")
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    reports = []
+    with torch.no_grad(), no_factor_cache():
+        cap = capture_inputs(model, structure, ids, seq.batch_size, device)
+        dense_h, comp_h = cap.hidden, [h.clone() for h in cap.hidden]
+        for layer in tqdm(range(structure.num_layers), desc=f"sequential {method.name}", unit="layer",
+                          disable=not progress):
+            module, calls = structure.layers[layer], cap.calls[layer]
+            prefix = f"{structure.layers_path}.{layer}."
+            groups = {g.members[0]: g for g in structure.layer_groups(layer)
+                      if any(n in chosen and not chosen[n].is_dense for n in g.members)}
+            if groups:  # the dense layer's inputs to each group, and the order the layer calls the groups in
+                reference = copy.deepcopy(module)
+                dense_x, dense_next = _inputs(reference, [n[len(prefix):] for n in groups], dense_h, calls, False)
+                del reference
+                for local in dense_x[0]:  # forward order
+                    g = groups[prefix + local]
+                    comp_x, _ = _inputs(module, [local], comp_h, calls, True)
+                    reports += _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq)
+                    del comp_x
+                del dense_x
+            else:
+                dense_next = _run(module, dense_h, calls)
+            comp_h = _run(module, comp_h, calls)
+            dense_h = dense_next
+        rest = [name for name in chosen if name not in {r.name for r in reports}]  # the dense choices
+        if rest:
+            reports += compress_(model, sub_allocation(allocation, rest), config, profile, progress=False).components
+    return combined_report(method.name, config, allocation, reports, expected, profile, time.perf_counter() - t0)
+
+
+def _inputs(layer, names, inputs, calls, stop: bool):
+    """``(per batch {local name: its input (tokens x n)}, outputs)`` of ``layer`` run on ``inputs``, for the
+    modules ``names`` (local to the layer; each dict in the order the layer calls them). ``stop``: end each batch
+    at the first of them, without outputs."""
+    got, outputs, current = [], [], {}
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0]
+            current.setdefault(name, x.reshape(-1, x.shape[-1]).detach())
+            if stop:
+                raise _Stop
+        return pre
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for x, (args, kwargs) in zip(inputs, calls):
+            current = {}
+            try:
+                outputs.append(_layer_output(layer(x, *args, **kwargs)))
+            except _Stop:
+                pass
+            missing = [n for n in names if n not in current]
+            if missing:
+                raise RuntimeError(f"the decoder layer never called {missing}; cannot measure their inputs")
+            got.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    return got, outputs
+
+
+def _run(module, inputs, calls) -> list[torch.Tensor]:
+    return [_layer_output(module(x, *args, **kwargs)) for x, (args, kwargs) in zip(inputs, calls)]
+
+
+def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq) -> list:
+    """Correct (``W_tilde``) and compress the low-rank members of input group ``g`` at the compressed inputs."""
+    from rankalloc.decomposers.streamed import sub_allocation
+
+    device = comp_x[0][local].device
+    G = torch.zeros(g.n, g.n, dtype=PRECISION, device=device)
+    C = torch.zeros(g.n, g.n, dtype=PRECISION, device=device)
+    for xd, xc in zip(dense_x, comp_x):
+        Xd, Xc = xd[local].to(PRECISION), xc[local].to(PRECISION)
+        G += Xc.T @ Xc
+        C += Xd.T @ Xc
+    what = f"compressed-model input Gram of {g.key} (decoder layer {g.layer})"
+    G = check_finite(0.5 * (G + G.T), what)
+    names = [n for n in g.members if n in chosen and not chosen[n].is_dense]
+    same = all(torch.equal(xd[local], xc[local]) for xd, xc in zip(dense_x, comp_x))
+    if seq.correct and not same:  # nothing compressed upstream yet: W_tilde would be W (up to the damping)
+        S, _ = damped_cholesky(G, what, Damping(seq.damp))
+        for name in names:
+            sub = model.get_submodule(name)
+            write_weight_(sub, _corrected(read_weight(sub, name), C, S))
+    view = Remeasured(profile, {name: G for name in g.members})
+    return list(compress_(model, sub_allocation(allocation, names), config, view, progress=False).components)

@@ -1,0 +1,120 @@
+"""Sequential calibration (decomposers.sequential): each matrix fitted at the inputs of the compressed layers before it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from decomposer_cases import allocation_of, linear_choices, sola_choices, varied
+from rankalloc.allocators.problem import Choice
+from rankalloc.decomposers import FisherSVDConfig, SoLAConfig, SVDConfig, compress_
+from rankalloc.decomposers.modules import LowRankLinear
+from rankalloc.decomposers.sequential import SequentialConfig, _corrected, compress_sequential_
+from rankalloc.profiling.numerics import Damping, damped_cholesky
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from rankalloc.profiling.profile import profile_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    full = profile_model(model, ids, out=tmp_path_factory.mktemp("full"), device="cpu", kinds=("whitened", "fisher"),
+                         progress=False, store="full")
+    return model, ids, full
+
+
+def quarter(c):
+    return Choice(max(1, c.max_rank // 4))
+
+
+def final_hidden(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+
+
+def test_correction_is_the_least_squares_fit_to_the_dense_outputs():
+    """W_tilde = W C G_hat^-1 minimises ||X W^T - X_hat W_tilde^T|| (lstsq gives the same matrix)."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    Xh = X + 0.3 * torch.randn(400, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    S, _ = damped_cholesky(Xh.T @ Xh, "test", Damping(1e-12))
+    ours = _corrected(W, X.T @ Xh, S)
+    best = torch.linalg.lstsq(Xh, X @ W.T).solution.T
+    assert torch.allclose(ours, best, atol=1e-8)
+
+
+@pytest.mark.parametrize("config", [SVDConfig(), FisherSVDConfig()], ids=["svd", "fisher_svd"])
+def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup, config):
+    """Same modules and ranks as the plain method, the allocation's exact parameter count, and a final hidden state
+    closer to the dense model's on the calibration text than the plain decomposer gets."""
+    model, ids, prof = setup
+    alloc = allocation_of(linear_choices(prof, varied))
+    plain, seq = copy.deepcopy(model), copy.deepcopy(model)
+    r_plain = compress_(plain, alloc, config, prof, progress=False)
+    r_seq = compress_sequential_(seq, alloc, config, prof, ids, progress=False)
+    assert r_seq.params_after == r_plain.params_after
+    for (name, a), (_, b) in zip(plain.named_modules(), seq.named_modules()):
+        assert type(a) is type(b), name
+        if isinstance(a, LowRankLinear):
+            assert a.rank == b.rank, name
+    dense = final_hidden(model, ids)
+    err_plain = float(((final_hidden(plain, ids) - dense) ** 2).sum())
+    err_seq = float(((final_hidden(seq, ids) - dense) ** 2).sum())
+    assert err_seq < 0.8 * err_plain, (err_seq, err_plain)
+
+
+def test_the_first_group_sees_the_dense_inputs_and_matches_the_plain_fit(setup):
+    """Nothing is compressed before layer 0's q/k/v, so their factors are the plain method's (same product)."""
+    model, ids, prof = setup
+    alloc = allocation_of(linear_choices(prof, quarter))
+    plain, seq = copy.deepcopy(model), copy.deepcopy(model)
+    compress_(plain, alloc, SVDConfig(), prof, progress=False)
+    compress_sequential_(seq, alloc, SVDConfig(), prof, ids, progress=False)
+    name = "model.layers.0.self_attn.q_proj"
+
+    def product(m):
+        mod = m.get_submodule(name)
+        return (mod.second.weight @ mod.first.weight).double()
+
+    assert torch.allclose(product(plain), product(seq), rtol=1e-4, atol=1e-5)
+    later = "model.layers.1.mlp.down_proj"
+    assert not torch.allclose(seq.get_submodule(later).second.weight, plain.get_submodule(later).second.weight)
+
+
+def test_without_correction_only_the_inputs_are_remeasured(setup):
+    """correct=False keeps W and re-whitens by the compressed inputs: a different model from the corrected one."""
+    model, ids, prof = setup
+    alloc = allocation_of(linear_choices(prof, quarter))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    compress_sequential_(a, alloc, SVDConfig(), prof, ids, SequentialConfig(correct=False), progress=False)
+    compress_sequential_(b, alloc, SVDConfig(), prof, ids, progress=False)
+    dense = final_hidden(model, ids)
+    assert float(((final_hidden(b, ids) - dense) ** 2).sum()) < float(((final_hidden(a, ids) - dense) ** 2).sum())
+
+
+def test_refusals_name_the_setting(setup, tmp_path):
+    model, ids, prof = setup
+    alloc = allocation_of(linear_choices(prof, quarter))
+    with pytest.raises(ValueError, match="per-matrix"):
+        compress_sequential_(copy.deepcopy(model), allocation_of(sola_choices(prof, model)), SoLAConfig(), prof, ids,
+                             progress=False)
+    with pytest.raises(ValueError, match="samples: 9 calibration sequences asked, 8 given"):
+        compress_sequential_(copy.deepcopy(model), alloc, SVDConfig(), prof, ids, SequentialConfig(samples=9),
+                             progress=False)
+    from rankalloc.profiling.profile import profile_model
+
+    compact = profile_model(model, ids, out=tmp_path / "compact", device="cpu", kinds=("whitened", "fisher"),
+                            progress=False)
+    with pytest.raises(ValueError, match="--store full"):
+        compress_sequential_(copy.deepcopy(model), alloc, FisherSVDConfig(), compact, ids, progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(samples=-1), dict(damp=0.0), dict(correct=1), dict(batch_size=0)])
+def test_config_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match="SequentialConfig"):
+        SequentialConfig(**bad)
