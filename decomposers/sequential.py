@@ -11,8 +11,11 @@ compressed, matrix ``W`` (``m x n``) sees other inputs ``X_hat`` (tokens as rows
 
 and the first term is orthogonal to the column space of ``X_hat``. So the best ``W_hat`` is the method's own
 low-rank fit of the corrected weight ``W_tilde`` under the input Gram ``G_hat``: every per-matrix method
-(whitened SVD, two-sided Fisher SVD, PGSVD) runs unchanged on ``(W_tilde, G_hat)``. ``G_hat`` is damped
-relatively before the solve; directions ``X_hat`` never reaches have ``C v = 0`` and get ``W_tilde v = 0``.
+(whitened SVD, two-sided Fisher SVD, PGSVD) runs unchanged on ``(W_tilde, G_hat)``.
+
+The fit is a regression on the calibration tokens, so it is shrunk towards ``W`` (a ridge with prior ``W``):
+``W_tilde = W (C + delta I)(G_hat + delta I)^{-1}`` with ``delta = damp * mean diag(G_hat)``. Large ``damp`` gives
+``W`` back; directions ``X_hat`` never reaches keep ``W``.
 
 Order. Decoder layer ``l`` runs twice per input group (the matrices sharing one input, in forward order): the
 dense copy on the dense stream gives ``X``; the partly compressed layer on the compressed stream gives
@@ -44,7 +47,7 @@ class SequentialConfig:
     re-whitened by ``G_hat`` only). ``batch_size``: sequences per forward."""
 
     samples: int = 0
-    damp: float = 1e-4
+    damp: float = 1e-1
     correct: bool = True
     batch_size: int = 8
 
@@ -85,7 +88,8 @@ class Remeasured:
 
 
 def _corrected(W: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """``W C (G_hat + delta I)^{-1}`` with ``S S^T = G_hat + delta I``."""
+    """``W C (G_hat + delta I)^{-1}`` with ``S S^T = G_hat + delta I`` (pass ``C + delta I`` for the fit shrunk
+    towards ``W``)."""
     return torch.cholesky_solve((W @ C).T, S).T
 
 
@@ -197,16 +201,17 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
     device = comp_x[0][local].device
     G = torch.zeros(g.n, g.n, dtype=PRECISION, device=device)
     C = torch.zeros(g.n, g.n, dtype=PRECISION, device=device)
-    for xd, xc in zip(dense_x, comp_x):
-        Xd, Xc = xd[local].to(PRECISION), xc[local].to(PRECISION)
-        G += Xc.T @ Xc
-        C += Xd.T @ Xc
+    for xd, xc in zip(dense_x, comp_x):  # each batch's products in float32, summed in float64
+        Xd, Xc = xd[local].float(), xc[local].float()
+        G += (Xc.T @ Xc).to(PRECISION)
+        C += (Xd.T @ Xc).to(PRECISION)
     what = f"compressed-model input Gram of {g.key} (decoder layer {g.layer})"
     G = check_finite(0.5 * (G + G.T), what)
     names = [n for n in g.members if n in chosen and not chosen[n].is_dense]
     same = all(torch.equal(xd[local], xc[local]) for xd, xc in zip(dense_x, comp_x))
     if seq.correct and not same:  # nothing compressed upstream yet: W_tilde would be W (up to the damping)
-        S, _ = damped_cholesky(G, what, Damping(seq.damp))
+        S, delta = damped_cholesky(G, what, Damping(seq.damp))
+        C.diagonal().add_(delta)
         for name in names:
             sub = model.get_submodule(name)
             write_weight_(sub, _corrected(read_weight(sub, name), C, S))

@@ -97,6 +97,19 @@ def test_without_correction_only_the_inputs_are_remeasured(setup):
     assert float(((final_hidden(b, ids) - dense) ** 2).sum()) < float(((final_hidden(a, ids) - dense) ** 2).sum())
 
 
+def test_a_large_damping_shrinks_the_correction_back_to_w(setup):
+    """W_tilde = W (C + delta I)(G_hat + delta I)^-1 tends to W as damp grows: the same factors as correct=False."""
+    model, ids, prof = setup
+    alloc = allocation_of(linear_choices(prof, quarter))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    compress_sequential_(a, alloc, SVDConfig(), prof, ids, SequentialConfig(correct=False), progress=False)
+    compress_sequential_(b, alloc, SVDConfig(), prof, ids, SequentialConfig(damp=1e9), progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    pa, pb = (m.get_submodule(name) for m in (a, b))
+    assert torch.allclose(pa.second.weight @ pa.first.weight, pb.second.weight @ pb.first.weight, rtol=1e-3,
+                          atol=1e-5)
+
+
 def test_refusals_name_the_setting(setup, tmp_path):
     model, ids, prof = setup
     alloc = allocation_of(linear_choices(prof, quarter))
