@@ -27,6 +27,7 @@ _API = {
     "problem_for": "rankalloc.decomposers.problems",
     "load_allocation": "rankalloc.decomposers.problems",
     "compress": "rankalloc.decomposers.problems",
+    "SequentialConfig": "rankalloc.decomposers.sequential",
     "evaluate": "rankalloc.decomposers.evaluate",
     "get_solver": "rankalloc.allocators.registry",
     "get_method": "rankalloc.decomposers.registry",

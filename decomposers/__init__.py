@@ -24,6 +24,7 @@ from rankalloc.decomposers.io import load_compressed, rank_pattern, save_compres
 from rankalloc.decomposers.modules import LowRankLinear  # noqa: E402
 from rankalloc.decomposers.pgsvd import PGSVDConfig, pgsvd  # noqa: E402
 from rankalloc.decomposers.report import ComponentReport, CompressionReport  # noqa: E402
+from rankalloc.decomposers.sequential import SequentialConfig, compress_sequential_  # noqa: E402
 from rankalloc.decomposers.sola import SoLAConfig, SoLAMLP  # noqa: E402
 from rankalloc.decomposers.sslc import SparseLowRankLinear, SSLCConfig  # noqa: E402
 from rankalloc.decomposers.svd import SVDConfig, whitened_svd  # noqa: E402
@@ -33,5 +34,5 @@ __all__ = [
     "compress_", "save_compressed", "load_compressed", "rank_pattern", "CompressionReport", "ComponentReport",
     "LowRankLinear", "SparseLowRankLinear", "Factors", "linear_handler", "SVDConfig", "FisherSVDConfig",
     "PGSVDConfig", "SoLAConfig", "FlatConfig", "SSLCConfig", "whitened_svd", "fisher_svd", "pgsvd", "SoLAMLP",
-    "FlatAttention",
+    "FlatAttention", "SequentialConfig", "compress_sequential_",
 ]

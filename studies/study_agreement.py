@@ -96,10 +96,12 @@ def predicted(problem, allocation) -> float:
     return float(sum(cv.errors[cv.index_of(chosen[cv.component.name])] for cv in problem.curves))
 
 
-def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=None, progress: bool = True):
+def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=None, progress: bool = True,
+                     csv=None):
     """Rows ``(method, ratio, solver, kind, removed, ppl, measured, pred_<kind>...)``: each method's allocations
     (:data:`METHOD_ALLOCATORS` plus its paper's allocator) compressed with its own decomposer and scored on the
-    evaluation windows; ``measured`` is ``ln(ppl / dense ppl)`` in nats."""
+    evaluation windows; ``measured`` is ``ln(ppl / dense ppl)`` in nats. ``csv``: a path the rows so far are
+    written to after each allocation."""
     import math
 
     import pandas as pd
@@ -136,6 +138,8 @@ def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=Non
                                dense_ppl=dense, measured=math.log(ppl / dense))
                     row.update({f"pred_{k}": predicted(probs[k], a) for k in LOSS_KINDS if k in probs})
                     rows.append(row)
+                    if csv is not None:
+                        pd.DataFrame(rows).to_csv(csv, index=False)
                     print(f"{method:10s} {ratio:.0%} {solver:8s} {kind:10s} ppl {ppl:9.2f} measured "
                           f"{row['measured']:.3f} " + " ".join(f"{k} {row.get('pred_' + k, float('nan')):.3f}"
                                                                for k in LOSS_KINDS), flush=True)
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
-    prof = profile(run, kinds=KINDS, out=args.profile)
+    prof = profile(run, kinds=KINDS, out=args.profile, store=args.store)
     ids = calibration_ids(run.tokenizer, run.text, n_samples=args.samples, seqlen=args.seqlen, seed=run.seed)
     allocs = allocations_for(prof, ratios)
     table = curve_kind_agreement(prof, run.model, ids, KINDS, allocs, n_probe_samples=args.probe_samples)
@@ -222,8 +226,8 @@ def _per_method(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
-    prof = profile(run, kinds=KINDS, out=args.profile)
-    per = method_agreement(run, prof, args.methods.split(","), ratios)
+    prof = profile(run, kinds=KINDS, out=args.profile, store=args.store)
+    per = method_agreement(run, prof, args.methods.split(","), ratios, csv=out / "method_allocations.csv")
     per.to_csv(out / "method_allocations.csv", index=False)
     summary = method_summary(per)
     summary.to_csv(out / "method_agreement.csv", index=False)

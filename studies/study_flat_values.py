@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
-    prof = profile(run, kinds=("whitened", "fisher"), out=args.profile)
+    prof = profile(run, kinds=("whitened", "fisher"), out=args.profile, store=args.store)
     d = int(prof.meta["config"]["head_dim"])
     if not 0 <= args.head_rank < d:
         raise SystemExit(f"--head-rank: expected 0 <= r < head_dim = {d}, received {args.head_rank}")

@@ -281,6 +281,8 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ratios", default="0.2,0.3,0.4", help="fractions of linear-layer parameters REMOVED")
     ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
+    ap.add_argument("--store", default=None, choices=("compact", "full"),
+                    help="profile store for a new profile (default compact; sequential fisher_svd needs full)")
     return ap
 
 
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     gap_kinds = args.gaps.split(",") if args.gaps else [RECOMMENDED[1]]
-    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile)
+    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile, store=args.store)
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
     import pandas as pd
 
