@@ -298,6 +298,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sequential", type=int, default=0, metavar="N",
                     help="fit every matrix at the inputs of the already-compressed layers, measured on the first N "
                          "calibration sequences (decomposers.sequential; per-matrix methods; 0: off)")
+    ap.add_argument("--sequential-damp", type=float, default=None, metavar="D",
+                    help="with --sequential: the ridge of the correction (SequentialConfig.damp, default 0.1)")
+    ap.add_argument("--no-correction", action="store_true",
+                    help="with --sequential: re-measure the inputs only, without fitting the dense outputs")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--gaps", default=None, metavar="KIND1,KIND2",
                     help="only print how every solver does on these curve kinds (objective vs the exact optimum, "
@@ -341,7 +345,8 @@ def main(argv=None) -> int:
     if args.sequential:
         from rankalloc.decomposers.sequential import SequentialConfig
 
-        seq = SequentialConfig(samples=args.sequential)
+        extra = {} if args.sequential_damp is None else {"damp": args.sequential_damp}
+        seq = SequentialConfig(samples=args.sequential, correct=not args.no_correction, **extra)
     df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput, sequential=seq)
     df.to_csv(out / "quality.csv", index=False)
     print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
