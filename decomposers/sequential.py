@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from rankalloc.decomposers.base import combined_report, compress_, expected_params, no_factor_cache
 from rankalloc.decomposers.registry import method_of_config
-from rankalloc.profiling.calibration import _Stop, _layer_output, batches, capture_inputs
+from rankalloc.profiling.calibration import _Stop, _layer_output, capture_inputs
 from rankalloc.profiling.numerics import PRECISION, Damping, check_finite, damped_cholesky
 from rankalloc.profiling.probe import read_weight, write_weight_
 
@@ -43,8 +43,9 @@ from rankalloc.profiling.probe import read_weight, write_weight_
 @dataclass(frozen=True)
 class SequentialConfig:
     """``samples``: calibration sequences the compressed-model inputs are measured on (the first N; 0: all).
-    ``damp``: relative damping of ``G_hat`` in the correction. ``correct``: fit ``W_tilde`` (else ``W`` itself,
-    re-whitened by ``G_hat`` only). ``batch_size``: sequences per forward."""
+    ``damp``: the ridge ``delta / mean diag(G_hat)`` that shrinks the correction towards ``W`` (0.1: chosen on
+    SmolLM2, see the README). ``correct``: fit ``W_tilde`` (else ``W`` itself, under ``G_hat`` only).
+    ``batch_size``: sequences per forward."""
 
     samples: int = 0
     damp: float = 1e-1

@@ -123,10 +123,9 @@ def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=Non
             mc = method_curves(prof, method, run.model, grid=grid, progress=progress)
             kinds = set(mc.curve_set.kinds)
             todo = [a for a in METHOD_ALLOCATORS if a[1] in kinds]
-            if (m.solver, m.kind) not in todo and m.kind in kinds:
-                todo.append((m.solver, m.kind))
-            if method == "flat":
-                todo.append(("iprs", "whitened"))
+            for paper in ((m.solver, m.kind), ("iprs", "whitened") if method == "flat" else None):
+                if paper is not None and paper not in todo and paper[1] in kinds:
+                    todo.append(paper)  # the method's recommended allocator, and FLAT's own (IPRS)
             for ratio in ratios:
                 probs = {k: problem_for(prof, method, k, ratio, grid=grid, curves=mc) for k in kinds}
                 for solver, kind in tqdm(todo, desc=f"{method} {ratio:.0%}", disable=not progress, leave=False):
@@ -154,6 +153,7 @@ def method_summary(per) -> "pd.DataFrame":
     from scipy.stats import spearmanr
 
     out = []
+    per = per.drop_duplicates(["method", "ratio", "solver", "kind"])
     for (method, ), g in per.groupby(["method"]):
         for k in LOSS_KINDS:
             col = f"pred_{k}"
