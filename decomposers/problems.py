@@ -232,19 +232,24 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
     return model, compress_(model, allocation, config, prof, progress=progress)
 
 
-def compressed_perplexity(run, prof, allocation, method: str, *, ids=None, batch_size: int = 4, config=None):
+def compressed_perplexity(run, prof, allocation, method: str, *, ids=None, batch_size: int = 4, config=None,
+                          sequential=None):
     """``(perplexity result, whole-model parameters kept)`` of ``allocation`` built with ``method`` on ``run``'s model.
 
     In memory: a compressed copy, scored and dropped. Out of core (``run.loaded.out_of_core``): a fresh skeleton is
     compressed one layer at a time into a temporary folder (``compress_to_folder``), which is then scored one layer
     at a time (``open_compressed`` + ``streamed_perplexity``) and removed; the dense skeleton is never changed.
+    ``sequential``: a ``SequentialConfig`` (in memory only), on the run's calibration sequences.
     """
     import tempfile
 
     from rankalloc.decomposers.evaluate import evaluate, model_params
 
+    if sequential is not None and getattr(run.loaded, "out_of_core", False):
+        raise ValueError("sequential calibration: needs the model in memory (run without --out-of-core)")
     if not getattr(run.loaded, "out_of_core", False):
-        model, _ = compress(run.model, prof, allocation, method, config=config, progress=False)
+        model, _ = compress(run if sequential is not None else run.model, prof, allocation, method, config=config,
+                            progress=False, sequential=sequential)
         return evaluate(model, run, batch_size=batch_size, progress=False, ids=ids), model_params(model)
     from dataclasses import replace
 

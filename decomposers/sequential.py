@@ -15,7 +15,8 @@ low-rank fit of the corrected weight ``W_tilde`` under the input Gram ``G_hat``:
 
 The fit is a regression on the calibration tokens, so it is shrunk towards ``W`` (a ridge with prior ``W``):
 ``W_tilde = W (C + delta I)(G_hat + delta I)^{-1}`` with ``delta = damp * mean diag(G_hat)``. Large ``damp`` gives
-``W`` back; directions ``X_hat`` never reaches keep ``W``.
+``W`` back; directions ``X_hat`` never reaches keep ``W``. When ``X_hat`` is zero on every token (a matrix before
+it cut to rank 0), every weight gives the same output there, and the group gets the plain fit at the dense inputs.
 
 Order. Decoder layer ``l`` runs twice per input group (the matrices sharing one input, in forward order): the
 dense copy on the dense stream gives ``X``; the partly compressed layer on the compressed stream gives
@@ -63,6 +64,22 @@ class SequentialConfig:
             raise ValueError(f"SequentialConfig: expected batch_size >= 1, received {self.batch_size!r}")
 
 
+def check_sequential(method: str, profile, run=None) -> None:
+    """``ValueError`` naming the method or the setting when sequential calibration cannot serve ``method`` with
+    ``profile`` (checked before anything is compressed)."""
+    from rankalloc.decomposers.registry import get_method
+
+    m = get_method(method)
+    if not m.per_matrix:
+        raise ValueError(f"sequential calibration: method {method!r} does not factor one matrix at a time; "
+                         f"expected a per-matrix method such as svd, fisher_svd or pgsvd")
+    if "fisher" in m.needs and not profile.has_output_grams():
+        raise ValueError(f"sequential calibration with method {method!r} needs the output-gradient Grams, and the "
+                         f"profile at {profile.path} keeps only the dense-point Fisher basis; profile with --store full")
+    if run is not None and getattr(run.loaded, "out_of_core", False):
+        raise ValueError("sequential calibration: needs the model in memory (run without --out-of-core)")
+
+
 class Remeasured:
     """The dense profile, with the input Grams of some matrices replaced by ones measured at the compressed
     model. A stored Fisher basis or input root belongs to the dense inputs, so asking for one is an error."""
@@ -108,9 +125,7 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
     from rankalloc.profiling.architectures import find_structure
 
     method = method_of_config(config)
-    if not method.per_matrix:
-        raise ValueError(f"sequential calibration: method {method.name!r} does not factor one matrix at a time; "
-                         f"expected a per-matrix method such as svd, fisher_svd or pgsvd")
+    check_sequential(method.name, profile)
     if not allocation.feasible:
         raise ValueError(f"allocation by {allocation.solver!r} has status {allocation.status}: expected a "
                          f"feasible allocation ({allocation.message})")
@@ -209,6 +224,8 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
     what = f"compressed-model input Gram of {g.key} (decoder layer {g.layer})"
     G = check_finite(0.5 * (G + G.T), what)
     names = [n for n in g.members if n in chosen and not chosen[n].is_dense]
+    if not bool(G.any()):  # upstream cut to rank 0: every weight gives the same output here, so keep the plain fit
+        return list(compress_(model, sub_allocation(allocation, names), config, profile, progress=False).components)
     same = all(torch.equal(xd[local], xc[local]) for xd, xc in zip(dense_x, comp_x))
     if seq.correct and not same:  # nothing compressed upstream yet: W_tilde would be W (up to the damping)
         S, delta = damped_cholesky(G, what, Damping(seq.damp))

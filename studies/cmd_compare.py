@@ -54,6 +54,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grid", type=int, default=16, metavar="G", help="rank grid (default 16)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="seconds, for solvers that take a time limit (exact)")
+    parser.add_argument("--sequential", type=int, default=0, metavar="N",
+                        help="fit every matrix at the inputs of the already-compressed layers, on the first N "
+                             "calibration sequences (per-matrix methods; fisher_svd needs a --store full profile; "
+                             "default 0: off)")
     parser.add_argument("--out", default="rankalloc-compare", metavar="DIR",
                         help="output directory (default ./rankalloc-compare); new, empty or an earlier compare output")
     parser.add_argument("--overwrite", action="store_true",
@@ -95,9 +99,17 @@ def run(args) -> int:
         runs.check_same_model(run_.loaded, prof)
     t2 = time.perf_counter()
     notes = []
+    seq = None
+    if args.sequential:
+        from rankalloc.decomposers.sequential import SequentialConfig
+
+        if args.sequential > run_.samples:
+            raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, --samples is "
+                             f"{run_.samples}")
+        seq = SequentialConfig(samples=args.sequential)
     frame = compare(run_, prof, ratios, solvers, methods, kinds, cost=args.cost, grid=args.grid,
                     time_limit=args.time_limit, out=out / "allocations", batch_size=args.batch_size,
-                    log=notes.append)
+                    log=notes.append, sequential=seq)
     t3 = time.perf_counter()
     tmp = out / f".compare.csv.tmp{os.getpid()}"
     frame.to_csv(tmp, index=False, float_format="%.10g")
@@ -105,6 +117,7 @@ def run(args) -> int:
     settings = {"model": str(run_.loaded.model_id), "fingerprint": run_.loaded.fingerprint,
                 "profile": str(prof.path), "text": run_.text.source_id, "ratios": ratios, "solvers": solvers,
                 "methods": methods, "kinds": kinds, "cost": args.cost, "grid": args.grid,
+                "sequential": args.sequential,
                 "eval_seqlen": run_.eval_seqlen, "windows": run_.eval_windows, "dense_ppl": frame.attrs["dense_ppl"],
                 "protocol": frame.attrs["protocol"]}
     atomic_write_json(out / "compare.json", settings)

@@ -33,7 +33,7 @@ def _name(method: str, kind: str, solver: str, removed: float) -> str:
 def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("uniform", "exact"),
             methods: Sequence[str] = ("fisher_svd",), kinds: Sequence[str] = ("fisher",), *, cost: str = "params",
             grid: int = 16, time_limit: float | None = None, out: str | Path | None = None, batch_size: int = 4,
-            progress: bool = True, log: Callable[[str], None] | None = None):
+            progress: bool = True, log: Callable[[str], None] | None = None, sequential=None):
     """Solve, compress and evaluate every (method, kind, budget, solver); returns a ``pandas.DataFrame``.
 
     Args:
@@ -45,6 +45,8 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
         grid: rank grid of the candidates. time_limit: seconds, for solvers that take one.
         out: directory for one allocation JSON per row (``rankalloc compress --allocation`` reads them).
         log: called with a one-line note for each solve that produced no allocation.
+        sequential: a :class:`~rankalloc.decomposers.sequential.SequentialConfig`: every allocation is built with
+            sequential calibration on the run's calibration sequences (per-matrix methods, model in memory).
 
     Every input is validated before any model is built: an unknown solver, method, cost model or
     curve kind, or an unreachable budget, raises ``ValueError`` saying what is available.
@@ -66,6 +68,11 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
         if not len(items):
             raise ValueError(f"compare: expected at least one of {what}, received none")
     built = build_solvers(solvers, time_limit)  # unknown name: ValueError listing the known ones
+    if sequential is not None:
+        from rankalloc.decomposers.sequential import check_sequential
+
+        for m in methods:
+            check_sequential(m, prof, run)
     curves = {m: method_curves(prof, m, run.model, grid=grid, progress=progress) for m in methods}
     cases = {(m, k, r): problem_for(prof, m, k, r, cost=cost, grid=grid, curves=curves[m])
              for m in methods for k in kinds for r in ratios}  # every problem first: bad input fails before compressing
@@ -75,6 +82,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     ids = evaluation_ids(run)
     dense = evaluate(run.model, run, batch_size=batch_size, progress=progress, ids=ids)
     ctx = dict(run=run, prof=prof, cost=cost, curves=curves, outdir=outdir, ids=ids, batch_size=batch_size,
+               sequential=sequential,
                dense_ppl=dense.ppl, dense_model_params=model_params(run.model), dense_linear=linear_params(prof),
                say=log or (lambda msg: None))
     rows = []
@@ -121,7 +129,8 @@ def _row(ctx: dict, m: str, k: str, r: float, problem, s: str, solver) -> dict:
         record = allocation_record(alloc, ctx["prof"], m, cost, r)
         atomic_write_json(ctx["outdir"] / row["allocation"], record)
     t0 = time.perf_counter()
-    res, kept = compressed_perplexity(ctx["run"], ctx["prof"], alloc, m, ids=ctx["ids"], batch_size=ctx["batch_size"])
+    res, kept = compressed_perplexity(ctx["run"], ctx["prof"], alloc, m, ids=ctx["ids"], batch_size=ctx["batch_size"],
+                                      sequential=ctx["sequential"])
     row["compress_s"] = time.perf_counter() - t0 - res.seconds  # compression alone (out of core: also the writing)
     dense_params = ctx["dense_model_params"]
     row["removed_linear_params"] = (dense_params - kept) / ctx["dense_linear"]

@@ -141,3 +141,27 @@ def test_compare_bad_input_is_one_line_naming_what_is_known(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         for word in expected:
             assert word in err, (word, err)
+
+
+def test_compare_sequential_changes_the_fit_not_the_allocation(compared, tmp_path):
+    """--sequential N builds each allocation with sequential calibration: the same allocations and parameter
+    counts as the plain run, another perplexity, and the setting recorded in compare.json. fisher_svd on a compact
+    profile is refused in one line naming --store full, before anything is compressed."""
+    proc, out, model_dir = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = out.parent
+    common = ["--model", str(model_dir), "--text", str(root / "text.txt"), "--ratios", "0.3", "--samples", "8",
+              "--seqlen", "64", "--windows", "4", "--device", "cpu"]
+    env = {"RANKALLOC_CACHE": str(root / "cache")}
+    seq = rankalloc("compare", *common, "--solvers", "uniform,exact", "--methods", "svd", "--kinds", "whitened",
+                    "--sequential", "4", "--out", str(tmp_path / "seq"), env=env)
+    assert seq.returncode == 0, seq.stderr[-3000:]
+    plain, ours = pd.read_csv(out / "compare.csv"), pd.read_csv(tmp_path / "seq" / "compare.csv")
+    assert list(ours.removed_linear_params) == pytest.approx(list(plain.removed_linear_params), abs=0)
+    assert (ours.ppl != plain.ppl).all()
+    assert json.loads((tmp_path / "seq" / "compare.json").read_text())["sequential"] == 4
+    bad = rankalloc("compare", *common, "--solvers", "exact", "--methods", "fisher_svd", "--kinds", "fisher",
+                    "--sequential", "4", "--out", str(tmp_path / "bad"), env=env)
+    assert bad.returncode != 0
+    assert "--store full" in bad.stderr and "Traceback" not in bad.stderr
+    assert len([line for line in bad.stderr.splitlines() if "error" in line.lower()]) == 1

@@ -110,6 +110,22 @@ def test_a_large_damping_shrinks_the_correction_back_to_w(setup):
                           atol=1e-5)
 
 
+def test_a_group_behind_a_rank_zero_matrix_gets_the_plain_fit(setup):
+    """v_proj at rank 0 makes o_proj's compressed inputs zero on every token: o_proj then gets the plain fit."""
+    model, ids, prof = setup
+
+    def choice(c):
+        return Choice(0) if c.kind == "v" else quarter(c)
+
+    alloc = allocation_of(linear_choices(prof, choice))
+    plain, seq = copy.deepcopy(model), copy.deepcopy(model)
+    compress_(plain, alloc, SVDConfig(), prof, progress=False)
+    compress_sequential_(seq, alloc, SVDConfig(), prof, ids, progress=False)
+    name = "model.layers.1.self_attn.o_proj"
+    a, b = plain.get_submodule(name), seq.get_submodule(name)
+    assert torch.allclose(a.second.weight @ a.first.weight, b.second.weight @ b.first.weight, atol=1e-6)
+
+
 def test_refusals_name_the_setting(setup, tmp_path):
     model, ids, prof = setup
     alloc = allocation_of(linear_choices(prof, quarter))
