@@ -98,22 +98,24 @@ def factorize_once():
     The cached factors are kept up to the break-even rank (or the largest rank asked, if higher), in the dtype of the module they become, so a
     truncation gives the same module as a fresh factorization at that rank (columns of ``A`` and rows of ``B`` do
     not depend on the rank)."""
-    global _FACTORS
-    outer = _FACTORS
-    _FACTORS = {} if outer is None else outer
-    try:
+    with _factor_cache({} if _FACTORS is None else _FACTORS):
         yield
-    finally:
-        _FACTORS = outer
 
 
 @contextlib.contextmanager
 def no_factor_cache():
     """Inside the block every matrix is factorized afresh, even within :func:`factorize_once` (sequential
     calibration fits weights that exist for one allocation only; caching them would only hold memory)."""
+    with _factor_cache(None):
+        yield
+
+
+@contextlib.contextmanager
+def _factor_cache(cache: dict | None):
+    """``cache`` serves :func:`truncation` inside the block (None: no cache); the outer one is restored after."""
     global _FACTORS
     outer = _FACTORS
-    _FACTORS = None
+    _FACTORS = cache
     try:
         yield
     finally:

@@ -209,10 +209,9 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
         if ids is None:
             if not hasattr(model, "tokenizer"):
                 raise ValueError("sequential calibration: pass the calibration ids, or a Run that can make them")
-            from rankalloc.profiling.text import calibration_ids
+            from rankalloc.profiling.run import calibration_ids
 
-            ids = calibration_ids(model.tokenizer, model.text, n_samples=model.samples, seqlen=model.seqlen,
-                                  seed=model.seed)
+            ids = calibration_ids(model)
         if distributed.world() > 1:
             raise ValueError("sequential calibration: runs in one process (each layer waits for the one before)")
 

@@ -196,6 +196,13 @@ def linear_params(prof) -> int:
     return int(sum(c.m * c.n for c in prof.components))
 
 
+def calibration_ids(run: Run):
+    """The calibration sequences of ``run`` (``(samples, seqlen)`` LongTensor), the ones its profile is measured on."""
+    from rankalloc.profiling.text import calibration_ids as sequences
+
+    return sequences(run.tokenizer, run.text, n_samples=run.samples, seqlen=run.seqlen, seed=run.seed)
+
+
 def evaluation_ids(run: Run):
     """The evaluation windows of ``run`` (``(W, eval_seqlen)`` LongTensor)."""
     from rankalloc.profiling.text import evaluation_ids as windows

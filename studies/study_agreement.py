@@ -188,8 +188,7 @@ def main(argv=None) -> int:
 
     import rankalloc  # noqa: F401
     from rankalloc.profiling.predict import curve_kind_agreement
-    from rankalloc.profiling.text import calibration_ids
-    from rankalloc.profiling.run import prepare, profile
+    from rankalloc.profiling.run import calibration_ids, prepare, profile
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -197,7 +196,7 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
     prof = profile(run, kinds=KINDS, out=args.profile, store=args.store)
-    ids = calibration_ids(run.tokenizer, run.text, n_samples=args.samples, seqlen=args.seqlen, seed=run.seed)
+    ids = calibration_ids(run)
     allocs = allocations_for(prof, ratios)
     table = curve_kind_agreement(prof, run.model, ids, KINDS, allocs, n_probe_samples=args.probe_samples)
     per = table.attrs["allocations"]

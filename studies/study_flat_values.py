@@ -80,8 +80,7 @@ def main(argv=None) -> int:
 
     from rankalloc.profiling.flat import head_bases
     from rankalloc.profiling.probe import calibration_loss
-    from rankalloc.profiling.run import prepare, profile
-    from rankalloc.profiling.text import calibration_ids
+    from rankalloc.profiling.run import calibration_ids, prepare, profile
 
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
@@ -89,8 +88,7 @@ def main(argv=None) -> int:
     d = int(prof.meta["config"]["head_dim"])
     if not 0 <= args.head_rank < d:
         raise SystemExit(f"--head-rank: expected 0 <= r < head_dim = {d}, received {args.head_rank}")
-    ids = calibration_ids(run.tokenizer, run.text, n_samples=args.samples, seqlen=args.seqlen,
-                          seed=run.seed)[:args.probe_samples]
+    ids = calibration_ids(run)[:args.probe_samples]
     model = run.model.eval()
     values = [c for c in prof.components if c.kind == "v"]
     stats = value_statistics(model, ids, [c.name for c in values])
