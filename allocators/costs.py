@@ -39,24 +39,52 @@ class CostModel(Protocol):
     def dense(self, component) -> float: ...
 
 
-def _lowrank_sparse(component, ranks, sparsity, per_value: float, per_sparse_value: float):
+SPARSE_FORMAT = "CSR"
+"""How a sparse part is stored and priced (the one place): CSR, i.e. the kept values, one column index per value
+(int16 when the matrix has at most 2**15 columns, else int32) and ``m + 1`` int32 row pointers (none when nothing
+is kept). Below a kept fraction of about 1/16 this is smaller than a bitmask (``m n`` bits plus the values)."""
+
+INDEX_BITS_PER_PARAM = 16
+"""Index storage is counted in parameters of 16 bits (bf16/fp16, as 7B-70B checkpoints are stored): an int16
+column index costs 1 parameter, an int32 row pointer 2."""
+
+
+def sparse_counts(component, sparsity) -> np.ndarray:
+    """``ceil(k m n)``, the kept entries of a sparse part with kept fraction ``k`` (vectorised, float64)."""
+    return np.ceil(np.asarray(sparsity, dtype=np.float64) * component.m * component.n)
+
+
+def column_index_bits(n: int) -> int:
+    """Bits of one CSR column index of a matrix with ``n`` columns (see :data:`SPARSE_FORMAT`)."""
+    return 16 if n <= 2**15 else 32
+
+
+def sparse_index_bits(component, nnz) -> np.ndarray:
+    """Index bits of a CSR sparse part with ``nnz`` kept entries (vectorised): column indices plus row pointers."""
+    nnz = np.asarray(nnz, dtype=np.float64)
+    return np.where(nnz > 0, nnz * column_index_bits(component.n) + (component.m + 1) * 32.0, 0.0)
+
+
+def _lowrank_sparse(component, ranks, sparsity, per_value: float, per_sparse_value: float, per_index_bit: float = 0.0):
     r = np.asarray(ranks, dtype=np.float64)
-    k = np.asarray(sparsity, dtype=np.float64)
     m, n = component.m, component.n
-    low = r * (m + n) * per_value + np.ceil(k * m * n) * per_sparse_value
+    nnz = sparse_counts(component, sparsity)
+    low = r * (m + n) * per_value + nnz * per_sparse_value + sparse_index_bits(component, nnz) * per_index_bit
     return np.where(r == DENSE, m * n * per_value, low)
 
 
 @register_cost_model("params")
 @dataclass(frozen=True)
 class Params:
-    """Parameters stored: ``r(m+n)`` for rank r, ``m*n`` dense, ``ceil(k*m*n) + r(m+n)`` sparse + low-rank."""
+    """Parameters stored: ``r(m+n)`` for rank r, ``m*n`` dense; a sparse + low-rank candidate adds its
+    ``ceil(k*m*n)`` values and their CSR indices in 16-bit parameters (:data:`SPARSE_FORMAT`): one per int16 column
+    index and two per int32 row pointer, so about ``2 ceil(k*m*n) + 2(m+1)``."""
 
     name: str = "params"
     unit: str = "parameters"
 
     def cost(self, component, ranks, sparsity):
-        return _lowrank_sparse(component, ranks, sparsity, 1.0, 1.0)
+        return _lowrank_sparse(component, ranks, sparsity, 1.0, 1.0, 1.0 / INDEX_BITS_PER_PARAM)
 
     def dense(self, component) -> float:
         return float(component.m * component.n)
@@ -110,10 +138,9 @@ class KVCache:
 @register_cost_model("bytes")
 @dataclass(frozen=True)
 class Bytes:
-    """Storage bytes at a dtype. Sparse entries add a 4-byte int32 column index each (CSR values + indices)."""
+    """Storage bytes at a dtype. A sparse part adds its values and its CSR indices (:data:`SPARSE_FORMAT`)."""
 
     dtype: str = "bfloat16"
-    index_bytes: int = 4
     name: str = "bytes"
     unit: str = "bytes"
 
@@ -123,7 +150,7 @@ class Bytes:
 
     def cost(self, component, ranks, sparsity):
         b = DTYPE_BYTES[self.dtype]
-        return _lowrank_sparse(component, ranks, sparsity, b, b + self.index_bytes)
+        return _lowrank_sparse(component, ranks, sparsity, b, b, 1.0 / 8)
 
     def dense(self, component) -> float:
         return float(component.m * component.n * DTYPE_BYTES[self.dtype])

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from rankalloc.allocators.costs import FlatParams, Params
 from rankalloc.allocators.problem import Choice, Component
 from rankalloc.decomposers.host import check_single_input
-from rankalloc.decomposers.modules import LowRankLinear, is_conv1d, weight_matrix, weight_params
+from rankalloc.decomposers.modules import LowRankLinear, is_conv1d, stored_params, weight_matrix, weight_params
 from rankalloc.decomposers.registry import Handler, method_of_config
 from rankalloc.decomposers.report import ComponentReport, CompressionReport, config_dict, profile_id
 from rankalloc.profiling.numerics import PRECISION, check_finite
@@ -252,7 +252,7 @@ def apply_targets(model: nn.Module, targets: Iterable[Target], make: Callable, p
         replace_module(model, t.name, new)
         info = dict(info)
         pred = info.pop("predicted_error", None)
-        reports.append(ComponentReport(t.name, t.choice, t.name, before, weight_params(new),
+        reports.append(ComponentReport(t.name, t.choice, t.name, before, stored_params(new),
                                        time.perf_counter() - t0, 0, pred, info))
     return reports
 

@@ -77,6 +77,13 @@ def weight_params(module: nn.Module) -> int:
     return int(sum(p.numel() for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] != "bias"))
 
 
+def stored_params(module: nn.Module) -> int:
+    """What the ``Params`` cost model charges for ``module``: its weight entries plus, for a module with a sparse
+    part, the index storage in 16-bit parameters (``index_params()``, see ``allocators.costs.SPARSE_FORMAT``)."""
+    index = getattr(module, "index_params", None)
+    return weight_params(module) + (int(index()) if callable(index) else 0)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored transposed (``in x out``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")

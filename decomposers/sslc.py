@@ -41,9 +41,21 @@ k      paper (``diag``) ``whiten``
 At ``k = 0.01`` the whole sparse budget is the fixed top 1% of ``W``, which the low-rank part
 mostly covers already.
 
-Stored size: ``r (m + n)`` factor entries plus ``ceil(k m n)`` sparse values: exactly the
-``Params`` cost of the choice ``(r, k)``. The sparse column indices are buffers (not parameters),
-priced separately by the ``Bytes`` cost model.
+``scaling="fisher"`` (the default; not in the paper) runs both steps in the two-sided K-FAC metric that the
+``fisher`` curves price, ``||S_g^T (W - L - S) S_x||_F^2 = tr(G_g E G_x E^T)`` with ``S_g S_g^T = G_g + delta_g I``
+the output-gradient Gram (K-FAC, Martens & Grosse, 2015, Sec. 3; see ``profiling.fisher``): (a) ``L`` is the exact
+rank-r minimiser for the current ``S`` (Eckart-Young in the two-sided whitened basis, an exact SVD, no BRP), and
+(b) the salience is ``delta_ij = R_ij^2 (G_g)_ii (G_x)_jj``, the diagonal of that metric. The alternation starts
+from ``S = 0`` as GoDec does (its first ``L`` is the two-sided Fisher SVD). One more candidate is the exact ``L``
+for ``S`` = the most salient entries of ``W``. The ``fisher`` kind of the SSLC table (``profiling.sslc_table``)
+prices the better of the alternation's first sparse step and that candidate, with the same selection rule
+(``sslc_table.support``) and the default ``keep_top``. The iterate of least error after either step is
+returned, so its error is at most the table's at ``(r, k)`` and the rank-only curve's at ``r``. ``k = 0`` is exactly the two-sided Fisher SVD. It needs the output-gradient Grams
+(a ``--store full`` profile).
+
+Stored size: ``r (m + n)`` factor entries, ``ceil(k m n)`` sparse values and their CSR indices
+(``allocators.costs.SPARSE_FORMAT``: an int16 column index per value, ``m + 1`` int32 row pointers): exactly the
+``Params`` cost of the choice ``(r, k)``, which counts an index in 16-bit parameters.
 """
 
 from __future__ import annotations
@@ -57,28 +69,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankalloc.decomposers.base import activation_error, check_matrix, linear_handler
-from rankalloc.decomposers.modules import LowRankLinear
+from rankalloc.allocators.costs import INDEX_BITS_PER_PARAM, column_index_bits
+from rankalloc.decomposers.base import (activation_error, allocation_items, apply_targets, check_matrix,
+                                        check_profile_component, input_gram, linear_target)
+from rankalloc.decomposers.modules import LowRankLinear, weight_matrix
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, svd)
+from rankalloc.profiling.sslc_table import support
 
 
-SCALINGS = ("diag", "whiten")
-"""Metric of the low-rank step: the paper's ``D = diag(d)``, or the full ``chol(G)`` (SVD-LLM whitening)."""
+SCALINGS = ("diag", "whiten", "fisher")
+"""Metric of the alternation: the paper's ``D = diag(d)``, the full ``chol(G)`` (SVD-LLM whitening) for the
+low-rank step, or the two-sided K-FAC metric for both steps (needs the output-gradient Grams)."""
 
 
 @dataclass(frozen=True)
 class SSLCConfig:
-    """SSLC settings: alternations, fixed top fraction, BRP power iterations, seed, relative damping,
-    and the low-rank step's metric (``scaling``, see :data:`SCALINGS`)."""
+    """SSLC settings: alternations, fixed top fraction, BRP power iterations (``diag``/``whiten``), seed, relative
+    damping of the input Gram (``damp``) and of the output-gradient Gram (``output_damp``, ``fisher`` only), and the
+    metric (``scaling``, see :data:`SCALINGS`)."""
 
     iterations: int = 10
     keep_top: float = 0.01
     power_iters: int = 2
     seed: int = 0
     damp: float = 1e-6
-    scaling: str = "whiten"
+    scaling: str = "fisher"
+    output_damp: float = 1e-6
 
     def __post_init__(self):
         if not isinstance(self.iterations, int) or self.iterations < 1:
@@ -89,8 +107,9 @@ class SSLCConfig:
             raise ValueError(f"SSLCConfig: expected power_iters >= 0, received {self.power_iters!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"SSLCConfig: expected an integer seed, received {self.seed!r}")
-        if not self.damp > 0:
-            raise ValueError(f"SSLCConfig: expected damp > 0, received {self.damp!r}")
+        for f in ("damp", "output_damp"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"SSLCConfig: expected {f} > 0, received {getattr(self, f)!r}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"SSLCConfig: expected scaling in {SCALINGS}, received {self.scaling!r}")
 
@@ -174,15 +193,22 @@ def _top(salience: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def sslc(W: torch.Tensor, G: torch.Tensor, rank: int, sparsity: float, config: SSLCConfig = SSLCConfig(),
-         name: str = "matrix") -> SSLCResult:
-    """Sparse plus low-rank ``W ~ U V + S`` minimising ``||(W - U V - S) X||`` (see module docstring).
+         name: str = "matrix", Gg: torch.Tensor | None = None) -> SSLCResult:
+    """Sparse plus low-rank ``W ~ U V + S`` minimising ``||(W - U V - S) X||`` (see module docstring), or, with
+    ``config.scaling == "fisher"``, ``tr(G_g E G_x E^T)`` (:func:`sslc_fisher`; ``Gg`` is then required).
 
     ``W``: ``m x n`` weight; ``G``: ``n x n`` input Gram ``X X^T``; ``rank`` r in ``[0, min(m, n)]``;
-    ``sparsity`` k in ``[0, 1)`` (kept fraction). Deterministic for a given ``config.seed``.
+    ``sparsity`` k in ``[0, 1)`` (kept fraction); ``Gg``: the ``m x m`` output-gradient Gram. Deterministic for a
+    given ``config.seed``.
     """
     m, n = check_matrix(W, G, rank, name)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{name}: expected a kept sparse fraction k in [0, 1), received {sparsity!r}")
+    if config.scaling == "fisher":
+        if Gg is None:
+            raise ValueError(f"{name}: SSLC with scaling='fisher' needs the output-gradient Gram (a profile with "
+                             f"kind fisher and --store full), or SSLCConfig(scaling='whiten') for the input metric")
+        return sslc_fisher(W, G, Gg, rank, sparsity, config, name)
     W = check_finite(W.detach().to(PRECISION), f"weight of {name}")
     G = G.to(device=W.device, dtype=PRECISION)
     d, dead = input_norms(G, config.damp, name)
@@ -221,16 +247,88 @@ def sslc(W: torch.Tensor, G: torch.Tensor, rank: int, sparsity: float, config: S
     return SSLCResult(U, V, index, values, (m, n), err, tuple(history), fixed_count, dead)
 
 
+def sslc_fisher(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, sparsity: float,
+                config: SSLCConfig = SSLCConfig(), name: str = "matrix") -> SSLCResult:
+    """SSLC in the two-sided K-FAC metric ``||S_g^T (W - L - S) S_x||_F^2`` (module docstring, ``scaling="fisher"``).
+
+    The alternation of ``config.iterations`` steps from ``S = 0`` (GoDec's start), plus the ``L``-step from the
+    top-salience entries of ``W``; the iterate of least error after either half-step is returned. ``error`` is in the damped two-sided
+    metric (multiply by ``1 / (2 N_x N_loss)`` for nats, as ``profiling.fisher`` does).
+    """
+    m, n = check_matrix(W, Gx, rank, name)
+    if tuple(Gg.shape) != (m, m):
+        raise ValueError(f"{name} ({m}x{n}): expected an output-gradient Gram of shape ({m}, {m}), "
+                         f"received {tuple(Gg.shape)}")
+    W = check_finite(W.detach().to(PRECISION), f"weight of {name}")
+    Gx = Gx.to(device=W.device, dtype=PRECISION)
+    Gg = check_finite(Gg.to(device=W.device, dtype=PRECISION), f"output-gradient Gram of {name}")
+    Sx, dx = damped_cholesky(Gx, f"input Gram of {name}", Damping(config.damp))
+    Sg, dg = damped_cholesky(Gg, f"output-gradient Gram of {name}", Damping(config.output_damp))
+    weight = (torch.diagonal(Gg).clamp_min(0) + dg)[:, None] * (torch.diagonal(Gx).clamp_min(0) + dx)[None, :]
+    dead = int(len(dead_channels(Gx)))
+    nnz = sparse_count(m, n, sparsity)
+    fixed_count = min(sparse_count(m, n, config.keep_top), nnz)
+    salience_w = (W ** 2 * weight).reshape(-1)
+    fixed = support(salience_w, fixed_count)
+
+    def error(E):  # ||S_g^T E S_x||_F^2
+        return float(((Sg.T @ E @ Sx) ** 2).sum())
+
+    def lowrank(A):  # exact rank-r minimiser of ||S_g^T (A - L) S_x||: L = S_g^{-T} [S_g^T A S_x]_r S_x^{-1}
+        Uw, sigma, Vh = svd(Sg.T @ A @ Sx, f"K-FAC whitened weight of {name}")
+        U = torch.linalg.solve_triangular(Sg.T, Uw[:, :rank] * sigma[:rank], upper=True)
+        V = torch.linalg.solve_triangular(Sx.T, Vh[:rank].T, upper=True).T
+        return U, V
+
+    def sparse_step(R):  # S = R on the nnz most salient entries (the fixed set always in)
+        index = support((R ** 2 * weight).reshape(-1), nnz, fixed)
+        return index, R.flatten()[index]
+
+    def dense_s(index, values):
+        return torch.zeros(m * n, dtype=PRECISION, device=W.device).index_put_((index,), values).view(m, n)
+
+    empty = (torch.zeros(0, dtype=torch.int64, device=W.device), torch.zeros(0, dtype=PRECISION, device=W.device))
+    top = support(salience_w, nnz)
+    # GoDec's start S = 0 (its first L is the two-sided Fisher SVD), alternated; then one L-step from the sparse-first
+    # start, the fit the loss-unit SSLC table prices
+    starts = [(empty, config.iterations if nnz else 1)] + ([((top, W.flatten()[top]), 1)] if nnz else [])
+    best, history = None, []
+    for (index, values), steps in starts:
+        S = dense_s(index, values)
+        for _ in range(steps):
+            U, V = lowrank(W - S)
+            R = W - U @ V
+            candidates = [(error(R - S), index, values)]
+            if nnz and steps > 1:
+                index, values = sparse_step(R)
+                S = dense_s(index, values)
+                candidates.append((error(R - S), index, values))
+            for err, idx, val in candidates:
+                history.append(err)
+                if best is None or err < best[0]:
+                    best = (err, U, V, idx, val)
+    err, U, V, index, values = best
+    if len(index) < nnz:  # an iterate of the S = 0 start: store the budget's count, the extra entries at 0
+        free = torch.ones(m * n, dtype=torch.bool, device=W.device)
+        free[index] = False
+        extra = torch.nonzero(free).flatten()[:nnz - len(index)]
+        index, order = torch.sort(torch.cat([index, extra]))
+        values = torch.cat([values, torch.zeros(len(extra), dtype=PRECISION, device=W.device)])[order]
+    return SSLCResult(U, V, index, values, (m, n), err, tuple(history), fixed_count, dead)
+
+
 class SparseLowRankLinear(LowRankLinear):
     """``y = x (A B + S)^T + b``: the two Linear factors of :class:`LowRankLinear` (``first`` holds ``B``,
-    ``second`` holds ``A`` and the bias) plus a sparse ``S``.
+    ``second`` holds ``A`` and the bias) plus a sparse ``S`` stored in CSR (``allocators.costs.SPARSE_FORMAT``).
 
-    ``S`` is stored as ``sparse_values`` (a parameter, ``nnz`` entries) and ``sparse_index`` (a persistent
-    buffer of ascending flat indices ``i * in_features + j``; int32 when they fit), so it saves and loads
-    with safetensors. Without autograd (inference, ``torch.no_grad``) in float32/float64, the forward
-    multiplies by a CSR copy of ``S`` built once and rebuilt only when the values or indices change;
-    otherwise (training, half precision) it scatters ``S`` into a dense scratch matrix, which is
-    differentiable and works on every dtype. Weight entries stored: ``r (m + n) + nnz``.
+    ``S`` is ``sparse_values`` (a parameter, ``nnz`` entries in row-major order), ``sparse_col`` (a persistent
+    buffer, one column index per value: int16 when ``in_features <= 2**15``, else int32) and ``sparse_crow``
+    (``out_features + 1`` int32 row pointers; empty when ``nnz = 0``), so it saves and loads with safetensors
+    and :meth:`index_params` is exactly what the ``Params`` cost model charges for the indices. Without autograd
+    (inference, ``torch.no_grad``) in float32/float64, the forward multiplies by a CSR tensor built once and
+    rebuilt only when the values or indices change; otherwise (training, half precision) it scatters ``S`` into
+    a dense scratch matrix, which is differentiable and works on every dtype. Stored: ``r (m + n) + nnz`` weight
+    entries plus :meth:`index_params`.
     """
 
     spec_type = "sslc"
@@ -239,37 +337,53 @@ class SparseLowRankLinear(LowRankLinear):
                  device=None):
         super().__init__(in_features, out_features, rank, bias, dtype=dtype, device=device)
         self.nnz = int(nnz)
-        idx_dtype = torch.int32 if in_features * out_features < 2**31 else torch.int64
+        col_dtype = torch.int16 if column_index_bits(in_features) == 16 else torch.int32
         self.sparse_values = nn.Parameter(torch.zeros(self.nnz, dtype=dtype, device=device))
-        self.register_buffer("sparse_index", torch.zeros(self.nnz, dtype=idx_dtype, device=device))
+        self.register_buffer("sparse_col", torch.zeros(self.nnz, dtype=col_dtype, device=device))
+        self.register_buffer("sparse_crow", torch.zeros(out_features + 1 if self.nnz else 0, dtype=torch.int32,
+                                                        device=device))
+
+    def index_params(self) -> int:
+        """Index storage in 16-bit parameters (column indices and row pointers), as ``Params`` prices it."""
+        bits = self.sparse_col.numel() * self.sparse_col.element_size() * 8 + self.sparse_crow.numel() * 32
+        return bits // INDEX_BITS_PER_PARAM
+
+    def _rows(self) -> torch.Tensor:
+        """The row of each stored value (from the row pointers)."""
+        if not self.nnz:
+            return torch.zeros(0, dtype=torch.int64, device=self.sparse_col.device)
+        crow = self.sparse_crow.long()
+        return torch.repeat_interleave(torch.arange(self.out_features, device=crow.device), crow.diff())
 
     def sparse_weight(self) -> torch.Tensor:
         """``S`` as a dense ``m x n`` matrix."""
-        flat = self.sparse_values.new_zeros(self.out_features * self.in_features)
-        flat = flat.index_put((self.sparse_index.long(),), self.sparse_values)
-        return flat.view(self.out_features, self.in_features)
+        if not self.nnz:
+            return self.sparse_values.new_zeros(self.out_features, self.in_features)
+        return self.sparse_values.new_zeros(self.out_features, self.in_features).index_put(
+            (self._rows(), self.sparse_col.long()), self.sparse_values)
 
     def sparse_csr(self) -> torch.Tensor:
-        """``S`` as a CSR tensor (values detached), cached until ``sparse_values``/``sparse_index`` change."""
-        v, idx = self.sparse_values, self.sparse_index
-        key = (v._version, idx._version, v.data_ptr(), idx.data_ptr(), v.dtype, v.device)
+        """``S`` as a CSR tensor (values detached), cached until ``sparse_values`` or the indices change."""
+        v, col, crow = self.sparse_values, self.sparse_col, self.sparse_crow
+        key = (v._version, col._version, crow._version, v.data_ptr(), col.data_ptr(), crow.data_ptr(), v.dtype,
+               v.device)
         if self.__dict__.get("_csr_key") != key:
-            flat = idx.long()
-            crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=flat.device)
-            crow[1:] = torch.bincount(flat // self.in_features, minlength=self.out_features).cumsum(0)
             try:
                 with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
                     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                    csr = torch.sparse_csr_tensor(crow, flat % self.in_features, v.detach(),
+                    csr = torch.sparse_csr_tensor(crow.long(), col.long(), v.detach(),
                                                   (self.out_features, self.in_features), check_invariants=True)
             except RuntimeError as exc:
-                raise ValueError(f"SparseLowRankLinear ({self.out_features}x{self.in_features}): sparse_index must "
-                                 f"hold ascending, distinct flat indices ({exc})") from None
+                raise ValueError(f"SparseLowRankLinear ({self.out_features}x{self.in_features}): sparse_crow and "
+                                 f"sparse_col must be a valid CSR structure, ascending distinct columns in each "
+                                 f"row ({exc})") from None
             self.__dict__["_csr"], self.__dict__["_csr_key"] = csr, key
         return self.__dict__["_csr"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
+        if not self.nnz:
+            return out
         if (torch.is_grad_enabled() and self.sparse_values.requires_grad) or \
                 x.dtype not in (torch.float32, torch.float64) or x.dtype != self.sparse_values.dtype:
             return out + F.linear(x, self.sparse_weight())
@@ -285,7 +399,10 @@ class SparseLowRankLinear(LowRankLinear):
             mod.first.weight.copy_(result.V.to(device=device, dtype=dtype))
             mod.second.weight.copy_(result.U.to(device=device, dtype=dtype))
             mod.sparse_values.copy_(result.values.to(device=device, dtype=dtype))
-            mod.sparse_index.copy_(result.index.to(device=device, dtype=mod.sparse_index.dtype))
+            if mod.nnz:  # ascending flat indices i * n + j are row-major: columns and row pointers follow
+                index = result.index.to(device=device)
+                mod.sparse_col.copy_((index % n).to(mod.sparse_col.dtype))
+                mod.sparse_crow[1:] = torch.bincount(index // n, minlength=m).cumsum(0).to(torch.int32)
             if bias is not None:
                 mod.second.bias.copy_(bias.detach().to(device=device, dtype=dtype))
         return mod
@@ -304,20 +421,40 @@ class SparseLowRankLinear(LowRankLinear):
 
 
 def sslc_handler(module: nn.Module, choice, W: torch.Tensor, G: torch.Tensor, config: SSLCConfig,
-                 name: str = "matrix") -> tuple[SparseLowRankLinear, dict]:
-    """Per-matrix builder (``base.linear_handler`` contract): the SSLC module replacing ``module`` for
-    ``choice = Choice(rank, sparsity)``, and report info (``predicted_error`` = ``||(W - L - S) X||_F^2``).
+                 name: str = "matrix", Gg: torch.Tensor | None = None) -> tuple[SparseLowRankLinear, dict]:
+    """Per-matrix builder: the SSLC module replacing ``module`` for ``choice = Choice(rank, sparsity)``, and report
+    info (``predicted_error``: the returned iterate's error in the config's metric, see :func:`sslc`).
 
-    ``W`` is the module's ``m x n`` weight, ``G`` its ``n x n`` input Gram. The new module takes the
-    weight's dtype and device and keeps the bias.
+    ``W`` is the module's ``m x n`` weight, ``G`` its ``n x n`` input Gram, ``Gg`` its output-gradient Gram
+    (``scaling="fisher"``). The new module takes the weight's dtype and device and keeps the bias.
     """
     if choice.is_dense:
         raise ValueError(f"{name}: SSLC received the dense choice; dense matrices are left in place by the caller")
-    res = sslc(W, G, int(choice.rank), float(choice.sparsity), config, name)
+    res = sslc(W, G, int(choice.rank), float(choice.sparsity), config, name, Gg)
     new = SparseLowRankLinear.from_result(res, getattr(module, "bias", None), dtype=W.dtype, device=W.device)
     info = {"predicted_error": res.error, "nnz": len(res.values), "fixed": res.fixed, "dead_channels": res.dead,
             "iterations_error": list(res.history)}
     return new, info
+
+
+def compress_sslc(model, allocation, config: SSLCConfig, profile, progress: bool = True):
+    """Model-level handler: every non-dense choice by :func:`sslc_handler`, with the output-gradient Grams under
+    ``scaling="fisher"`` (checked for every component before any module is replaced)."""
+    targets = [linear_target(model, c, ch, True, "sslc") for c, ch in allocation_items(allocation)]
+    for t in targets:
+        if not t.choice.is_dense:
+            check_profile_component(profile, t.component)
+    if config.scaling == "fisher" and any(not t.choice.is_dense for t in targets) and not profile.has_output_grams():
+        raise ValueError(f"method 'sslc' (scaling='fisher') needs the output-gradient Grams, and the profile at "
+                         f"{profile.path} has none; profile with kind fisher and --store full, or use "
+                         f"SSLCConfig(scaling='whiten')")
+
+    def make(t):
+        Gg = profile.output_gram(t.name) if config.scaling == "fisher" else None
+        return sslc_handler(t.module, t.choice, weight_matrix(t.module).detach(), input_gram(profile, t), config,
+                            t.name, Gg)
+
+    return apply_targets(model, targets, make, progress, "sslc")
 
 
 SPARSITIES = (0.0, 0.01, 0.02, 0.04)
@@ -339,8 +476,7 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
                                                 progress=progress))
 
 
-compress_sslc = linear_handler(sslc_handler, sparse=True, name="sslc")
-
 register_method(Method("sslc", SSLCConfig, compress_sslc, sslc_curves,
-                       "SSLC sparse + low-rank: W ~ L + S in the activation metric, (rank, sparsity) per matrix",
-                       modules=(SparseLowRankLinear,), kind="whitened", solver="exact"))
+                       "SSLC sparse + low-rank: W ~ L + S in the two-sided K-FAC metric (needs --store full), "
+                       "(rank, sparsity) per matrix, the sparse part priced with its CSR indices",
+                       modules=(SparseLowRankLinear,), kind="fisher", solver="exact", needs=("fisher",)))

@@ -103,12 +103,14 @@ def two_budgets() -> AllocationProblem:
 
 
 def sparse_plus_low_rank() -> AllocationProblem:
-    # A (8x8) offers rank r plus a kept sparse fraction k: (1, 25%) costs 16 + 16 = 32 for error 2, beating
-    # rank 2 (32 params, error 3). Candidates are ordered by sparsity first, so cost is not monotone in index.
-    # Limit 48: A (1, 0.25) + B rank 1 = 2 + 2.5 = 4.5.
-    return _problem([_curve("A", 8, 8, [0, 1, 2, 0, 1, D], [10, 6, 3, 7, 2, 0], sparsity=[0, 0, 0, .25, .25, 0]),
+    # A (8x64) offers rank r plus a kept sparse fraction k = 1/16 (32 values), priced with its CSR indices: 32 values
+    # + 32 int16 columns + 9 int32 row pointers (18) = 82. (1, 1/16) costs 72 + 82 = 154 for error 2, beating rank 2
+    # (144 params, error 3). Candidates are ordered by sparsity first, so cost is not monotone in index.
+    # Limit 170: A (1, 1/16) + B rank 1 = 2 + 2.5 = 4.5 (next best: A rank 2 + B rank 1 = 5.5).
+    return _problem([_curve("A", 8, 64, [0, 1, 2, 3, 0, 1, D], [10, 6, 3, 2, 7, 2, 0],
+                            sparsity=[0, 0, 0, 0, 1 / 16, 1 / 16, 0]),
                      _curve("B", 8, 8, [0, 1, 2, 3, D], [5, 2.5, 1.25, .6, 0], layer=1)],
-                    (Budget("params", limit=48.0),), grid=1, name="sparse_plus_low_rank")
+                    (Budget("params", limit=170.0),), grid=1, name="sparse_plus_low_rank")
 
 
 def all_dense_at_zero_removed() -> AllocationProblem:
@@ -139,7 +141,7 @@ KNOWN: dict[str, Known] = {
                               "above break-even rank, dense is the cheaper choice"),
     "two_budgets": Known(two_budgets, 5.0, {"q": C(D), "k": C(1), "v": C(1)},
                          "a KV-cache cap changes the params-optimal answer"),
-    "sparse_plus_low_rank": Known(sparse_plus_low_rank, 4.5, {"A": C(1, .25), "B": C(1)},
+    "sparse_plus_low_rank": Known(sparse_plus_low_rank, 4.5, {"A": C(1, 1 / 16), "B": C(1)},
                                   "two-dimensional (rank, sparsity) choices"),
     "all_dense_at_zero_removed": Known(all_dense_at_zero_removed, 0.0, {"A": C(D), "B": C(D)},
                                        "0% removed is all dense, not an error"),

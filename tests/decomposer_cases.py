@@ -39,7 +39,10 @@ def allocation_of(choices: dict[Component, Choice], costs=None):
 
 
 def weight_count(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias"))
+    """Stored weight entries (biases excluded) plus sparse parts' CSR indices in 16-bit parameters, as the
+    ``Params`` cost model counts them."""
+    index = sum(int(m.index_params()) for m in model.modules() if callable(getattr(m, "index_params", None)))
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias")) + index
 
 
 def linear_choices(profile, rank_of) -> dict[Component, Choice]:

@@ -257,3 +257,18 @@ def test_read_curves_missing_file_is_reported(tmp_path):
         read_curves(tmp_path / "nope.csv")
     with pytest.raises(FileNotFoundError, match="rankalloc profile"):
         read_curves(tmp_path)
+
+
+def test_sparse_parts_are_priced_with_their_csr_indices():
+    """Params and Bytes charge a sparse part its values plus CSR indices (costs.SPARSE_FORMAT): an int16 column per
+    value (int32 past 2**15 columns) and m+1 int32 row pointers, none when nothing is kept; FLOPs stay 2 per value."""
+    from rankalloc.allocators.costs import Bytes, Flops
+
+    small, wide = Component("a", 100, 300), Component("b", 10, 40000)
+    r, k = np.array([4, 4, 0]), np.array([0.0, 0.01, 0.01])
+    assert Params().cost(small, r, k).tolist() == [1600, 1600 + 300 + 300 + 2 * 101, 300 + 300 + 2 * 101]
+    nnz = 4000  # ceil(0.01 * 10 * 40000)
+    assert Params().cost(wide, [0], [0.01]).tolist() == [nnz + 2 * nnz + 2 * 11]
+    assert Bytes(dtype="bf16").cost(small, [4], [0.01]).tolist() == [1600 * 2 + 300 * 2 + 300 * 2 + 4 * 101]
+    assert Bytes(dtype="fp32").cost(wide, [0], [0.01]).tolist() == [nnz * 4 + nnz * 4 + 4 * 11]
+    assert Flops().cost(small, [4], [0.01]).tolist() == [2 * 1600 + 2 * 300]

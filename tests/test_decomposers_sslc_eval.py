@@ -14,12 +14,16 @@ from conftest import tiny_model
 from rankalloc.allocators.costs import Params
 from rankalloc.allocators.problem import Choice, Component
 from rankalloc.decomposers.base import activation_error, weight_params
+from rankalloc.decomposers.modules import stored_params
 from rankalloc.decomposers.evaluate import compare_dense, perplexity, throughput
 from rankalloc.decomposers.sslc import SparseLowRankLinear, SSLCConfig, sparse_count, sslc, sslc_handler
 from rankalloc.profiling.numerics import damped_cholesky, svd
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+WHITEN = SSLCConfig(scaling="whiten")  # the input-metric alternation (BRP); "fisher" has its own tests below
+
+
 def structured(m: int, n: int, seed: int, true_rank: int = 4, spikes: float = 0.02, outliers: int = 4):
     """``W`` = rank-``true_rank`` part + ``spikes`` fraction of large scattered weights + small noise, and the
     Gram of inputs whose ``outliers`` channels are 10x louder than the rest (float64)."""
@@ -64,28 +68,34 @@ def test_sslc_reported_error_is_the_true_activation_error():
     """``result.error`` equals ||(W - UV - S) X||^2 recomputed from the returned factors and sparse part,
     and is the minimum of the per-iteration history."""
     W, G = structured(40, 56, 3)
-    res = sslc(W, G, 3, 0.04, SSLCConfig(iterations=4))
+    res = sslc(W, G, 3, 0.04, SSLCConfig(scaling="whiten", iterations=4))
     assert res.error == pytest.approx(activation_error(W - res.L - res.S, G), rel=1e-9)
     assert res.error == min(res.history) and len(res.history) == 4
 
 
 @pytest.mark.parametrize("m,n,rank,k", [(48, 80, 4, 0.03), (30, 17, 0, 0.1), (17, 30, 5, 0.0), (64, 64, 2, 0.003)])
 def test_param_count_matches_the_allocation_cost(m, n, rank, k):
-    """The module stores exactly ``ceil(kmn) + r(m+n)`` weight entries (excluding the bias), which is the
-    ``Params`` cost of ``Choice(r, k)``, and its factor shapes are (r, n) and (m, r)."""
+    """The module stores ``ceil(kmn) + r(m+n)`` weight entries (excluding the bias) plus CSR indices: an int16
+    column per value and m+1 int32 row pointers (none when nothing is kept), 16-bit parameters each. That total is
+    the ``Params`` cost of ``Choice(r, k)``, and the factor shapes are (r, n) and (m, r)."""
     W, G = structured(m, n, 0)
     lin = nn.Linear(n, m, bias=True, dtype=torch.float64)
-    mod, info = sslc_handler(lin, Choice(rank, k), W, G, SSLCConfig(iterations=2))
+    mod, info = sslc_handler(lin, Choice(rank, k), W, G, SSLCConfig(scaling="whiten", iterations=2))
     cost = Params().cost(Component("w", m, n), np.array([rank]), np.array([k]))[0]
-    assert weight_params(mod) == cost == sparse_count(m, n, k) + rank * (m + n) == rank * (m + n) + info["nnz"]
+    nnz = sparse_count(m, n, k)
+    index = nnz + 2 * (m + 1) if nnz else 0
+    assert weight_params(mod) == rank * (m + n) + nnz == rank * (m + n) + info["nnz"]
+    assert stored_params(mod) == cost == weight_params(mod) + index == weight_params(mod) + mod.index_params()
     assert tuple(mod.first.weight.shape) == (rank, n) and tuple(mod.second.weight.shape) == (m, rank)
-    assert mod.sparse_index.unique().numel() == mod.nnz  # no duplicated sparse positions
+    assert mod.sparse_col.dtype == torch.int16 and mod.sparse_crow.dtype == torch.int32
+    flat = mod._rows() * n + mod.sparse_col.long()
+    assert flat.unique().numel() == mod.nnz and torch.equal(flat.sort().values, flat)  # distinct, row-major
 
 
 def test_sslc_is_deterministic():
     """Two runs with the same seed give bit-identical factors and support."""
     W, G = structured(48, 80, 4)
-    a, b = sslc(W, G, 4, 0.05), sslc(W, G, 4, 0.05)
+    a, b = sslc(W, G, 4, 0.05, WHITEN), sslc(W, G, 4, 0.05, WHITEN)
     assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
     assert torch.equal(a.index, b.index) and torch.equal(a.values, b.values)
 
@@ -97,12 +107,12 @@ def test_top_weights_are_kept_in_the_sparse_part():
     W, G = structured(m, n, 5)
     d = torch.sqrt(torch.diagonal(G))
     order = torch.argsort(((W.abs() * d) ** 2).flatten(), descending=True)
-    res = sslc(W, G, 3, 0.05, SSLCConfig(keep_top=0.02))
+    res = sslc(W, G, 3, 0.05, SSLCConfig(scaling="whiten", keep_top=0.02))
     top = order[:sparse_count(m, n, 0.02)]
     assert res.fixed == len(top) and bool(torch.isin(top, res.index).all())
     R = (W - res.L).flatten()
     assert torch.allclose(res.values, R[res.index])
-    small = sslc(W, G, 3, 0.004, SSLCConfig(keep_top=0.02))  # budget 14 < 70 fixed
+    small = sslc(W, G, 3, 0.004, SSLCConfig(scaling="whiten", keep_top=0.02))  # budget 14 < 70 fixed
     assert small.fixed == len(small.index) == sparse_count(m, n, 0.004)
     assert set(small.index.tolist()) == set(order[:small.fixed].tolist())
 
@@ -113,8 +123,8 @@ def test_module_forward_is_x_times_l_plus_s_plus_bias(bias):
     torch.manual_seed(0)
     W, G = structured(24, 40, 6)
     lin = nn.Linear(40, 24, bias=bias)
-    res = sslc(W, G, 3, 0.05)
-    mod, info = sslc_handler(lin, Choice(3, 0.05), W.float(), G, SSLCConfig())
+    res = sslc(W, G, 3, 0.05, WHITEN)
+    mod, info = sslc_handler(lin, Choice(3, 0.05), W.float(), G, SSLCConfig(scaling="whiten"))
     assert info["predicted_error"] == pytest.approx(res.error, rel=1e-4)
     x = torch.randn(5, 7, 40)
     ref = x.double() @ (res.L + res.S).T + (lin.bias.double() if bias else 0.0)
@@ -123,25 +133,25 @@ def test_module_forward_is_x_times_l_plus_s_plus_bias(bias):
 
 
 def test_module_roundtrips_through_safetensors(tmp_path):
-    """The state dict (factors, sparse values and int32 indices) saves and loads with safetensors into an
+    """The state dict (factors, sparse values, int16 columns and int32 row pointers) saves and loads with safetensors into an
     empty module of the same (m, n, r, nnz), giving the same output."""
     from safetensors.torch import load_file, save_file
 
     W, G = structured(24, 40, 7)
-    mod, _ = sslc_handler(nn.Linear(40, 24), Choice(3, 0.05), W.float(), G, SSLCConfig(iterations=2))
+    mod, _ = sslc_handler(nn.Linear(40, 24), Choice(3, 0.05), W.float(), G, SSLCConfig(scaling="whiten", iterations=2))
     save_file(mod.state_dict(), tmp_path / "m.safetensors")
     new = SparseLowRankLinear(40, 24, 3, mod.nnz, bias=True)
     new.load_state_dict(load_file(tmp_path / "m.safetensors"))
     x = torch.randn(3, 40)
-    assert new.sparse_index.dtype == torch.int32 and torch.equal(new(x), mod(x))
+    assert new.sparse_col.dtype == torch.int16 and torch.equal(new(x), mod(x))
 
 
 def test_module_csr_inference_path_matches_the_dense_path():
     """Under no_grad the forward uses a cached CSR copy of S: it equals the differentiable dense path (1e-5), is
     rebuilt after an in-place change of the sparse values, gradients still reach sparse_values with autograd
-    on, and indices that are not ascending are refused with the module's shape named."""
+    on, and column indices that break the CSR structure are refused with the module's shape named."""
     W, G = structured(24, 40, 8)
-    mod, _ = sslc_handler(nn.Linear(40, 24), Choice(3, 0.05), W.float(), G, SSLCConfig(iterations=2))
+    mod, _ = sslc_handler(nn.Linear(40, 24), Choice(3, 0.05), W.float(), G, SSLCConfig(scaling="whiten", iterations=2))
     x = torch.randn(2, 5, 40)
     dense = mod(x)  # autograd on: dense scatter path
     with torch.no_grad():
@@ -154,7 +164,7 @@ def test_module_csr_inference_path_matches_the_dense_path():
     mod(x).sum().backward()
     assert mod.sparse_values.grad is not None and torch.isfinite(mod.sparse_values.grad).all()
     with torch.no_grad():
-        mod.sparse_index.copy_(mod.sparse_index.flip(0))
+        mod.sparse_col.copy_(mod.sparse_col.flip(0))
         with pytest.raises(ValueError, match="24x40"):
             mod(x)
 
@@ -165,7 +175,7 @@ def test_rank_above_the_matrix_rank_is_guarded():
     g = torch.Generator().manual_seed(9)
     W = torch.randn(20, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 30, generator=g, dtype=torch.float64)
     X = torch.randn(30, 90, generator=g, dtype=torch.float64)
-    res = sslc(W, X @ X.T, 5, 0.0)
+    res = sslc(W, X @ X.T, 5, 0.0, WHITEN)
     assert res.U.shape == (20, 5) and torch.isfinite(res.U).all() and torch.isfinite(res.V).all()
     assert torch.allclose(res.L, W, atol=1e-9)
 
@@ -198,7 +208,7 @@ def test_sslc_rejects_bad_input():
     with pytest.raises(ValueError, match="sparse"):
         sslc(W, G, 2, 1.0)
     with pytest.raises(ValueError, match="dense"):
-        sslc_handler(nn.Linear(12, 10), Choice(-1), W, G, SSLCConfig())
+        sslc_handler(nn.Linear(12, 10), Choice(-1), W, G, SSLCConfig(scaling="whiten"))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -279,7 +289,7 @@ def test_compare_dense_table_puts_the_baseline_beside_the_compressed_model():
     lin = comp.model.layers[0].mlp.down_proj
     W = lin.weight.detach()
     G = torch.eye(W.shape[1], dtype=torch.float64) * 10
-    comp.model.layers[0].mlp.down_proj = sslc_handler(lin, Choice(4, 0.05), W, G, SSLCConfig(iterations=2))[0]
+    comp.model.layers[0].mlp.down_proj = sslc_handler(lin, Choice(4, 0.05), W, G, SSLCConfig(scaling="whiten", iterations=2))[0]
     ids = _ids(dense, windows=3)
     df = compare_dense(dense, comp, ids, progress=False)
     assert list(df.index) == ["dense", "compressed"]
@@ -336,3 +346,76 @@ def test_real_smollm2_sslc_against_whitened_svd_at_equal_params():
                   f"({diag / base:.3f}x), SSLC whiten {white / e0:.4g} ({white / base:.3f}x)")
             if k == 0.05:
                 assert white <= base, name
+
+
+# ----------------------------------------------------------------------------------------------- SSLC, two-sided
+def output_gram(m: int, seed: int) -> torch.Tensor:
+    """An output-gradient Gram with a few loud output channels (float64, m x m)."""
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randn(m, 3 * m, generator=g, dtype=torch.float64)
+    Y[torch.randperm(m, generator=g)[:3]] *= 5.0
+    return Y @ Y.T
+
+
+def two_sided_error(E: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, damp: float = 1e-6) -> float:
+    """``tr((G_g + d_g I) E (G_x + d_x I) E^T)``: the damped two-sided K-FAC metric, recomputed directly."""
+    Gx = Gx + damp * torch.diagonal(Gx).mean() * torch.eye(len(Gx), dtype=Gx.dtype)
+    Gg = Gg + damp * torch.diagonal(Gg).mean() * torch.eye(len(Gg), dtype=Gg.dtype)
+    return float(((Gg @ E @ Gx) * E).sum())
+
+
+def test_fisher_sslc_at_k0_is_the_two_sided_fisher_svd():
+    """With no sparse part, scaling='fisher' builds exactly the two-sided Fisher SVD (same L, same error)."""
+    from rankalloc.decomposers.fisher_svd import fisher_svd
+
+    W, Gx = structured(48, 80, 0)
+    Gg = output_gram(48, 1)
+    f = fisher_svd(W, Gx, Gg, 6)
+    res = sslc(W, Gx, 6, 0.0, SSLCConfig(), Gg=Gg)
+    assert res.error == pytest.approx(f.error, rel=1e-9) and len(res.values) == 0
+    torch.testing.assert_close(res.L, f.A @ f.B, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("m,n,seed", [(48, 80, 0), (64, 40, 3)])
+def test_fisher_sslc_error_is_true_and_never_worse_than_its_start_or_rank_only(m, n, seed):
+    """The returned error is the damped two-sided metric of W - L - S recomputed from the result; it is at most the
+    sparse-first fit the loss-unit table prices (sslc_fisher_errors) and the rank-only error at the same rank; the
+    result stores exactly ceil(kmn) entries; the sparse part helps on a low-rank + outlier weight."""
+    from rankalloc.profiling.sslc_table import sslc_fisher_errors
+
+    W, Gx = structured(m, n, seed)
+    Gg = output_gram(m, seed + 1)
+    ranks, ks = [0, 4, 8], [0.0, 0.02, 0.05]
+    table = sslc_fisher_errors(W, Gx, Gg, ranks, ks)
+    helped = 0
+    for i, r in enumerate(ranks):
+        for j, k in enumerate(ks):
+            res = sslc(W, Gx, r, k, SSLCConfig(iterations=4), Gg=Gg)
+            assert res.error == pytest.approx(two_sided_error(W - res.L - res.S, Gx, Gg), rel=1e-8)
+            assert res.error <= table[i, j] * (1 + 1e-9) and res.error <= table[i, 0] * (1 + 1e-9)
+            assert len(res.values) == len(res.index.unique()) == sparse_count(m, n, k)
+            helped += k > 0 and res.error < 0.9 * table[i, 0]
+    assert helped >= 4
+
+
+def test_fisher_sslc_needs_the_output_gram_and_refuses_a_compact_profile(tmp_path):
+    """scaling='fisher' without an output-gradient Gram is a one-line ValueError naming the matrix, and compressing
+    with a compact profile (no stored output Grams) is refused before any module is replaced."""
+    import copy
+
+    from decomposer_cases import allocation_of
+    from rankalloc.decomposers.base import compress_
+    from rankalloc.profiling.profile import profile_model
+
+    W, G = structured(10, 12, 0)
+    with pytest.raises(ValueError, match=r"^layer\.q: SSLC with scaling='fisher' needs the output-gradient Gram"):
+        sslc(W, G, 2, 0.1, SSLCConfig(), "layer.q")
+    model = tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    compact = profile_model(model, ids, out=tmp_path / "p", device="cpu", kinds=("whitened", "fisher"), progress=False)
+    alloc = allocation_of({c: Choice(2, 0.02) for c in compact.components})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="needs the output-gradient Grams.*--store full") as exc:
+        compress_(model, alloc, SSLCConfig(), compact, progress=False)
+    assert "\n" not in str(exc.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

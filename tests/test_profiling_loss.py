@@ -591,7 +591,7 @@ def test_sslc_curve_set_monotone_and_sparsity_helps(profiled):
     """The SSLC table validates as curves (non-increasing in rank and sparsity), its k=0 column equals the
     profile's whitened curve, and keeping 5% sparse entries lowers the error at every rank below full."""
     model, ids, prof = profiled
-    cs = sslc_curve_set(prof, model, ranks=[0, 8, 16, 32, 48], progress=False)
+    cs = sslc_curve_set(prof, model, ranks=[0, 8, 16, 32, 48], progress=False, kinds=("whitened", "energy"))
     base = prof.curve_set(["whitened"])
     for cv in cs.curves("whitened", grid=8):
         c = cv.component
@@ -600,6 +600,44 @@ def test_sslc_curve_set_monotone_and_sparsity_helps(profiled):
             assert math.isclose(e0, base.errors["whitened"][c.name][r], rel_tol=1e-7), (c.name, r)
             assert cv.errors[cv.index_of(Choice(r, 0.05))] < e0
     cs.curves("energy", grid=8)
+
+
+def test_sslc_fisher_table_prices_what_the_decomposer_builds(profiled):
+    """The loss-unit SSLC table (the default on a profile with output-gradient Grams): its k=0 cells are the
+    profile's ``fisher`` curve, it validates as curves, every cell it keeps is strictly below the cheaper ones, and
+    the two-sided SSLC decomposer's error at each kept (r, k), in nats, is at most the cell and the rank-only error
+    at r. Sparse cells survive (the sparse part pays somewhere)."""
+    from rankalloc.decomposers.sslc import SSLCConfig, sslc
+    from rankalloc.profiling.fisher import _scale
+    from rankalloc.profiling.probe import component_module, read_weight
+
+    model, ids, prof = profiled
+    ranks, ks = [0, 8, 16, 32], (0.0, 0.01, 0.04)
+    cs = sslc_curve_set(prof, model, ranks=ranks, sparsities=ks, progress=False)
+    assert set(cs.errors) == {"fisher"}
+    fisher = prof.curve_set(["fisher"]).errors["fisher"]
+    scale = _scale(prof.tokens, prof.fisher_loss_tokens)
+    curves = {cv.component.name: cv for cv in cs.curves("fisher", grid=8)}
+    sparse_cells = 0
+    for c in prof.components[:7]:  # one layer: q, k, v, o, gate, up, down
+        cv = curves[c.name]
+        W = read_weight(component_module(model, c.name), c.name)
+        r_, k_, e_ = np.asarray(cv.ranks), np.asarray(cv.sparsity), np.asarray(cv.errors)
+        for j in range(len(cv)):
+            r, k = int(r_[j]), float(k_[j])
+            if r < 0:
+                continue
+            e0 = cv.errors[cv.index_of(Choice(r, 0.0))]
+            if k == 0:
+                assert math.isclose(e0, fisher[c.name][r], rel_tol=1e-7), (c.name, r)
+                continue
+            sparse_cells += 1
+            cheaper = (r_ >= 0) & (r_ <= r) & (k_ <= k) & (np.arange(len(cv)) != j)
+            assert (e_[cheaper] > e_[j]).all(), (c.name, r, k)
+            got = sslc(W, prof.input_gram(c.name), r, k, SSLCConfig(iterations=3), c.name,
+                       prof.output_gram(c.name)).error * scale
+            assert got <= e_[j] * (1 + 1e-6) and got <= e0 * (1 + 1e-6), (c.name, r, k, got, e_[j], e0)
+    assert sparse_cells > 0
 
 
 # ------------------------------------------------------------------------------------------- predict
@@ -650,7 +688,7 @@ def test_extras_round_trip_into_problems(profiled):
     sola = add_sola_curves(prof, model, 0.15, progress=False)
     problem = AllocationProblem.from_profiles(prof.extra("sola"), budget=0.3, kind="energy", grid=4)
     assert problem.dense_costs["params"] + sola.fixed_params == total
-    add_sslc_curves(prof, model, ranks=[0, 16, 32], sparsities=(0.0, 0.02), progress=False)
+    add_sslc_curves(prof, model, ranks=[0, 16, 32], sparsities=(0.0, 0.02), progress=False, kinds=("whitened",))
     sslc = prof.extra("sslc")
     problem = AllocationProblem.from_profiles(sslc, budget=0.3, kind="whitened", grid=16)
     assert problem.dense_costs["params"] == total

@@ -9,7 +9,7 @@ the cache holds the r-dimensional latent ``B x`` instead of the m outputs, so bo
                                     + context * min(r, m) if kind in {k, v} ]   latent cache read
     bandwidth(dense) = bytes(dtype) * [ m n + context * m if kind in {k, v} ]
 
-A sparse + low-rank candidate adds its kept entries with a 4-byte column index each. The context
+A sparse + low-rank candidate adds its kept entries and their CSR indices (costs.SPARSE_FORMAT). The context
 length (tokens already in the cache) is an assumption of the deployment, default 2048.
 
 Use it from the command line (the plugin file registers the model when loaded)::
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rankalloc.allocators.costs import DTYPE_BYTES, KV_KINDS
+from rankalloc.allocators.costs import DTYPE_BYTES, KV_KINDS, sparse_counts, sparse_index_bits
 from rankalloc.allocators.problem import DENSE
 from rankalloc.allocators.registry import register_cost_model
 
@@ -39,7 +39,6 @@ class Bandwidth:
 
     dtype: str = "bfloat16"
     context: int = 2048
-    index_bytes: int = 4
     name: str = "bandwidth"
     unit: str = "bytes read per decoded token"
 
@@ -52,9 +51,9 @@ class Bandwidth:
     def cost(self, component, ranks, sparsity):
         b = DTYPE_BYTES[self.dtype]
         r = np.asarray(ranks, dtype=np.float64)
-        k = np.asarray(sparsity, dtype=np.float64)
         m, n = component.m, component.n
-        weights = np.where(r == DENSE, m * n * b, r * (m + n) * b + np.ceil(k * m * n) * (b + self.index_bytes))
+        nnz = sparse_counts(component, sparsity)  # a sparse part: its values and CSR indices (costs.SPARSE_FORMAT)
+        weights = np.where(r == DENSE, m * n * b, r * (m + n) * b + nnz * b + sparse_index_bits(component, nnz) / 8)
         if component.kind not in KV_KINDS:
             return weights
         cached = np.where(r == DENSE, m, np.minimum(r, m))
