@@ -75,7 +75,7 @@ from rankalloc.decomposers.base import (activation_error, allocation_items, appl
 from rankalloc.decomposers.modules import LowRankLinear, weight_matrix
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
-                                         dead_channels, svd)
+                                         dead_channels, lower_t_times_, svd, times_lower_)
 from rankalloc.profiling.sslc_table import support
 
 
@@ -271,8 +271,8 @@ def sslc_fisher(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, 
     salience_w = (W ** 2 * weight).reshape(-1)
     fixed = support(salience_w, fixed_count)
 
-    def error(E):  # ||S_g^T E S_x||_F^2
-        return float(((Sg.T @ E @ Sx) ** 2).sum())
+    def error(E):  # ||S_g^T E S_x||_F^2, E consumed (two in-place triangular products)
+        return float(lower_t_times_(Sg, times_lower_(E, Sx)).square().sum())
 
     def lowrank(A):  # exact rank-r minimiser of ||S_g^T (A - L) S_x||: L = S_g^{-T} [S_g^T A S_x]_r S_x^{-1}
         Uw, sigma, Vh = svd(Sg.T @ A @ Sx, f"K-FAC whitened weight of {name}")
@@ -298,7 +298,7 @@ def sslc_fisher(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, 
         for _ in range(steps):
             U, V = lowrank(W - S)
             R = W - U @ V
-            candidates = [(error(R - S), index, values)]
+            candidates = [(error(R - S), index, values)]  # R - S is a new tensor, consumed
             if nnz and steps > 1:
                 index, values = sparse_step(R)
                 S = dense_s(index, values)

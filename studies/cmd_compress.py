@@ -23,6 +23,9 @@ the model folder's safetensors, compressed and written as its own shard (model-0
 with model.safetensors.index.json); compressed.json is written last, so an interrupted run leaves none.
 Under torchrun (torchrun --nproc-per-node N -m rankalloc compress ...) the decoder layers are split
 across the processes and rank 0 writes the model: the same weights as one process.
+--sequential N fits each matrix at the inputs of the already-compressed layers (decomposers.sequential), on the
+first N of the profile's calibration sequences, rebuilt from --text (the profile's text: checked by hash); a
+per-matrix method, the model in memory, one process; fisher_svd needs a --store full profile.
 
 examples:
   rankalloc profile --out runs/smollm2
@@ -30,6 +33,7 @@ examples:
   rankalloc compress --profile runs/smollm2 --allocation alloc.json --method svd --out runs/svd-30
   rankalloc evaluate --compressed runs/svd-30
   rankalloc compress --profile runs/llama-8b --allocation alloc.json --out runs/llama-8b-svd-30 --out-of-core
+  rankalloc compress --profile runs/full --allocation alloc.json --method fisher_svd --sequential 64 --out runs/seq
 
 exit codes: 0 success, 1 error, 2 usage error.
 """
@@ -50,6 +54,12 @@ def add_arguments(parser) -> None:
                         help="write into --out even if it is a non-empty folder that holds no compressed model "
                              "(never a model folder)")
     parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
+    parser.add_argument("--sequential", type=int, default=0, metavar="N",
+                        help="fit every matrix at the inputs of the already-compressed layers, on the first N "
+                             "calibration sequences (per-matrix methods; 0: off, the default)")
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="with --sequential: the profile's calibration text, a file or a corpus name (wiki, "
+                             "news; default: gensim's Wikipedia excerpt)")
     add_out_of_core_option(parser)
     add_plugin_option(parser)
 
@@ -71,6 +81,10 @@ def run(args) -> int:
     prof = Profile.load(args.profile)
     distributed.on_main(lambda: check_output(args.out, overwrite=args.overwrite, protect=_protected(args, prof)),
                         "checking the output folder")  # before any work
+    if args.sequential:
+        _check_sequential(args, prof)
+    elif args.text is not None:
+        raise ValueError("--text is read only with --sequential N (the calibration text of sequential fitting)")
     if not Path(args.allocation).is_file():
         raise FileNotFoundError(f"--allocation {args.allocation} does not exist; create it with `rankalloc allocate "
                                 f"--curves {args.profile} --budget 0.3 --out {args.allocation}`")
@@ -81,12 +95,49 @@ def run(args) -> int:
     allocation = problems.load_allocation(prof, args.allocation, args.method, loaded.model)
     dense_params = model_params(loaded.model)
     linear = runs.linear_params(prof)
-    model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True)
+    sequential, ids = _sequential(args, prof, loaded) if args.sequential else (None, None)
+    model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True,
+                                      sequential=sequential, ids=ids)
     kept = model_params(model)
     if distributed.is_main():
         save_compressed(model, args.out, report, overwrite=args.overwrite, protect=_protected(args, prof))
     _summary(args, report, allocation, dense_params, kept, linear)
     return 0
+
+
+def _check_sequential(args, prof) -> None:
+    """``--sequential``: refused before any work when it cannot run (one line naming the setting)."""
+    from rankalloc.decomposers.sequential import SequentialConfig, check_sequential
+    from rankalloc.profiling import distributed
+
+    if args.sequential < 0:
+        raise ValueError(f"--sequential: expected a number of calibration sequences >= 1, received {args.sequential}")
+    if args.sequential > prof.meta["n_samples"]:
+        raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, the profile at {prof.path} "
+                         f"has {prof.meta['n_samples']}")
+    if args.out_of_core:
+        raise ValueError("--sequential: needs the model in memory (run without --out-of-core)")
+    if distributed.world() > 1:
+        raise ValueError("--sequential: each layer waits for the one before; run it as one process (not torchrun)")
+    SequentialConfig(samples=args.sequential)
+    check_sequential(args.method, prof)
+
+
+def _sequential(args, prof, loaded):
+    """The sequential config and the profile's calibration ids, rebuilt from ``--text`` and checked by hash."""
+    from rankalloc.decomposers.sequential import SequentialConfig
+    from rankalloc.profiling.probe import check_calibration_ids
+    from rankalloc.profiling.text import calibration_ids, load_text
+
+    text = load_text(args.text)
+    ids = calibration_ids(loaded.tokenizer, text, n_samples=int(prof.meta["n_samples"]),
+                          seqlen=int(prof.meta["seqlen"]), seed=int(prof.meta["seed"]))
+    try:
+        check_calibration_ids(prof, ids)
+    except ValueError:
+        raise ValueError(f"--text {args.text or 'wiki'}: not the text the profile at {prof.path} was calibrated on "
+                         f"({prof.meta.get('source_id')}); pass that text") from None
+    return SequentialConfig(samples=args.sequential), ids
 
 
 def _protected(args, prof) -> tuple:

@@ -165,3 +165,29 @@ def test_compare_sequential_changes_the_fit_not_the_allocation(compared, tmp_pat
     assert bad.returncode != 0
     assert "--store full" in bad.stderr and "Traceback" not in bad.stderr
     assert len([line for line in bad.stderr.splitlines() if "error" in line.lower()]) == 1
+
+
+def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tmp_path):
+    """``rankalloc compress --sequential N --text FILE`` rebuilds the profile's calibration sequences, checks them
+    by hash, and writes other weights than the plain build with the same parameter count. Another text is refused
+    in one line naming --text, and so is --text without --sequential."""
+    from safetensors.torch import load_file
+
+    proc, out, model_dir = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = out.parent
+    prof = json.loads((out / "compare.json").read_text())["profile"]
+    alloc = next((out / "allocations").glob("*exact*.json"))
+    common = ["compress", "--profile", prof, "--allocation", str(alloc), "--model", str(model_dir), "--method", "svd"]
+    plain = rankalloc(*common, "--out", str(tmp_path / "plain"))
+    seq = rankalloc(*common, "--sequential", "4", "--text", str(root / "text.txt"), "--out", str(tmp_path / "seq"))
+    assert plain.returncode == 0 and seq.returncode == 0, (plain.stderr[-2000:], seq.stderr[-2000:])
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "seq" / "model.safetensors")
+    assert a.keys() == b.keys() and sum(v.numel() for v in a.values()) == sum(v.numel() for v in b.values())
+    assert any(not (a[k] == b[k]).all() for k in a)
+    other = write_text_file(tmp_path / "other.txt", n_articles=41)
+    bad = rankalloc(*common, "--sequential", "4", "--text", str(other), "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--text" in bad.stderr and "not the text the profile" in bad.stderr
+    lone = rankalloc(*common, "--text", str(other), "--out", str(tmp_path / "lone"))
+    assert lone.returncode != 0 and "--text is read only with --sequential" in lone.stderr
