@@ -47,10 +47,9 @@ the output-gradient Gram (K-FAC, Martens & Grosse, 2015, Sec. 3; see ``profiling
 rank-r minimiser for the current ``S`` (Eckart-Young in the two-sided whitened basis, an exact SVD, no BRP), and
 (b) the salience is ``delta_ij = R_ij^2 (G_g)_ii (G_x)_jj``, the diagonal of that metric. The alternation starts
 from ``S = 0`` as GoDec does (its first ``L`` is the two-sided Fisher SVD). One more candidate is the exact ``L``
-for ``S`` = the most salient entries of ``W``. The ``fisher`` kind of the SSLC table (``profiling.sslc_table``)
-prices the better of the alternation's first sparse step and that candidate, with the same selection rule
-(``sslc_table.support``) and the default ``keep_top``. The iterate of least error after either step is
-returned, so its error is at most the table's at ``(r, k)`` and the rank-only curve's at ``r``. ``k = 0`` is exactly the two-sided Fisher SVD. It needs the output-gradient Grams
+for ``S`` = the most salient entries of ``W``: the fit the ``fisher`` kind of the SSLC table prices
+(``profiling.sslc_table``, same selection rule ``sslc_table.support``). The iterate of least error after either
+step is returned, so its error is at most the table's at ``(r, k)`` and the rank-only curve's at ``r``. ``k = 0`` is exactly the two-sided Fisher SVD. It needs the output-gradient Grams
 (a ``--store full`` profile).
 
 Stored size: ``r (m + n)`` factor entries, ``ceil(k m n)`` sparse values and their CSR indices
