@@ -29,8 +29,8 @@ SSLC's two-sided alternation (``decomposers.sslc``, ``scaling="fisher"``), price
 exact rank-r minimiser of ``||S_g^T (W - S_k - L) S_x||``, so
 ``fisher(r, k) = sum_{i>r} sigma_i(S_g^T (W - S_k) S_x)^2 / (2 N_x N_loss)`` for every r from one SVD per k. At
 ``k = 0`` it is the profile's ``fisher`` curve. The fit is an iterate of the decomposer, which returns its
-least-error iterate, so each cell is an upper bound of what is built (on SmolLM2 the alternation ends 3-30% below
-the cell). Instead of running minima (a minimum taken at another cell is not a fit the decomposer makes at this
+least-error iterate, so each cell is an upper bound of what is built (the alternation usually ends below it).
+Instead of running minima (a minimum taken at another cell is not a fit the decomposer makes at this
 one), a cell that is not strictly below every cheaper cell (``r' <= r``, ``k' <= k``) is dropped: it is dominated,
 and the rest is monotone. Pricing the low-rank-first fit too (GoDec's first sparse step, at every grid rank)
 cost 6.5x the time on SmolLM2 and changed no optimum at 20 / 30 / 40% removed: on real weights that step is worse

@@ -63,6 +63,8 @@ LABELS = {
     ("flat", "fisher", "exact", 16): "FLAT head-wise PCA, exact optimum of `fisher`",
     ("flat", "fisher_svd", "exact", 16): "FLAT head-wise PCA, exact optimum of `fisher_svd`",
     ("sslc", "whitened", "uniform", 16): "SSLC sparse + low-rank, uniform ratio",
+    ("sslc", "fisher", "exact", 16): "SSLC sparse + low-rank in the K-FAC metric (CSR indices priced), exact optimum "
+                                     "of its (rank, sparsity) `fisher` table",
     ("sslc", "energy", "greedy", 16): "SSLC sparse + low-rank, greedy on normalized energy",
 }
 
@@ -196,6 +198,7 @@ def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, sp
     kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
     row = dict(method=method, kind=kind, solver=solver, grid=grid, seq=sequential.samples if sequential else 0,
                ratio=ratio, status=str(allocation.status),
+               sparse_matrices=sum(ch.sparsity > 0 for ch in allocation.choices.values()),
                objective=allocation.objective, lower_bound=allocation.lower_bound,
                removed_linear=1 - kept_linear / total_linear, removed_model=1 - model_params(model) / total_model,
                ppl=res.ppl, dense_ppl=dense.ppl, increase_nats=math.log(res.ppl / dense.ppl),
