@@ -12,7 +12,9 @@ A :class:`Method` holds everything the rest of the library needs to know about a
 - ``modules``: the module classes it puts into a model (``spec_type``, ``spec()``, ``from_spec()``), so that
   ``load_compressed`` can rebuild them;
 - ``kind``, ``solver``: the curve kind and solver recommended with it; ``needs``: profile kinds its
-  decomposer reads besides the input Grams (``fisher_svd`` reads the Fisher output-gradient Grams).
+  decomposer reads besides the input Grams (``fisher_svd`` reads the Fisher output-gradient Grams);
+  ``matrixwise``: whether its decomposer fits each profiled matrix on its own from that matrix's Grams, so that
+  sequential calibration can hand it re-measured ones (default: the methods whose curves are the profile's own).
 
 ``register_method(Method(...))`` in the method's module makes it appear in ``compress_``, ``problem_for``,
 ``rankalloc compare``/``compress``/``pareto`` and their ``--method`` choices; nothing else is edited. The
@@ -67,6 +69,7 @@ class Method:
     kind: str = "fisher_svd"
     solver: str = "exact"
     needs: tuple[str, ...] = ()
+    matrixwise: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -85,6 +88,12 @@ class Method:
         """Whether the method allocates over the profile's own matrices (one component per matrix), so that any
         long curves CSV of matrices serves it (:func:`profile_curves`)."""
         return bool(getattr(self.curves, "per_matrix", False))
+
+    @property
+    def fits_each_matrix(self) -> bool:
+        """Whether the decomposer fits each profiled matrix from its own Grams (``matrixwise``; by default the
+        per-matrix methods), which is what sequential calibration needs."""
+        return self.per_matrix if self.matrixwise is None else bool(self.matrixwise)
 
 
 METHODS: dict[str, Method] = {}

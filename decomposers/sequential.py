@@ -70,9 +70,9 @@ def check_sequential(method: str, profile, run=None) -> None:
     from rankalloc.decomposers.registry import get_method
 
     m = get_method(method)
-    if not m.per_matrix:
+    if not m.fits_each_matrix:
         raise ValueError(f"sequential calibration: method {method!r} does not factor one matrix at a time; "
-                         f"expected a per-matrix method such as svd, fisher_svd or pgsvd")
+                         f"expected a per-matrix method such as svd, fisher_svd, pgsvd or sslc")
     if "fisher" in m.needs and not profile.has_output_grams():
         raise ValueError(f"sequential calibration with method {method!r} needs the output-gradient Grams, and the "
                          f"profile at {profile.path} keeps only the dense-point Fisher basis; profile with --store full")
@@ -117,7 +117,7 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
 
     ``ids``: the calibration token ids (``sequences x seqlen``), the ones ``profile`` was measured on; the
     first ``seq.samples`` are used. The method must be per-matrix (svd, fisher_svd, pgsvd); its own settings
-    are ``config``. Returns the :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized
+    are ``config`` (sslc fits its (rank, sparsity) choices the same way). Returns the :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized
     parameter count checked against the allocation as ``compress_`` does.
     """
     from rankalloc.decomposers.base import allocation_items

@@ -478,4 +478,5 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 register_method(Method("sslc", SSLCConfig, compress_sslc, sslc_curves,
                        "SSLC sparse + low-rank: W ~ L + S in the two-sided K-FAC metric (needs --store full), "
                        "(rank, sparsity) per matrix, the sparse part priced with its CSR indices",
-                       modules=(SparseLowRankLinear,), kind="fisher", solver="exact", needs=("fisher",)))
+                       modules=(SparseLowRankLinear,), kind="fisher", solver="exact", needs=("fisher",),
+                       matrixwise=True))

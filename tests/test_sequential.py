@@ -13,6 +13,7 @@ from rankalloc.allocators.problem import Choice
 from rankalloc.decomposers import FisherSVDConfig, SoLAConfig, SVDConfig, compress_
 from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.sequential import SequentialConfig, _corrected, compress_sequential_
+from rankalloc.decomposers.sslc import SSLCConfig
 from rankalloc.profiling.numerics import Damping, damped_cholesky
 
 
@@ -48,12 +49,17 @@ def test_correction_is_the_least_squares_fit_to_the_dense_outputs():
     assert torch.allclose(ours, best, atol=1e-8)
 
 
-@pytest.mark.parametrize("config", [SVDConfig(), FisherSVDConfig()], ids=["svd", "fisher_svd"])
-def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup, config):
+def sparse_varied(c):
+    return Choice(max(1, c.max_rank // 4), 0.02) if c.kind in ("gate", "down") else varied(c)
+
+
+@pytest.mark.parametrize("config,choose", [(SVDConfig(), varied), (FisherSVDConfig(), varied),
+                                           (SSLCConfig(iterations=2), sparse_varied)], ids=["svd", "fisher_svd", "sslc"])
+def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup, config, choose):
     """Same modules and ranks as the plain method, the allocation's exact parameter count, and a final hidden state
     closer to the dense model's on the calibration text than the plain decomposer gets."""
     model, ids, prof = setup
-    alloc = allocation_of(linear_choices(prof, varied))
+    alloc = allocation_of(linear_choices(prof, choose))
     plain, seq = copy.deepcopy(model), copy.deepcopy(model)
     r_plain = compress_(plain, alloc, config, prof, progress=False)
     r_seq = compress_sequential_(seq, alloc, config, prof, ids, progress=False)
