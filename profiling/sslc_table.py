@@ -33,7 +33,7 @@ least-error iterate, so each cell is an upper bound of what is built (the altern
 Instead of running minima (a minimum taken at another cell is not a fit the decomposer makes at this
 one), a cell that is not strictly below every cheaper cell (``r' <= r``, ``k' <= k``) is dropped: it is dominated,
 and the rest is monotone. Pricing the low-rank-first fit too (GoDec's first sparse step, at every grid rank)
-cost 6.5x the time on SmolLM2 and changed no optimum at 20 / 30 / 40% removed: on real weights that step is worse
+cost about 6x the time on SmolLM2 and changed no optimum at 20 / 30 / 40% removed: on real weights that step is worse
 than no sparse part, as the diagonal salience ignores the correlations of both Grams.
 
 Monotonicity: any ``(r', k')`` fit with ``r' <= r`` and ``k' <= k`` is also a valid ``(r, k)`` fit, so
