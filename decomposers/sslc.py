@@ -465,6 +465,11 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
     are multiples of ``grid`` (and stored in the profile)."""
     from rankalloc.profiling.sslc_table import add_sslc_curves
 
+    if not profile.has_output_grams():
+        raise ValueError(f"method 'sslc' prices and fits in the two-sided K-FAC metric, which needs the "
+                         f"output-gradient Grams, and the profile at {profile.path} has none; profile with kind fisher "
+                         f"and --store full (for the input metric: sslc_table.add_sslc_curves(kinds=('whitened',)) "
+                         f"and SSLCConfig(scaling='whiten'))")
     if profile.has_extra("sslc"):
         return MethodCurves("sslc", profile.extra("sslc"))
     if model is None:

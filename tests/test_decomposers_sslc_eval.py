@@ -399,8 +399,9 @@ def test_fisher_sslc_error_is_true_and_never_worse_than_its_start_or_rank_only(m
 
 
 def test_fisher_sslc_needs_the_output_gram_and_refuses_a_compact_profile(tmp_path):
-    """scaling='fisher' without an output-gradient Gram is a one-line ValueError naming the matrix, and compressing
-    with a compact profile (no stored output Grams) is refused before any module is replaced."""
+    """scaling='fisher' without an output-gradient Gram is a one-line ValueError naming the matrix; compressing with
+    a compact profile (no stored output Grams) is refused before any module is replaced, and so is building the
+    method's table on it."""
     import copy
 
     from decomposer_cases import allocation_of
@@ -419,3 +420,8 @@ def test_fisher_sslc_needs_the_output_gram_and_refuses_a_compact_profile(tmp_pat
         compress_(model, alloc, SSLCConfig(), compact, progress=False)
     assert "\n" not in str(exc.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    from rankalloc.decomposers.problems import method_curves
+
+    with pytest.raises(ValueError, match="method 'sslc'.*--store full"):  # before any table is built
+        method_curves(compact, "sslc", model, progress=False)
+    assert not compact.has_extra("sslc")
