@@ -49,7 +49,8 @@ rank-r minimiser for the current ``S`` (Eckart-Young in the two-sided whitened b
 from ``S = 0`` as GoDec does (its first ``L`` is the two-sided Fisher SVD). One more candidate is the exact ``L``
 for ``S`` = the most salient entries of ``W``: the fit the ``fisher`` kind of the SSLC table prices
 (``profiling.sslc_table``, same selection rule ``sslc_table.support``). The iterate of least error after either
-step is returned, so its error is at most the table's at ``(r, k)`` and the rank-only curve's at ``r``. ``k = 0`` is exactly the two-sided Fisher SVD. It needs the output-gradient Grams
+step is returned, so its error is at most the table's at ``(r, k)`` and the rank-only curve's at ``r``.
+``k = 0`` is exactly the two-sided Fisher SVD. It needs the output-gradient Grams
 (a ``--store full`` profile).
 
 Stored size: ``r (m + n)`` factor entries, ``ceil(k m n)`` sparse values and their CSR indices
@@ -251,8 +252,8 @@ def sslc_fisher(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, 
     """SSLC in the two-sided K-FAC metric ``||S_g^T (W - L - S) S_x||_F^2`` (module docstring, ``scaling="fisher"``).
 
     The alternation of ``config.iterations`` steps from ``S = 0`` (GoDec's start), plus the ``L``-step from the
-    top-salience entries of ``W``; the iterate of least error after either half-step is returned. ``error`` is in the damped two-sided
-    metric (multiply by ``1 / (2 N_x N_loss)`` for nats, as ``profiling.fisher`` does).
+    top-salience entries of ``W``; the iterate of least error after either half-step is returned. ``error`` is in
+    the damped two-sided metric (multiply by ``1 / (2 N_x N_loss)`` for nats, as ``profiling.fisher`` does).
     """
     m, n = check_matrix(W, Gx, rank, name)
     if tuple(Gg.shape) != (m, m):
@@ -290,15 +291,17 @@ def sslc_fisher(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, 
     top = support(salience_w, nnz)
     # GoDec's start S = 0 (its first L is the two-sided Fisher SVD), alternated; then one L-step from the sparse-first
     # start, the fit the loss-unit SSLC table prices
-    starts = [(empty, config.iterations if nnz else 1)] + ([((top, W.flatten()[top]), 1)] if nnz else [])
+    starts = [(empty, config.iterations if nnz else 1, nnz > 0)]  # (start, steps, alternate)
+    if nnz:
+        starts.append(((top, W.flatten()[top]), 1, False))
     best, history = None, []
-    for (index, values), steps in starts:
+    for (index, values), steps, alternate in starts:
         S = dense_s(index, values)
         for _ in range(steps):
             U, V = lowrank(W - S)
             R = W - U @ V
             candidates = [(error(R - S), index, values)]  # R - S is a new tensor, consumed
-            if nnz and steps > 1:
+            if alternate:
                 index, values = sparse_step(R)
                 S = dense_s(index, values)
                 candidates.append((error(R - S), index, values))

@@ -365,7 +365,8 @@ def two_sided_error(E: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, damp: f
 
 
 def test_fisher_sslc_at_k0_is_the_two_sided_fisher_svd():
-    """With no sparse part, scaling='fisher' builds exactly the two-sided Fisher SVD (same L, same error)."""
+    """With no sparse part, scaling='fisher' builds exactly the two-sided Fisher SVD (same L, same error); with one
+    iteration it still records the L-step and the sparse step of the S = 0 start and the sparse-first L-step."""
     from rankalloc.decomposers.fisher_svd import fisher_svd
 
     W, Gx = structured(48, 80, 0)
@@ -374,6 +375,8 @@ def test_fisher_sslc_at_k0_is_the_two_sided_fisher_svd():
     res = sslc(W, Gx, 6, 0.0, SSLCConfig(), Gg=Gg)
     assert res.error == pytest.approx(f.error, rel=1e-9) and len(res.values) == 0
     torch.testing.assert_close(res.L, f.A @ f.B, rtol=1e-8, atol=1e-10)
+    one = sslc(W, Gx, 6, 0.05, SSLCConfig(iterations=1), Gg=Gg)  # one alternation still takes a sparse step
+    assert len(one.history) == 3 and one.error == min(one.history) < f.error
 
 
 @pytest.mark.parametrize("m,n,seed", [(48, 80, 0), (64, 40, 3)])
