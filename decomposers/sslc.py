@@ -464,8 +464,9 @@ SPARSITIES = (0.0, 0.01, 0.02, 0.04)
 
 
 def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
-    """(rank, kept sparsity) candidates: the profile's extra ``sslc`` table, or computed with ``model`` on ranks that
-    are multiples of ``grid`` (and stored in the profile)."""
+    """(rank, kept sparsity) candidates in loss units: the profile's extra ``sslc`` table, or computed with ``model``
+    on ranks that are multiples of ``grid`` and stored in the profile (replacing a stored table of an earlier
+    version that lacks the ``fisher`` kind)."""
     from rankalloc.profiling.sslc_table import add_sslc_curves
 
     if not profile.has_output_grams():
@@ -473,10 +474,12 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
                          f"output-gradient Grams, and the profile at {profile.path} has none; profile with kind fisher "
                          f"and --store full (for the input metric: sslc_table.add_sslc_curves(kinds=('whitened',)) "
                          f"and SSLCConfig(scaling='whiten'))")
-    if profile.has_extra("sslc"):
-        return MethodCurves("sslc", profile.extra("sslc"))
-    if model is None:
-        raise NeedsModel(f"method 'sslc': the profile at {profile.path} has no SSLC table; pass the model to compute "
+    stored = profile.extra("sslc") if profile.has_extra("sslc") else None
+    if stored is not None and "fisher" in stored.kinds:
+        return MethodCurves("sslc", stored)
+    if model is None:  # none stored, or one of an earlier version in the input metric only
+        what = "no SSLC table" if stored is None else f"an SSLC table without the loss-unit kind ({list(stored.kinds)})"
+        raise NeedsModel(f"method 'sslc': the profile at {profile.path} has {what}; pass the model to compute "
                          f"it (rankalloc.profiling.sslc_table.add_sslc_curves)")
     top = max(c.max_rank for c in profile.components)
     return MethodCurves("sslc", add_sslc_curves(profile, model, np.arange(0, top + 1, grid), SPARSITIES,

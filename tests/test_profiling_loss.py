@@ -693,3 +693,18 @@ def test_extras_round_trip_into_problems(profiled):
     problem = AllocationProblem.from_profiles(sslc, budget=0.3, kind="whitened", grid=16)
     assert problem.dense_costs["params"] == total
     assert sorted(set(np.concatenate([np.asarray(v) for v in sslc.sparsity.values()]))) == [0.0, 0.02]
+
+
+def test_sslc_curves_replace_a_stored_input_metric_table(profiled):
+    """A stored SSLC table of an earlier version (input metric only, no ``fisher`` kind) is not used for the loss-unit
+    method: without the model it is a NeedsModel error saying so; with it the table is rebuilt and stored."""
+    from rankalloc.decomposers.registry import NeedsModel
+    from rankalloc.decomposers.sslc import sslc_curves
+    from rankalloc.profiling.sslc_table import add_sslc_curves
+
+    model, ids, prof = profiled
+    add_sslc_curves(prof, model, ranks=[0, 16], sparsities=(0.0, 0.02), progress=False, kinds=("whitened",))
+    with pytest.raises(NeedsModel, match="without the loss-unit kind"):
+        sslc_curves(prof, None)
+    mc = sslc_curves(prof, model, grid=16, progress=False)
+    assert list(mc.curve_set.kinds) == ["fisher"] and list(prof.extra("sslc").kinds) == ["fisher"]
