@@ -338,8 +338,9 @@ def load_compressed(path, device: str | torch.device = "cpu") -> nn.Module:
 
 class CompressedWeights(Weights):
     """:class:`~rankalloc.profiling.weights.Weights` over a compressed folder: aliases resolve to their stored
-    tensor, and the buffers of compressed modules (SSLC's ``sparse_col`` and ``sparse_crow``, SoLA's ``prime_index``), which a
-    skeleton holds on ``meta``, are read with the part's parameters and put back on ``meta`` after it."""
+    tensor, and the buffers of compressed modules (SSLC's ``sparse_col`` and ``sparse_crow``, SoLA's
+    ``prime_index``), which a skeleton holds on ``meta``, are read with the part's parameters and put back on
+    ``meta`` after it."""
 
     def __init__(self, model, checkpoint, aliases: dict):
         super().__init__(model, checkpoint)

@@ -116,9 +116,10 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
     """:func:`~rankalloc.decomposers.base.compress_` with sequential calibration (module docstring), in place.
 
     ``ids``: the calibration token ids (``sequences x seqlen``), the ones ``profile`` was measured on; the
-    first ``seq.samples`` are used. The method must be per-matrix (svd, fisher_svd, pgsvd); its own settings
-    are ``config`` (sslc fits its (rank, sparsity) choices the same way). Returns the :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized
-    parameter count checked against the allocation as ``compress_`` does.
+    first ``seq.samples`` are used. The method must fit each matrix from its own Grams (svd, fisher_svd, pgsvd,
+    sslc: ``Method.fits_each_matrix``); its own settings are ``config``. Returns the
+    :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized parameter count checked against
+    the allocation as ``compress_`` does.
     """
     from rankalloc.decomposers.base import allocation_items
     from rankalloc.decomposers.streamed import sub_allocation

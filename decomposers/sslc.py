@@ -70,13 +70,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankalloc.allocators.costs import INDEX_BITS_PER_PARAM, column_index_bits
-from rankalloc.decomposers.base import (activation_error, allocation_items, apply_targets, check_matrix,
-                                        check_profile_component, input_gram, linear_target)
-from rankalloc.decomposers.modules import LowRankLinear, weight_matrix
+from rankalloc.decomposers.base import activation_error, allocation_items, check_matrix, linear_handler
+from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, lower_t_times_, svd, times_lower_)
-from rankalloc.profiling.sslc_table import support
+from rankalloc.profiling.sslc_table import salience_weights, support
 
 
 SCALINGS = ("diag", "whiten", "fisher")
@@ -264,7 +263,7 @@ def sslc_fisher(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank: int, 
     Gg = check_finite(Gg.to(device=W.device, dtype=PRECISION), f"output-gradient Gram of {name}")
     Sx, dx = damped_cholesky(Gx, f"input Gram of {name}", Damping(config.damp))
     Sg, dg = damped_cholesky(Gg, f"output-gradient Gram of {name}", Damping(config.output_damp))
-    weight = (torch.diagonal(Gg).clamp_min(0) + dg)[:, None] * (torch.diagonal(Gx).clamp_min(0) + dx)[None, :]
+    weight = salience_weights(Gx, Gg, dx, dg)
     dead = int(len(dead_channels(Gx)))
     nnz = sparse_count(m, n, sparsity)
     fixed_count = min(sparse_count(m, n, config.keep_top), nnz)
@@ -440,23 +439,18 @@ def sslc_handler(module: nn.Module, choice, W: torch.Tensor, G: torch.Tensor, co
 
 
 def compress_sslc(model, allocation, config: SSLCConfig, profile, progress: bool = True):
-    """Model-level handler: every non-dense choice by :func:`sslc_handler`, with the output-gradient Grams under
-    ``scaling="fisher"`` (checked for every component before any module is replaced)."""
-    targets = [linear_target(model, c, ch, True, "sslc") for c, ch in allocation_items(allocation)]
-    for t in targets:
-        if not t.choice.is_dense:
-            check_profile_component(profile, t.component)
-    if config.scaling == "fisher" and any(not t.choice.is_dense for t in targets) and not profile.has_output_grams():
+    """Model-level handler: every non-dense choice by :func:`sslc_handler` (``base.linear_handler``), with the
+    output-gradient Grams under ``scaling="fisher"`` (their presence checked before any module is replaced)."""
+    fisher = config.scaling == "fisher"
+    if fisher and any(not ch.is_dense for _, ch in allocation_items(allocation)) and not profile.has_output_grams():
         raise ValueError(f"method 'sslc' (scaling='fisher') needs the output-gradient Grams, and the profile at "
                          f"{profile.path} has none; profile with kind fisher and --store full, or use "
                          f"SSLCConfig(scaling='whiten')")
 
-    def make(t):
-        Gg = profile.output_gram(t.name) if config.scaling == "fisher" else None
-        return sslc_handler(t.module, t.choice, weight_matrix(t.module).detach(), input_gram(profile, t), config,
-                            t.name, Gg)
+    def build(module, choice, W, G, config, name):
+        return sslc_handler(module, choice, W, G, config, name, profile.output_gram(name) if fisher else None)
 
-    return apply_targets(model, targets, make, progress, "sslc")
+    return linear_handler(build, sparse=True, name="sslc")(model, allocation, config, profile, progress)
 
 
 SPARSITIES = (0.0, 0.01, 0.02, 0.04)

@@ -36,8 +36,8 @@ and the rest is monotone. Pricing the low-rank-first fit too (GoDec's first spar
 cost about 6x the time on SmolLM2 and changed no optimum at 20 / 30 / 40% removed: on real weights that step is worse
 than no sparse part, as the diagonal salience ignores the correlations of both Grams.
 
-Monotonicity: any ``(r', k')`` fit with ``r' <= r`` and ``k' <= k`` is also a valid ``(r, k)`` fit, so
-the table keeps ``e(r, k) = min_{r' <= r, k' <= k} e_computed(r', k')`` (running minima along rank,
+Monotonicity (input-metric kinds): any ``(r', k')`` fit with ``r' <= r`` and ``k' <= k`` is also a valid
+``(r, k)`` fit, so the table keeps ``e(r, k) = min_{r' <= r, k' <= k} e_computed(r', k')`` (running minima along rank,
 then along sparsity).
 """
 
@@ -56,6 +56,16 @@ from rankalloc.profiling.numerics import (PRECISION, Damping, check_finite, damp
 
 SSLC_KINDS = ("whitened", "energy")
 LOSS_KINDS = ("fisher",)
+DEFAULT_SPARSITIES = (0.0, 0.01, 0.02, 0.05)
+
+
+def salience_weights(Gx: torch.Tensor, Gg: torch.Tensor, delta_x: float, delta_g: float) -> torch.Tensor:
+    """``(G_g + delta_g I)_ii (G_x + delta_x I)_jj`` (``m x n``, float64): the diagonal of the two-sided metric,
+    which weighs ``X_ij^2`` in SSLC's salience (shared by the decomposer and this table)."""
+    return ((torch.diagonal(Gg.to(PRECISION)).clamp_min(0) + delta_g)[:, None]
+            * (torch.diagonal(Gx.to(PRECISION)).clamp_min(0) + delta_x)[None, :])
+
+
 def support(salience: torch.Tensor, count: int, fixed: torch.Tensor | None = None) -> torch.Tensor:
     """Ascending flat indices of the ``count`` largest entries of ``salience`` (flat), the ``fixed`` ones first (the
     one selection rule of SSLC's sparse step, shared by the decomposer and this table)."""
@@ -65,7 +75,6 @@ def support(salience: torch.Tensor, count: int, fixed: torch.Tensor | None = Non
         salience = salience.clone()
         salience[fixed] = math.inf
     return torch.sort(torch.topk(salience, count, sorted=False).indices).values
-DEFAULT_SPARSITIES = (0.0, 0.01, 0.02, 0.05)
 
 
 def sslc_errors(W: torch.Tensor, G: torch.Tensor, ranks, sparsities, name: str = "W",
@@ -132,10 +141,8 @@ def sslc_fisher_errors(W: torch.Tensor, Gx: torch.Tensor, Gg: torch.Tensor, rank
     ranks, sparsities = _check_grid(ranks, sparsities, m, n, name)
     Sx, dx = damped_cholesky(Gx, f"input Gram of {name}", damping)
     Sg, dg = damped_cholesky(Gg, f"output-gradient Gram of {name}", damping)
-    weight = ((torch.diagonal(Gg.to(PRECISION)).clamp_min(0) + dg)[:, None]
-              * (torch.diagonal(Gx.to(PRECISION)).clamp_min(0) + dx)[None, :]).reshape(-1)
     Wf = W.reshape(-1)
-    salience = Wf ** 2 * weight
+    salience = Wf ** 2 * salience_weights(Gx, Gg, dx, dg).reshape(-1)
     E = np.empty((len(ranks), len(sparsities)))
     for j, k in enumerate(sparsities):
         Wk = Wf.clone()

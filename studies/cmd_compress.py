@@ -81,9 +81,8 @@ def run(args) -> int:
     prof = Profile.load(args.profile)
     distributed.on_main(lambda: check_output(args.out, overwrite=args.overwrite, protect=_protected(args, prof)),
                         "checking the output folder")  # before any work
-    if args.sequential:
-        _check_sequential(args, prof)
-    elif args.text is not None:
+    sequential = _check_sequential(args, prof) if args.sequential else None
+    if sequential is None and args.text is not None:
         raise ValueError("--text is read only with --sequential N (the calibration text of sequential fitting)")
     if not Path(args.allocation).is_file():
         raise FileNotFoundError(f"--allocation {args.allocation} does not exist; create it with `rankalloc allocate "
@@ -95,7 +94,7 @@ def run(args) -> int:
     allocation = problems.load_allocation(prof, args.allocation, args.method, loaded.model)
     dense_params = model_params(loaded.model)
     linear = runs.linear_params(prof)
-    sequential, ids = _sequential(args, prof, loaded) if args.sequential else (None, None)
+    ids = _calibration_ids(args, prof, loaded) if sequential is not None else None
     model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True,
                                       sequential=sequential, ids=ids)
     kept = model_params(model)
@@ -105,8 +104,8 @@ def run(args) -> int:
     return 0
 
 
-def _check_sequential(args, prof) -> None:
-    """``--sequential``: refused before any work when it cannot run (one line naming the setting)."""
+def _check_sequential(args, prof):
+    """``--sequential``'s config, or a one-line refusal naming the setting, before any work."""
     from rankalloc.decomposers.sequential import SequentialConfig, check_sequential
     from rankalloc.profiling import distributed
 
@@ -119,13 +118,12 @@ def _check_sequential(args, prof) -> None:
         raise ValueError("--sequential: needs the model in memory (run without --out-of-core)")
     if distributed.world() > 1:
         raise ValueError("--sequential: each layer waits for the one before; run it as one process (not torchrun)")
-    SequentialConfig(samples=args.sequential)
     check_sequential(args.method, prof)
+    return SequentialConfig(samples=args.sequential)
 
 
-def _sequential(args, prof, loaded):
-    """The sequential config and the profile's calibration ids, rebuilt from ``--text`` and checked by hash."""
-    from rankalloc.decomposers.sequential import SequentialConfig
+def _calibration_ids(args, prof, loaded):
+    """The profile's calibration ids, rebuilt from ``--text`` and checked by hash."""
     from rankalloc.profiling.probe import check_calibration_ids
     from rankalloc.profiling.text import calibration_ids, load_text
 
@@ -137,7 +135,7 @@ def _sequential(args, prof, loaded):
     except ValueError:
         raise ValueError(f"--text {args.text or 'wiki'}: not the text the profile at {prof.path} was calibrated on "
                          f"({prof.meta.get('source_id')}); pass that text") from None
-    return SequentialConfig(samples=args.sequential), ids
+    return ids
 
 
 def _protected(args, prof) -> tuple:

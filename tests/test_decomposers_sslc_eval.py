@@ -133,7 +133,8 @@ def test_module_forward_is_x_times_l_plus_s_plus_bias(bias):
 
 
 def test_module_roundtrips_through_safetensors(tmp_path):
-    """The state dict (factors, sparse values, int16 columns and int32 row pointers) saves and loads with safetensors into an
+    """The state dict (factors, sparse values, int16 columns and int32 row pointers) saves and loads with
+    safetensors into an
     empty module of the same (m, n, r, nnz), giving the same output."""
     from safetensors.torch import load_file, save_file
 
@@ -289,7 +290,8 @@ def test_compare_dense_table_puts_the_baseline_beside_the_compressed_model():
     lin = comp.model.layers[0].mlp.down_proj
     W = lin.weight.detach()
     G = torch.eye(W.shape[1], dtype=torch.float64) * 10
-    comp.model.layers[0].mlp.down_proj = sslc_handler(lin, Choice(4, 0.05), W, G, SSLCConfig(scaling="whiten", iterations=2))[0]
+    comp.model.layers[0].mlp.down_proj = sslc_handler(lin, Choice(4, 0.05), W, G,
+                                                      SSLCConfig(scaling="whiten", iterations=2))[0]
     ids = _ids(dense, windows=3)
     df = compare_dense(dense, comp, ids, progress=False)
     assert list(df.index) == ["dense", "compressed"]

@@ -176,7 +176,8 @@ def test_open_compressed_reads_the_single_file_form(setup, tmp_path):
     a = perplexity(model, ids, batch_size=3, progress=False)
     b = streamed_perplexity(skeleton, weights, ids, batch_size=3, progress=False)
     assert b.nll == pytest.approx(a.nll, rel=REL)
-    assert all(b.device.type == "meta" for n, b in skeleton.named_buffers() if n.endswith(("sparse_col", "sparse_crow")))
+    assert all(b.device.type == "meta" for n, b in skeleton.named_buffers()
+               if n.endswith(("sparse_col", "sparse_crow")))
     in_memory, w = open_compressed(tmp_path / "c", out_of_core=False)
     assert not w.out_of_core and perplexity(in_memory, ids, batch_size=3, progress=False).nll == a.nll
     manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())  # a version-1 manifest (no "weights") reads

@@ -54,7 +54,8 @@ def sparse_varied(c):
 
 
 @pytest.mark.parametrize("config,choose", [(SVDConfig(), varied), (FisherSVDConfig(), varied),
-                                           (SSLCConfig(iterations=2), sparse_varied)], ids=["svd", "fisher_svd", "sslc"])
+                                           (SSLCConfig(iterations=2), sparse_varied)],
+                         ids=["svd", "fisher_svd", "sslc"])
 def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup, config, choose):
     """Same modules and ranks as the plain method, the allocation's exact parameter count, and a final hidden state
     closer to the dense model's on the calibration text than the plain decomposer gets."""
