@@ -42,18 +42,29 @@ from rankalloc.profiling.numerics import PRECISION, NonFiniteError, check_finite
 GRAM_DTYPES = ("float64", "float32")
 
 
+FISHER_LABELS = ("data", "sampled")
+"""Labels of the next-token loss whose gradients make the Fisher Grams: ``data``, the calibration text's own next
+tokens (the empirical Fisher), or ``sampled``, one token per position drawn from the model's own predictive
+distribution (a one-sample Monte-Carlo estimate of the true Fisher, whose expectation is the Gauss-Newton matrix
+of the cross-entropy; Kunstner et al., 2019, "Limitations of the empirical Fisher approximation", Sec. 3)."""
+
+
 @dataclass(frozen=True)
 class StreamConfig:
-    """How calibration batches are streamed: sequences per batch and Gram precision."""
+    """How calibration batches are streamed: sequences per batch, Gram precision, and the labels the Fisher backward
+    differentiates (``fisher_labels``, see :data:`FISHER_LABELS`)."""
 
     batch_size: int = 8
     gram_dtype: str = "float64"
+    fisher_labels: str = "data"
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, received {self.batch_size!r}")
         if self.gram_dtype not in GRAM_DTYPES:
             raise ValueError(f"gram_dtype: expected one of {GRAM_DTYPES}, received {self.gram_dtype!r}")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise ValueError(f"fisher_labels: expected one of {FISHER_LABELS}, received {self.fisher_labels!r}")
 
     @property
     def product_dtype(self) -> torch.dtype:

@@ -93,9 +93,19 @@ def chunked_nll(model, normed: torch.Tensor, ids: torch.Tensor, chunk: int = LOG
     return total, count, nonfinite
 
 
+def sampled_targets(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One next token per row of ``logits`` drawn from its softmax (float64), with ``generator``."""
+    return torch.multinomial(torch.softmax(logits.detach().double(), dim=-1), 1, generator=generator).squeeze(1)
+
+
 def loss_and_hidden_grad(model, layers, h: torch.Tensor, ids: torch.Tensor, chunk: int = LOGIT_CHUNK,
-                         as_tuple: bool = False) -> tuple[float, torch.Tensor]:
+                         as_tuple: bool = False, labels: str = "data",
+                         seed: int = 0) -> tuple[float, torch.Tensor]:
     """``(sum of next-token losses, d(sum)/dh)`` at the last decoder boundary ``h`` of the sequences ``ids``.
+
+    ``labels`` (:data:`~rankalloc.profiling.calibration.FISHER_LABELS`): the gradient is of the loss of the data's
+    next tokens (``"data"``) or of tokens drawn from the model's own softmax at each position (``"sampled"``, with
+    a generator seeded by ``seed``, chunk after chunk); the returned loss is the data loss either way.
 
     The final norm runs once with grad; the head and the cross-entropy run ``chunk`` tokens at a time, each
     chunk's graph freed by its own backward, so no tokens x vocab tensor larger than one chunk is allocated. The
@@ -106,13 +116,17 @@ def loss_and_hidden_grad(model, layers, h: torch.Tensor, ids: torch.Tensor, chun
     for p in frozen:
         p.requires_grad_(False)
     try:
-        return _loss_and_grad(model, layers, hx, ids, chunk, as_tuple)
+        return _loss_and_grad(model, layers, hx, ids, chunk, as_tuple, labels, seed)
     finally:
         for p, f in frozen.items():
             p.requires_grad_(f)
 
 
-def _loss_and_grad(model, layers, hx: torch.Tensor, ids: torch.Tensor, chunk: int, as_tuple: bool):
+def _loss_and_grad(model, layers, hx: torch.Tensor, ids: torch.Tensor, chunk: int, as_tuple: bool,
+                   labels: str = "data", seed: int = 0):
+    if labels not in ("data", "sampled"):
+        raise ValueError(f"labels: expected 'data' or 'sampled', received {labels!r}")
+    generator = torch.Generator(device=hx.device).manual_seed(seed) if labels == "sampled" else None
     with torch.enable_grad():
         normed = final_hidden(model, layers, hx, as_tuple)
         n = normed.detach().requires_grad_(True)
@@ -127,8 +141,10 @@ def _loss_and_grad(model, layers, hx: torch.Tensor, ids: torch.Tensor, chunk: in
             lg = head_logits(model, flat[s:s + chunk][keep])
             lg = lg if lg.dtype == torch.float64 else lg.float()
             loss = F.cross_entropy(lg, tg[keep], reduction="sum")
-            loss.backward()
             total += float(loss.detach())
+            if generator is not None:
+                loss = F.cross_entropy(lg, sampled_targets(lg, generator), reduction="sum")
+            loss.backward()
         if not math.isfinite(total):
             raise ValueError(f"calibration loss is not finite ({total}) on these sequences: the model produces "
                              f"NaN/Inf logits")

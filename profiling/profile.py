@@ -207,7 +207,7 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
                   fingerprint: str | None = None, gram_dtype: str = "float64", spectrum: str = "auto",
                   damping: Damping = Damping(), store: str = "compact", fisher_samples: int | None = None,
                   weights: Weights | None = None, gram_budget: float | None = None,
-                  extras: tuple[str, ...] = ("sola", "flat")) -> Profile:
+                  extras: tuple[str, ...] = ("sola", "flat"), fisher_labels: str = "data") -> Profile:
     """Profile ``model`` on calibration tokens and write the profile directory ``out``.
 
     Args:
@@ -227,6 +227,8 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
         gram_budget: bytes of output-gradient Grams per backward pass (default :func:`default_gram_budget`).
         extras: method curves computed in the backward while the output Grams exist: ``sola`` (marginal FFN
             parts at ``gamma``) and ``flat`` (value heads).
+        fisher_labels: the labels the Fisher backward differentiates, ``"data"`` (the empirical Fisher) or
+            ``"sampled"`` (drawn from the model; :data:`~rankalloc.profiling.calibration.FISHER_LABELS`).
         gamma, patterns, batch_size, gram_dtype, spectrum, damping, model_id, fingerprint: as before.
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -240,7 +242,7 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
     if "probe" in kinds and distributed.world() > 1:
         raise ValueError("probe curves are measured in one process; profile them without torchrun (the other kinds "
                          "can be profiled first under torchrun, then probe added to the same directory)")
-    stream = StreamConfig(batch_size=batch_size, gram_dtype=gram_dtype)
+    stream = StreamConfig(batch_size=batch_size, gram_dtype=gram_dtype, fisher_labels=fisher_labels)
     spec = SpectrumConfig(kinds=BASE_KINDS, method=spectrum, damping=damping)
     dev = distributed.device_of(resolve_device(device))
     ids, source_id = resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed)
@@ -322,7 +324,8 @@ def _meta(model, weights, structure, ids, source_id, seed, stream, spec, pattern
         "n_samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": int(seed),
         "tokens": int(ids.numel()),
         "settings": dict(_settings(stream, spec, patterns, store),
-                         **({"fisher_samples": int(fisher_samples)} if fisher_samples is not None else {})),
+                         **({"fisher_samples": int(fisher_samples)} if fisher_samples is not None else {}),
+                         **({"fisher_labels": stream.fisher_labels} if stream.fisher_labels != "data" else {})),
         "gamma": float(gamma),
         "version": _version(),
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),

@@ -127,7 +127,8 @@ def profile_dir(run: Run, root: str | Path | None = None) -> Path:
 
 def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | None = None, *,
             batch_size: int | None = None, resume: bool = True, progress: bool = True,
-            fisher_samples: int | None = None, store: str | None = None, overwrite: bool = False):
+            fisher_samples: int | None = None, store: str | None = None, overwrite: bool = False,
+            fisher_labels: str | None = None):
     """Profile ``run`` into ``out`` (default :func:`profile_dir`), or open the finished profile there.
 
     An interrupted run resumes from its first unfinished layer when called again with the same arguments;
@@ -136,6 +137,8 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
     naming the option (``--restart``, i.e. ``resume=False``, discards the profile instead). ``batch_size``
     (sequences per forward pass) and ``store`` default to the existing profile's, else 8 and ``"compact"``.
     ``fisher_samples``: Fisher output-gradient Grams on the first N calibration sequences only (default all).
+    ``fisher_labels``: ``"data"`` or ``"sampled"`` (:data:`~rankalloc.profiling.calibration.FISHER_LABELS`; default
+    the existing profile's, else ``"data"``).
     ``out`` must be new, empty or a profile (``overwrite``: any folder; its other files are left alone). The run
     holds the folder's lock (:func:`~rankalloc.profiling.files.folder_lock`): a second run into it is refused,
     naming the first.
@@ -159,20 +162,23 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
             settings = prof.meta.get("settings", {})
             batch_size = settings.get("batch_size") if batch_size is None else batch_size
             store = settings.get("store") if store is None else store
-            check_reuse(prof, run, batch_size, fisher_samples, store)
+            fisher_labels = settings.get("fisher_labels", "data") if fisher_labels is None else fisher_labels
+            check_reuse(prof, run, batch_size, fisher_samples, store, fisher_labels)
             if prof.complete and all(k in prof.kinds for k in want):
                 return prof
         return profile_model(run.model, run.text, out=path, tokenizer=run.tokenizer, n_samples=run.samples,
                              seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
                              model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
                              batch_size=batch_size or 8, resume=resume, progress=progress,
-                             fisher_samples=fisher_samples, store=store or "compact", weights=run.loaded.weights)
+                             fisher_samples=fisher_samples, store=store or "compact", weights=run.loaded.weights,
+                             fisher_labels=fisher_labels or "data")
 
 
-def check_reuse(prof, run: Run, batch_size: int | None, fisher_samples: int | None, store: str | None) -> None:
+def check_reuse(prof, run: Run, batch_size: int | None, fisher_samples: int | None, store: str | None,
+                fisher_labels: str | None = None) -> None:
     """``ValueError`` naming each option in which ``run`` (and the given settings) differ from the existing profile
     ``prof``: ``--model``, ``--text``, ``--samples``, ``--seqlen``, ``--seed``, ``--batch-size``, ``--store``,
-    ``--fisher-samples``; the curve kinds may differ (missing ones are added)."""
+    ``--fisher-samples``, ``--fisher-labels``; the curve kinds may differ (missing ones are added)."""
     from rankalloc.profiling.store import mismatch_error, setting_differences
     from rankalloc.profiling.text import text_fingerprint
 
@@ -183,7 +189,8 @@ def check_reuse(prof, run: Run, batch_size: int | None, fisher_samples: int | No
     now = {"source_id": f"{run.text.source_id}@{text_fingerprint(run.text)}", "n_samples": run.samples,
            "seqlen": run.seqlen, "seed": run.seed}
     old_settings = prof.meta.get("settings", {})
-    new_settings = {"batch_size": batch_size or 8, "store": store or "compact", "fisher_samples": fisher_samples}
+    new_settings = {"batch_size": batch_size or 8, "store": store or "compact", "fisher_samples": fisher_samples,
+                    "fisher_labels": None if fisher_labels in (None, "data") else fisher_labels}
     diff = setting_differences(prof.meta, now, fields=tuple(now))
     diff += setting_differences({"settings": {k: old_settings.get(k) for k in new_settings}},
                                 {"settings": new_settings}, fields=("settings",))

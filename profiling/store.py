@@ -59,7 +59,7 @@ KEY_FIELDS = ("fingerprint", "source_id", "calibration_hash", "n_samples", "seql
 
 FLAGS = {"fingerprint": "--model", "source_id": "--text", "calibration_hash": "--text/--samples/--seqlen/--seed",
          "n_samples": "--samples", "seqlen": "--seqlen", "seed": "--seed", "batch_size": "--batch-size",
-         "store": "--store", "fisher_samples": "--fisher-samples"}
+         "store": "--store", "fisher_samples": "--fisher-samples", "fisher_labels": "--fisher-labels"}
 """The ``rankalloc profile`` option that sets each key field (and setting), for error messages."""
 
 

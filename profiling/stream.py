@@ -234,9 +234,11 @@ def head_gradients(p: Pass, last: list[torch.Tensor], ids: torch.Tensor, as_tupl
     grads, total = [], 0.0
     p.phase("head")
     with p.weights.resident(head, p.weights.prefix_of(head), p.device):
-        for h, b in zip(last, batches(ids, p.stream.batch_size)):
+        for i, (h, b) in enumerate(zip(last, batches(ids, p.stream.batch_size))):
+            first = p.first + i * p.stream.batch_size  # the batch's first sequence in the whole calibration set
             loss, g = loss_and_hidden_grad(model, p.structure.layers, h.to(p.device), b.to(p.device),
-                                           as_tuple=as_tuple)
+                                           as_tuple=as_tuple, labels=p.stream.fisher_labels,
+                                           seed=int(p.profile.meta["seed"]) * 1_000_003 + first)
             grads.append(g.detach())
             total += loss
     p.add("head", time.perf_counter() - t0)

@@ -17,9 +17,10 @@ meta.json (model fingerprint, calibration hash, settings) and checksums.json (ev
 verified when it is read). Without --out it goes to the cache ($RANKALLOC_CACHE or
 ~/.cache/rankalloc)/profiles, keyed by model, text, samples, seqlen and seed; running the same command
 again reuses it, and asking for a loss-aware kind it lacks adds it there. Reusing a profile needs the
-same --model, --text, --samples, --seqlen, --seed, --batch-size, --store and --fisher-samples: another
-value is an error naming it (--restart discards the profile instead). A run holds the folder's lock
-(.rankalloc.lock): a second run into the same --out is refused, naming the first.
+same --model, --text, --samples, --seqlen, --seed, --batch-size, --store, --fisher-samples and
+--fisher-labels: another value is an error naming it (--restart discards the profile instead). A run
+holds the folder's lock (.rankalloc.lock): a second run into the same --out is refused, naming the
+first.
 
 Ctrl-C leaves every finished layer on disk: rerun the same command to resume.
 
@@ -49,6 +50,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fisher-samples", type=int, default=None, metavar="N",
                         help="Fisher output-gradient Grams on the first N calibration sequences only (default all; "
                              "the backward passes dominate profiling time on a CPU)")
+    parser.add_argument("--fisher-labels", default=None, choices=("data", "sampled"),
+                        help="labels the Fisher backward differentiates: data (the text's next tokens, the empirical "
+                             "Fisher; default, or the resumed profile's) or sampled (drawn from the model, one per "
+                             "position: a Monte-Carlo estimate of the true Fisher)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="profile directory (default: a cache path keyed by model, text and settings)")
     parser.add_argument("--store", default=None, choices=("compact", "full"),
@@ -83,7 +88,8 @@ def run(args) -> int:
     out = Path(args.out) if args.out else runs.profile_dir(run_)
     try:
         prof = runs.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart,
-                            fisher_samples=args.fisher_samples, store=args.store, overwrite=args.overwrite)
+                            fisher_samples=args.fisher_samples, store=args.store, overwrite=args.overwrite,
+                            fisher_labels=args.fisher_labels)
     except KeyboardInterrupt:
         print(f"rankalloc profile: {interrupted_message(out)}", file=sys.stderr)
         return 130

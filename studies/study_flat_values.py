@@ -13,6 +13,11 @@ gradients ``g_s`` of each value projection):
 - ``kfac``: ``tr(P_r C P_r G_g) / (2 N_x N_loss)``, ``C`` the per-head blocks of ``sum_s y_s y_s^T`` and
   ``G_g = sum_s g_s g_s^T`` (FLAT's curve before 2026-12: the Kronecker split of the Fisher);
 - ``token``: ``sum_s (g_s^T P_r y_s)^2 / (2 N_loss)`` (the per-token Fisher, FLAT's curve now);
+- ``output``: ``sum_t (h_t^T P_r u_t)^2 / (2 N_loss)`` at o_proj's input ``u_t`` (the heads' attention outputs,
+  each head's block projected with its KV head's ``P_r``) and its loss-sum gradient ``h_t``. Attention mixes values
+  linearly, so the truncation moves ``u_t`` by exactly ``-P_r u_t``; this per-token Fisher has no attention-sink
+  value summed over many queries. It tests whether the cross-position terms that ``token`` drops explain its
+  overprice in the early layers (2026-12-02: no, layers 1-7 stay at 2.2-20x, as ``token``'s 2.3-27x);
 - ``sink g`` / ``sink y``: the share of ``tr G_g`` and of ``tr C`` at position 0 (the BOS token, an attention
   sink), which is what makes the split wrong: values and their gradients are far from independent across positions.
 
@@ -38,7 +43,14 @@ def value_statistics(model, ids, names, batch_size: int = 4):
         def hook(mod, args, out, n=n):
             ys[n].append(out.detach().double())
             out.register_hook(lambda g, n=n: gs[n].append(g.detach().double()))
+
+        def pre_hook(mod, args, n=n):
+            u = args[0]
+            ys[n + ":o"].append(u.detach().double())
+            u.register_hook(lambda g, n=n: gs[n + ":o"].append(g.detach().double()))
+        ys[n + ":o"], gs[n + ":o"] = [], []
         hooks.append(model.get_submodule(n).register_forward_hook(hook))
+        hooks.append(model.get_submodule(n.rsplit(".", 1)[0] + ".o_proj").register_forward_pre_hook(pre_hook))
     try:
         with frozen_from_embeddings(model):
             for b in range(0, ids.shape[0], batch_size):
@@ -47,7 +59,7 @@ def value_statistics(model, ids, names, batch_size: int = 4):
     finally:
         for h in hooks:
             h.remove()
-    return {n: (torch.cat(ys[n]), torch.cat(gs[n])) for n in names}
+    return {n: (torch.cat(ys[n]), torch.cat(gs[n])) for n in ys}
 
 
 def prices(y, g, Q, r: int, n_loss: int) -> dict:
@@ -63,7 +75,21 @@ def prices(y, g, Q, r: int, n_loss: int) -> dict:
     token = float((((y2 @ P) * g2).sum(1) ** 2).sum()) / (2.0 * n_loss)
     sink_g = float((g[:, 0] ** 2).sum() / (g ** 2).sum())
     sink_y = float((y[:, 0] ** 2).sum() / (y ** 2).sum())
-    return {"kfac": kfac, "token": token, "sink g": sink_g, "sink y": sink_y}
+    return {"kfac": kfac, "token": token, "sink g": sink_g, "sink y": sink_y, "P": P}
+
+
+def output_price(u, h, P, kv: int, n_loss: int) -> float:
+    """``sum_t (h_t^T P u_t)^2 / (2 N_loss)`` at o_proj's input ``u_t`` (the heads' attention outputs) and its
+    loss-sum gradient ``h_t``: FLAT's truncation moves u_t by exactly ``-P u_t`` (attention mixes values linearly)."""
+    import torch
+
+    heads_dim = u.shape[-1]
+    d = P.shape[0] // kv
+    heads = heads_dim // d
+    Ph = torch.block_diag(*[P[(hh // (heads // kv)) * d:(hh // (heads // kv) + 1) * d,
+                              (hh // (heads // kv)) * d:(hh // (heads // kv) + 1) * d] for hh in range(heads)])
+    u2, h2 = u.reshape(-1, heads_dim), h.reshape(-1, heads_dim)
+    return float((((u2 @ Ph) * h2).sum(1) ** 2).sum()) / (2.0 * n_loss)
 
 
 def main(argv=None) -> int:
@@ -111,9 +137,12 @@ def main(argv=None) -> int:
             W.copy_(saved)
         y, g = stats.pop(c.name)
         p = prices(y, g, Q, args.head_rank, n_loss)
+        u, h = stats.pop(c.name + ":o")
+        p["output"] = output_price(u, h, p.pop("P"), kv, n_loss)
         rows.append({"layer": c.layer, "measured": measured, **p,
                      "kfac / measured": p["kfac"] / measured if measured > 0 else float("nan"),
-                     "token / measured": p["token"] / measured if measured > 0 else float("nan")})
+                     "token / measured": p["token"] / measured if measured > 0 else float("nan"),
+                     "output / measured": p["output"] / measured if measured > 0 else float("nan")})
     table = pd.DataFrame(rows).set_index("layer")
     print(f"\nhead rank {args.head_rank} of {d} kept in every KV head of one layer's value projection at a time; "
           f"loss in nats per predicted token on {ids.shape[0]} x {ids.shape[1]} calibration tokens "

@@ -95,3 +95,36 @@ def test_perplexity_scores_in_chunks_and_matches_the_full_logits():
         watch.remove()
     assert res.nll == pytest.approx(float(want), rel=1e-6)
     assert 0 < watch.rows <= ev.LOGIT_CHUNK < ids[:2].numel()
+
+
+def test_sampled_labels_differentiate_the_models_own_draws():
+    """labels="sampled": the gradient is that of the loss of tokens drawn from the model's softmax at each position
+    (seeded, chunk after chunk), the returned loss is still the data loss, and over many draws the gradient averages
+    towards 0 (E_y grad log p(y) = 0: the true Fisher's score), which the data-label gradient does not."""
+    from rankalloc.profiling.head import sampled_targets
+
+    model = tiny_model("llama").double()
+    st = find_structure(model)
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    h, data_loss, data_grad = last_boundary_and_full_loss(model, ids)
+    loss, grad = loss_and_hidden_grad(model, st.layers, h, ids, chunk=7, labels="sampled", seed=5)
+    assert math.isclose(loss, data_loss, rel_tol=1e-12)
+    # reference: the full model's logits, the same draws chunk by chunk
+    hx = h.clone().requires_grad_(True)
+    logits = model.get_output_embeddings()(final_hidden(model, st.layers, hx)).reshape(-1, model.config.vocab_size)
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    targets = targets.reshape(-1)
+    gen, total = torch.Generator().manual_seed(5), 0.0
+    for s in range(0, logits.shape[0], 7):
+        keep = targets[s:s + 7] >= 0
+        if keep.any():
+            lg = logits[s:s + 7][keep]
+            total = total + F.cross_entropy(lg, sampled_targets(lg, gen), reduction="sum")
+    total.backward()
+    assert float((grad - hx.grad).abs().max()) <= 1e-10 * float(hx.grad.abs().max())
+    assert float((grad - data_grad).abs().max()) > 1e-3 * float(data_grad.abs().max())  # not the data gradient
+    mean = sum(loss_and_hidden_grad(model, st.layers, h, ids, labels="sampled", seed=s)[1] for s in range(200)) / 200
+    assert float(mean.norm()) < 0.25 * float(data_grad.norm())
+    with pytest.raises(ValueError, match="labels: expected 'data' or 'sampled'"):
+        loss_and_hidden_grad(model, st.layers, h, ids, labels="model")

@@ -541,6 +541,23 @@ def test_flat_vo_fisher_curve_equals_explicit_per_token_formula(profiled):
         np.testing.assert_array_equal(cs.errors["fisher_svd"][vo], stored)
 
 
+def test_sampled_label_fisher_is_recorded_reproducible_and_differs(sampled, tmp_path):
+    """fisher_labels="sampled": the profile's settings say so (a data-label profile's do not), the same seed gives
+    the same Fisher curves, they differ from the data-label ones, and an unknown label is refused."""
+    model, ids = sampled
+    kw = dict(batch_size=8, progress=False, kinds=("whitened", "fisher"), extras=())
+    data = profile_model(model, ids[:8], out=tmp_path / "data", **kw)
+    one = profile_model(model, ids[:8], out=tmp_path / "one", fisher_labels="sampled", **kw)
+    two = profile_model(model, ids[:8], out=tmp_path / "two", fisher_labels="sampled", **kw)
+    assert one.meta["settings"]["fisher_labels"] == "sampled" and "fisher_labels" not in data.meta["settings"]
+    name = one.components[0].name
+    a, b, d = (p.curve_set(("fisher",)).errors["fisher"][name] for p in (one, two, data))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - d).max() > 1e-3 * np.abs(d).max()
+    with pytest.raises(ValueError, match="fisher_labels: expected one of"):
+        profile_model(model, ids[:8], out=tmp_path / "bad", fisher_labels="model", **kw)
+
+
 def test_flat_curves_without_the_vo_loss_curve(profiled, tmp_path):
     """A profile with no stored vo loss curve (made before it existed, or without the 'flat' extra) offers FLAT's
     other kinds by default and refuses the loss kinds when they are asked for, naming the fix."""
