@@ -157,8 +157,8 @@ def test_outputs_never_overwrite_what_rankalloc_did_not_write(world, capsys, mon
 
 # ----------------------------------------------------------------------------- 2. stale results
 def test_a_profile_is_reused_only_with_its_own_settings(world, capsys, monkeypatch):
-    """Rerunning profile on a finished profile with another --text, --samples, --seqlen, --seed, --batch-size or
-    --fisher-samples is an error naming that option and --restart (an unfinished one too); asking for a curve kind it
+    """Rerunning profile on a finished profile with another --text, --samples, --seqlen, --seed, --batch-size,
+    --fisher-samples or --fisher-labels is an error naming that option and --restart (an unfinished one too); asking for a curve kind it
     lacks adds it; --restart profiles again with the new settings."""
     root = world["root"]
     prof = root / "stale"
@@ -170,7 +170,8 @@ def test_a_profile_is_reused_only_with_its_own_settings(world, capsys, monkeypat
                            (["--samples", "8", "--seqlen", "32"], "--seqlen"),
                            (["--samples", "8", "--seqlen", "64", "--seed", "1"], "--seed"),
                            (["--samples", "8", "--seqlen", "64", "--batch-size", "2"], "--batch-size"),
-                           (["--samples", "8", "--seqlen", "64", "--fisher-samples", "2"], "--fisher-samples")):
+                           (["--samples", "8", "--seqlen", "64", "--fisher-samples", "2"], "--fisher-samples"),
+                           (["--samples", "8", "--seqlen", "64", "--fisher-labels", "sampled"], "--fisher-labels")):
         error_line(cli(capsys, *base, *change), "profile", option, "--restart", str(prof))
     args = [a if a != world["text"] else other_text for a in base]
     error_line(cli(capsys, *args, "--samples", "8", "--seqlen", "64"), "profile", "--text", "--restart")
