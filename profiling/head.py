@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rankalloc.profiling.calibration import replaced_forwards
+from rankalloc.profiling.calibration import FISHER_LABELS, replaced_forwards
 
 LOGIT_CHUNK = 128
 """Tokens per chunk of logits (the largest logits tensor is ``LOGIT_CHUNK x vocab``)."""
@@ -124,8 +124,8 @@ def loss_and_hidden_grad(model, layers, h: torch.Tensor, ids: torch.Tensor, chun
 
 def _loss_and_grad(model, layers, hx: torch.Tensor, ids: torch.Tensor, chunk: int, as_tuple: bool,
                    labels: str = "data", seed: int = 0):
-    if labels not in ("data", "sampled"):
-        raise ValueError(f"labels: expected 'data' or 'sampled', received {labels!r}")
+    if labels not in FISHER_LABELS:
+        raise ValueError(f"labels: expected {' or '.join(map(repr, FISHER_LABELS))}, received {labels!r}")
     generator = torch.Generator(device=hx.device).manual_seed(seed) if labels == "sampled" else None
     with torch.enable_grad():
         normed = final_hidden(model, layers, hx, as_tuple)
