@@ -112,7 +112,7 @@ def _corrected(W: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tenso
 
 
 def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
-                         seq: SequentialConfig = SequentialConfig(), progress: bool = True):
+                         seq: SequentialConfig = SequentialConfig(), progress: bool = True, record: dict | None = None):
     """:func:`~rankalloc.decomposers.base.compress_` with sequential calibration (module docstring), in place.
 
     ``ids``: the calibration token ids (``sequences x seqlen``), the ones ``profile`` was measured on; the
@@ -120,6 +120,12 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
     sslc: ``Method.fits_each_matrix``); its own settings are ``config``. Returns the
     :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized parameter count checked against
     the allocation as ``compress_`` does.
+
+    ``record``: ``{kind: {}}`` for kinds among ``fisher`` and ``fisher_svd``; each ``{}`` is filled with
+    ``{matrix: curve}``, the loss-unit curve of every matrix of the allocation (cut or kept dense) at the point it
+    is fitted at: the corrected weight ``W_tilde`` under the compressed-model input Gram ``G_hat`` and the dense
+    profile's output-gradient Gram (:mod:`~rankalloc.decomposers.reprofile`). A group whose compressed inputs are
+    zero is not recorded.
     """
     from rankalloc.decomposers.base import allocation_items
     from rankalloc.decomposers.streamed import sub_allocation
@@ -136,6 +142,10 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
     if seq.samples > ids.shape[0]:
         raise ValueError(f"SequentialConfig.samples: {seq.samples} calibration sequences asked, {ids.shape[0]} given")
     ids = ids[:seq.samples] if seq.samples else ids
+    unknown_kinds = sorted(set(record or {}) - set(RECORDABLE))
+    if unknown_kinds:
+        raise ValueError(f"sequential calibration: cannot record curve kinds {unknown_kinds}; expected some of "
+                         f"{list(RECORDABLE)}")
     expected = expected_params(model, allocation)
     structure = find_structure(model)
     chosen = {c.name: ch for c, ch in allocation_items(allocation)}
@@ -154,7 +164,7 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
             module, calls = structure.layers[layer], cap.calls[layer]
             prefix = f"{structure.layers_path}.{layer}."
             groups = {g.members[0]: g for g in structure.layer_groups(layer)
-                      if any(n in chosen and not chosen[n].is_dense for n in g.members)}
+                      if any(n in chosen and (record or not chosen[n].is_dense) for n in g.members)}
             if groups:  # the dense layer's inputs to each group, and the order the layer calls the groups in
                 reference = copy.deepcopy(module)
                 dense_x, dense_next = _inputs(reference, [n[len(prefix):] for n in groups], dense_h, calls, False)
@@ -162,7 +172,8 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
                 for local in dense_x[0]:  # forward order
                     g = groups[prefix + local]
                     comp_x, _ = _inputs(module, [local], comp_h, calls, True)
-                    reports += _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq)
+                    reports += _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq,
+                                          record, ids.numel())
                     del comp_x
                 del dense_x
             else:
@@ -211,8 +222,26 @@ def _run(module, inputs, calls) -> list[torch.Tensor]:
     return [_layer_output(module(x, *args, **kwargs)) for x, (args, kwargs) in zip(inputs, calls)]
 
 
-def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq) -> list:
-    """Correct (``W_tilde``) and compress the low-rank members of input group ``g`` at the compressed inputs."""
+RECORDABLE = ("fisher", "fisher_svd")
+"""Curve kinds ``compress_sequential_(record=)`` can price at the compressed point."""
+
+
+def _record(record: dict, profile, name: str, W: torch.Tensor, G: torch.Tensor, n_tokens: int) -> None:
+    """The ``record`` kinds' curves of ``name`` at weight ``W`` and input Gram ``G`` (``n_tokens`` positions), with
+    the dense profile's output-gradient Gram and damping."""
+    from rankalloc.profiling.fisher import fisher_curve, fisher_svd_curve
+    from rankalloc.profiling.probe import profile_damping
+
+    Gg, damping = profile.output_gram(name), profile_damping(profile)
+    for kind, curves in record.items():
+        price = fisher_curve if kind == "fisher" else fisher_svd_curve
+        curves[name] = price(W, G, Gg, n_tokens, profile.fisher_loss_tokens, name, damping)
+
+
+def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq, record=None,
+               n_tokens: int = 0) -> list:
+    """Correct (``W_tilde``) and compress the low-rank members of input group ``g`` at the compressed inputs;
+    with ``record``, price every member of the allocation at that point first (``compress_sequential_``)."""
     from rankalloc.decomposers.streamed import sub_allocation
 
     device = comp_x[0][local].device
@@ -226,13 +255,22 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
     G = check_finite(0.5 * (G + G.T), what)
     names = [n for n in g.members if n in chosen and not chosen[n].is_dense]
     if not bool(G.any()):  # upstream cut to rank 0: every weight gives the same output here, so keep the plain fit
+        if not names:
+            return []
         return list(compress_(model, sub_allocation(allocation, names), config, profile, progress=False).components)
     same = all(torch.equal(xd[local], xc[local]) for xd, xc in zip(dense_x, comp_x))
-    if seq.correct and not same:  # nothing compressed upstream yet: W_tilde would be W (up to the damping)
+    correct = seq.correct and not same  # nothing compressed upstream yet: W_tilde would be W (up to the damping)
+    if correct:
         S, delta = damped_cholesky(G, what, Damping(seq.damp))
         C.diagonal().add_(delta)
-        for name in names:
-            sub = model.get_submodule(name)
-            write_weight_(sub, _corrected(read_weight(sub, name), C, S))
+    for name in [n for n in g.members if n in chosen and (record or n in names)]:
+        sub = model.get_submodule(name)
+        W = _corrected(read_weight(sub, name), C, S) if correct else read_weight(sub, name)
+        if record:
+            _record(record, profile, name, W, G, n_tokens)
+        if correct and name in names:
+            write_weight_(sub, W)
+    if not names:
+        return []
     view = Remeasured(profile, {name: G for name in g.members})
     return list(compress_(model, sub_allocation(allocation, names), config, view, progress=False).components)
