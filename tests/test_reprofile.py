@@ -148,3 +148,24 @@ def test_refusals_name_the_setting(setup, tmp_path):
                              ids, progress=False, record={"whitened": {}})
     with pytest.raises(ValueError, match="ReprofileConfig"):
         ReprofileConfig(iterations=0)
+
+
+def test_the_study_prints_and_saves_each_step(tmp_path, capsys):
+    """study_reprofile on a tiny saved model: one CSV row per built step, starting at step 0, each with a finite
+    perplexity and measured = ln(ppl / dense ppl)."""
+    import math
+
+    import pandas as pd
+
+    from conftest import save_tiny_model_dir, write_text_file
+    from rankalloc.studies.study_reprofile import main
+
+    rc = main(["--model", str(save_tiny_model_dir(tmp_path / "model")), "--text", str(write_text_file(tmp_path / "t.txt")),
+               "--samples", "4", "--seqlen", "32", "--windows", "2", "--ratios", "0.4", "--iterations", "1",
+               "--sequential", "4", "--store", "full", "--profile", str(tmp_path / "profile"), "--out",
+               str(tmp_path / "out")])
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "out" / "reprofile.csv")
+    assert list(df.step) == list(range(len(df))) and 1 <= len(df) <= 2
+    assert all(math.isclose(m, math.log(p / d)) for m, p, d in zip(df.measured, df.ppl, df.dense_ppl))
+    assert "step 0:" in capsys.readouterr().out
