@@ -28,6 +28,8 @@ _API = {
     "load_allocation": "rankalloc.decomposers.problems",
     "compress": "rankalloc.decomposers.problems",
     "SequentialConfig": "rankalloc.decomposers.sequential",
+    "ReprofileConfig": "rankalloc.decomposers.reprofile",
+    "reprofile_loop": "rankalloc.decomposers.reprofile",
     "evaluate": "rankalloc.decomposers.evaluate",
     "get_solver": "rankalloc.allocators.registry",
     "get_method": "rankalloc.decomposers.registry",

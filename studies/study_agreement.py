@@ -99,7 +99,8 @@ def predicted(problem, allocation) -> float:
 def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=None, progress: bool = True,
                      csv=None):
     """Rows ``(method, ratio, solver, kind, removed, ppl, measured, pred_<kind>...)``: each method's allocations
-    (:data:`METHOD_ALLOCATORS` plus its paper's allocator) compressed with its own decomposer and scored on the
+    (:data:`METHOD_ALLOCATORS` plus its paper's allocator; a method with curves of one kind only, such as SSLC's
+    table, runs each of those solvers on that kind) compressed with its own decomposer and scored on the
     evaluation windows; ``measured`` is ``ln(ppl / dense ppl)`` in nats. ``csv``: a path the rows so far are
     written to after each allocation."""
     import math
@@ -122,7 +123,10 @@ def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=Non
             m = get_method(method)
             mc = method_curves(prof, method, run.model, grid=grid, progress=progress)
             kinds = set(mc.curve_set.kinds)
-            todo = [a for a in METHOD_ALLOCATORS if a[1] in kinds]
+            if len(kinds) == 1:  # one kind (SSLC's (rank, sparsity) table): every solver runs on it
+                todo = list(dict.fromkeys((solver, *kinds) for solver, _ in METHOD_ALLOCATORS))
+            else:
+                todo = [a for a in METHOD_ALLOCATORS if a[1] in kinds]
             for paper in ((m.solver, m.kind), ("iprs", "whitened") if method == "flat" else None):
                 if paper is not None and paper not in todo and paper[1] in kinds:
                     todo.append(paper)  # the method's recommended allocator, and FLAT's own (IPRS)

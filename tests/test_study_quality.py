@@ -112,3 +112,6 @@ def test_sequential_rows_and_per_method_agreement(tmp_path):
     summary = method_summary(per)
     assert set(summary.method) == {"svd", "fisher_svd"} and summary.within_budget_spearman.between(-1, 1).all()
     assert "pred/measured 30%" in summary.columns
+    sslc = method_agreement(run, prof, ["sslc"], [0.3], progress=False)  # one kind: every solver runs on it
+    assert set(sslc.kind) == {"fisher"} and {"uniform", "epsilon", "greedy", "exact"} <= set(sslc.solver)
+    assert len(sslc) == len(set(sslc.solver)) and sslc.ppl.map(math.isfinite).all()
