@@ -72,6 +72,20 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_full_profile(tmp_path_factory):
+    """``(model, ids, profile)``: the tiny llama, 8 x 64 random calibration ids and their full-store profile
+    (whitened + fisher, every output-gradient Gram), for the sequential-calibration tests."""
+    import torch
+
+    from rankalloc.profiling.profile import profile_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    full = profile_model(model, ids, out=tmp_path_factory.mktemp("full"), device="cpu", kinds=("whitened", "fisher"),
+                         progress=False, store="full")
+    return model, ids, full
+
+
 def tiny_tokenizer(vocab_size: int = TINY_SIZES["vocab_size"]):
     """A real byte-level BPE tokenizer trained on a few sentences, with BOS/EOS, as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

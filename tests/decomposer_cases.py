@@ -49,6 +49,11 @@ def linear_choices(profile, rank_of) -> dict[Component, Choice]:
     return {c: rank_of(c) for c in profile.components}
 
 
+def quarter(c: Component) -> Choice:
+    """A quarter of the max rank (at least 1) for every matrix."""
+    return Choice(max(1, c.max_rank // 4))
+
+
 def varied(c: Component) -> Choice:
     """A mix: dense v, rank 0 for layer 1's k, full rank for layer 0's o, a quarter of the max rank otherwise."""
     if c.kind == "v":

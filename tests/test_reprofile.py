@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
-from decomposer_cases import allocation_of, linear_choices
-from rankalloc.allocators.problem import Choice
+from conftest import tiny_full_profile
+from decomposer_cases import allocation_of, linear_choices, quarter
 from rankalloc.decomposers import FisherSVDConfig, SVDConfig
 from rankalloc.decomposers.reprofile import ReprofileConfig, at_compressed_point, reprofile_loop
 from rankalloc.decomposers.sequential import SequentialConfig, _corrected, compress_sequential_
@@ -22,17 +21,7 @@ from rankalloc.profiling.probe import profile_damping
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from rankalloc.profiling.profile import profile_model
-
-    model = tiny_model("llama")
-    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
-    full = profile_model(model, ids, out=tmp_path_factory.mktemp("full"), device="cpu", kinds=("whitened", "fisher"),
-                         progress=False, store="full")
-    return model, ids, full
-
-
-def quarter(c):
-    return Choice(max(1, c.max_rank // 4))
+    return tiny_full_profile(tmp_path_factory)
 
 
 def inputs_of(model, name, ids):

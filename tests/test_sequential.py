@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
-from decomposer_cases import allocation_of, linear_choices, sola_choices, varied
+from conftest import tiny_full_profile
+from decomposer_cases import allocation_of, linear_choices, quarter, sola_choices, varied
 from rankalloc.allocators.problem import Choice
 from rankalloc.decomposers import FisherSVDConfig, SoLAConfig, SVDConfig, compress_
 from rankalloc.decomposers.modules import LowRankLinear
@@ -19,17 +19,7 @@ from rankalloc.profiling.numerics import Damping, damped_cholesky
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from rankalloc.profiling.profile import profile_model
-
-    model = tiny_model("llama")
-    ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
-    full = profile_model(model, ids, out=tmp_path_factory.mktemp("full"), device="cpu", kinds=("whitened", "fisher"),
-                         progress=False, store="full")
-    return model, ids, full
-
-
-def quarter(c):
-    return Choice(max(1, c.max_rank // 4))
+    return tiny_full_profile(tmp_path_factory)
 
 
 def final_hidden(model, ids):
