@@ -75,7 +75,8 @@ from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, lower_t_times_, svd, times_lower_)
-from rankalloc.profiling.sslc_table import salience_weights, support
+from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, salience_weights, same_fractions,
+                                            support, table_fractions)
 
 
 SCALINGS = ("diag", "whiten", "fisher")
@@ -453,30 +454,30 @@ def compress_sslc(model, allocation, config: SSLCConfig, profile, progress: bool
     return linear_handler(build, sparse=True, name="sslc")(model, allocation, config, profile, progress)
 
 
-SPARSITIES = (0.0, 0.01, 0.02, 0.04)
-"""Kept sparse fractions of the (rank, sparsity) table computed when a profile has none."""
 
 
 def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
     """(rank, kept sparsity) candidates in loss units: the profile's extra ``sslc`` table, or computed with ``model``
     on ranks that are multiples of ``grid`` and stored in the profile (replacing a stored table of an earlier
-    version that lacks the ``fisher`` kind)."""
-    from rankalloc.profiling.sslc_table import add_sslc_curves
-
+    version that lacks the ``fisher`` kind, or that was built on other kept fractions than
+    :data:`~rankalloc.profiling.sslc_table.DEFAULT_SPARSITIES`)."""
     if not profile.has_output_grams():
         raise ValueError(f"method 'sslc' prices and fits in the two-sided K-FAC metric, which needs the "
                          f"output-gradient Grams, and the profile at {profile.path} has none; profile with kind fisher "
                          f"and --store full (for the input metric: sslc_table.add_sslc_curves(kinds=('whitened',)) "
                          f"and SSLCConfig(scaling='whiten'))")
     stored = profile.extra("sslc") if profile.has_extra("sslc") else None
-    if stored is not None and "fisher" in stored.kinds:
+    if stored is not None and "fisher" in stored.kinds and same_fractions(stored, DEFAULT_SPARSITIES):
         return MethodCurves("sslc", stored)
-    if model is None:  # none stored, or one of an earlier version in the input metric only
-        what = "no SSLC table" if stored is None else f"an SSLC table without the loss-unit kind ({list(stored.kinds)})"
+    if model is None:  # none stored, one of an earlier version in the input metric only, or on other fractions
+        what = ("no SSLC table" if stored is None
+                else f"an SSLC table without the loss-unit kind ({list(stored.kinds)})" if "fisher" not in stored.kinds
+                else f"an SSLC table on kept fractions {list(table_fractions(stored))}, not "
+                     f"{list(DEFAULT_SPARSITIES)}")
         raise NeedsModel(f"method 'sslc': the profile at {profile.path} has {what}; pass the model to compute "
                          f"it (rankalloc.profiling.sslc_table.add_sslc_curves)")
     top = max(c.max_rank for c in profile.components)
-    return MethodCurves("sslc", add_sslc_curves(profile, model, np.arange(0, top + 1, grid), SPARSITIES,
+    return MethodCurves("sslc", add_sslc_curves(profile, model, np.arange(0, top + 1, grid), DEFAULT_SPARSITIES,
                                                 progress=progress))
 
 

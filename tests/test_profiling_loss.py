@@ -608,7 +608,8 @@ def test_sslc_curve_set_monotone_and_sparsity_helps(profiled):
     """The SSLC table validates as curves (non-increasing in rank and sparsity), its k=0 column equals the
     profile's whitened curve, and keeping 5% sparse entries lowers the error at every rank below full."""
     model, ids, prof = profiled
-    cs = sslc_curve_set(prof, model, ranks=[0, 8, 16, 32, 48], progress=False, kinds=("whitened", "energy"))
+    cs = sslc_curve_set(prof, model, ranks=[0, 8, 16, 32, 48], sparsities=(0.0, 0.01, 0.02, 0.05), progress=False,
+                        kinds=("whitened", "energy"))
     base = prof.curve_set(["whitened"])
     for cv in cs.curves("whitened", grid=8):
         c = cv.component
@@ -725,3 +726,23 @@ def test_sslc_curves_replace_a_stored_input_metric_table(profiled):
         sslc_curves(prof, None)
     mc = sslc_curves(prof, model, grid=16, progress=False)
     assert list(mc.curve_set.kinds) == ["fisher"] and list(prof.extra("sslc").kinds) == ["fisher"]
+
+
+def test_sslc_curves_rebuild_a_table_on_other_kept_fractions(profiled):
+    """A stored loss-unit SSLC table built on other kept fractions than DEFAULT_SPARSITIES (an earlier grid) is not
+    used: without the model it is a NeedsModel error naming both grids; with it the table is rebuilt on the
+    current fractions and then reused as stored."""
+    from rankalloc.decomposers.registry import NeedsModel
+    from rankalloc.decomposers.sslc import sslc_curves
+    from rankalloc.profiling.sslc_table import DEFAULT_SPARSITIES, add_sslc_curves, table_fractions
+
+    model, ids, prof = profiled
+    add_sslc_curves(prof, model, ranks=[0, 16], sparsities=(0.0, 0.01), progress=False, kinds=("fisher",))
+    with pytest.raises(NeedsModel, match=r"kept fractions \[0.0, 0.01\], not"):
+        sslc_curves(prof, None)
+    sslc_curves(prof, model, grid=16, progress=False)
+    rebuilt = prof.extra("sslc")
+    assert max(table_fractions(rebuilt)) == max(DEFAULT_SPARSITIES)
+    assert set(table_fractions(rebuilt)) <= set(DEFAULT_SPARSITIES)
+    again = sslc_curves(prof, None)  # now current: served from the profile without the model
+    assert table_fractions(again.curve_set) == table_fractions(rebuilt)
