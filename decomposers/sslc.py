@@ -454,8 +454,6 @@ def compress_sslc(model, allocation, config: SSLCConfig, profile, progress: bool
     return linear_handler(build, sparse=True, name="sslc")(model, allocation, config, profile, progress)
 
 
-
-
 def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
     """(rank, kept sparsity) candidates in loss units: the profile's extra ``sslc`` table, or computed with ``model``
     on ranks that are multiples of ``grid`` and stored in the profile (replacing a stored table of an earlier
