@@ -75,8 +75,8 @@ from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, lower_t_times_, svd, times_lower_)
-from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, salience_weights, same_fractions,
-                                            support, table_fractions)
+from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, built_fractions, salience_weights,
+                                            same_fractions, support, table_fractions)
 
 
 SCALINGS = ("diag", "whiten", "fisher")
@@ -465,12 +465,16 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
                          f"and --store full (for the input metric: sslc_table.add_sslc_curves(kinds=('whitened',)) "
                          f"and SSLCConfig(scaling='whiten'))")
     stored = profile.extra("sslc") if profile.has_extra("sslc") else None
-    if stored is not None and "fisher" in stored.kinds and same_fractions(stored, DEFAULT_SPARSITIES):
-        return MethodCurves("sslc", stored)
+    if stored is not None:
+        built = built_fractions(profile)
+        current = (same_fractions(stored, DEFAULT_SPARSITIES) if built is None  # stored before grids were recorded
+                   else built == tuple(sorted(float(k) for k in DEFAULT_SPARSITIES)))
+        if "fisher" in stored.kinds and current:
+            return MethodCurves("sslc", stored)
     if model is None:  # none stored, one of an earlier version in the input metric only, or on other fractions
         what = ("no SSLC table" if stored is None
                 else f"an SSLC table without the loss-unit kind ({list(stored.kinds)})" if "fisher" not in stored.kinds
-                else f"an SSLC table on kept fractions {list(table_fractions(stored))}, not "
+                else f"an SSLC table on kept fractions {list(built or table_fractions(stored))}, not "
                      f"{list(DEFAULT_SPARSITIES)}")
         raise NeedsModel(f"method 'sslc': the profile at {profile.path} has {what}; pass the model to compute "
                          f"it (rankalloc.profiling.sslc_table.add_sslc_curves)")

@@ -583,15 +583,27 @@ class Profile:
                 merged.update(new)
                 self._save(f, merged)
 
-    def write_extra(self, name: str, curve_set) -> None:
-        """Store another curve set (e.g. ``"sola"``, ``"flat"``, ``"sslc"``) as ``extra/<name>.csv``."""
+    def write_extra(self, name: str, curve_set, details: dict | None = None) -> None:
+        """Store another curve set (e.g. ``"sola"``, ``"flat"``, ``"sslc"``) as ``extra/<name>.csv``; ``details``
+        (JSON values, e.g. the grid it was built on) go into its file record, read back by :meth:`extra_details`."""
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][\w-]*", name):
             raise ValueError(f"extra curve set name: expected an identifier, received {name!r}")
+        details = dict(details or {})
+        if "components" in details:
+            raise ValueError(f"extra curve set {name!r}: 'components' is recorded from the curve set, not a detail")
         with files.folder_lock(self.path):
             f = self.path / "extra" / f"{name}.csv"
             f.parent.mkdir(exist_ok=True)
             curve_set.write_csv(f)
-            files.record(self.path, f, {"components": [c.name for c in curve_set.components]})
+            files.record(self.path, f, {"components": [c.name for c in curve_set.components], **details})
+
+    def extra_details(self, name: str) -> dict:
+        """The ``details`` :meth:`write_extra` recorded with the curve set ``name`` (empty for one stored without)."""
+        f = self.path / "extra" / f"{name}.csv"
+        if not f.exists():
+            self.extra(name)  # the error naming what is there
+        rec = self._verified(f)
+        return {k: v for k, v in (rec.get("contents") or {}).items() if k != "components"}
 
     def has_extra(self, name: str) -> bool:
         """Whether :meth:`write_extra` stored a curve set ``name`` here."""

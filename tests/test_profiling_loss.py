@@ -746,3 +746,24 @@ def test_sslc_curves_rebuild_a_table_on_other_kept_fractions(profiled):
     assert set(table_fractions(rebuilt)) <= set(DEFAULT_SPARSITIES)
     again = sslc_curves(prof, None)  # now current: served from the profile without the model
     assert table_fractions(again.curve_set) == table_fractions(rebuilt)
+
+
+def test_sslc_curves_compare_the_recorded_grid_exactly(profiled):
+    """The table records the kept fractions it was built on, so a grid that shares the largest fraction but lacks
+    others (0 and 4% only), which the cells alone cannot tell from the current grid, is still refused; a table
+    stored without a recorded grid (an earlier version) falls back to reading its cells."""
+    from rankalloc.decomposers.registry import NeedsModel
+    from rankalloc.decomposers.sslc import sslc_curves
+    from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, built_fractions, same_fractions,
+                                                table_fractions)
+
+    model, ids, prof = profiled
+    coarse = (0.0, max(DEFAULT_SPARSITIES))
+    cs = add_sslc_curves(prof, model, ranks=[0, 16], sparsities=coarse, progress=False, kinds=("fisher",))
+    assert built_fractions(prof) == coarse
+    assert same_fractions(cs, DEFAULT_SPARSITIES)  # what the cells alone would say
+    with pytest.raises(NeedsModel, match=r"kept fractions \[0.0, 0.04\], not"):
+        sslc_curves(prof, None)
+    prof.write_extra("sslc", cs)  # the same table with no grid in its record
+    assert built_fractions(prof) is None
+    assert table_fractions(sslc_curves(prof, None).curve_set) == coarse
