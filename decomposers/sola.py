@@ -24,6 +24,8 @@ Naming and accounting: the marginal sub-matrices are the components ``<mlp>.gate
 ``<mlp>.up_proj#marginal`` and ``<mlp>.down_proj#marginal`` (shapes ``(d-p) x hidden``, ``(d-p) x hidden``,
 ``hidden x (d-p)``, ``p = |P|``), all three per compressed layer. The allocation's budget prices only
 them; the prime weights are reported as ``fixed_params`` (outside the budget) on each part's report.
+``prime_index`` is bookkeeping, not priced: a gated FFN's output does not depend on the order of its neurons, so
+the forward never reads it (it lets a reader map the split back onto the original neurons).
 """
 
 from __future__ import annotations
