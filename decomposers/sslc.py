@@ -186,12 +186,6 @@ def brp(A: torch.Tensor, r: int, power_iters: int, generator: torch.Generator, n
     return Q
 
 
-def _top(salience: torch.Tensor, count: int) -> torch.Tensor:
-    """Flat indices of the ``count`` largest entries (ties broken by lower index), ascending."""
-    order = torch.argsort(salience.flatten(), descending=True, stable=True)[:count]
-    return torch.sort(order).values
-
-
 def sslc(W: torch.Tensor, G: torch.Tensor, rank: int, sparsity: float, config: SSLCConfig = SSLCConfig(),
          name: str = "matrix", Gg: torch.Tensor | None = None) -> SSLCResult:
     """Sparse plus low-rank ``W ~ U V + S`` minimising ``||(W - U V - S) X||`` (see module docstring), or, with
@@ -223,7 +217,7 @@ def sslc(W: torch.Tensor, G: torch.Tensor, rank: int, sparsity: float, config: S
 
     # the most salient weights of W itself are in the support of S from the first sparse step on;
     # GoDec's start S = 0 makes the first low-rank step the plain (scaled) rank-r approximation
-    fixed = _top((W.abs() * d) ** 2, fixed_count)
+    fixed = support(((W.abs() * d) ** 2).reshape(-1), fixed_count)
     S = torch.zeros_like(W)
 
     best, history = None, []
@@ -233,9 +227,7 @@ def sslc(W: torch.Tensor, G: torch.Tensor, rank: int, sparsity: float, config: S
         U, V = Q, Q.T @ (W - S)
         # (b) S = R on the top-nnz entries of delta_ij = (|R_ij| d_j)^2, the fixed set always included
         R = W - U @ V
-        salience = ((R.abs() * d) ** 2).contiguous()  # a transposed (Conv1D) weight gives strided results
-        salience.view(-1)[fixed] = math.inf
-        index = _top(salience, nnz)
+        index = support(((R.abs() * d) ** 2).reshape(-1), nnz, fixed)
         S = torch.zeros(m * n, dtype=PRECISION, device=W.device)
         S[index] = R.flatten()[index]
         S = S.view(m, n)
