@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rankalloc.allocators.costs import FlatParams
+from rankalloc.allocators.problem import Choice
 from rankalloc.decomposers.base import (allocation_items, apply_targets, check_profile_component, get_module,
                                         input_gram, linear_target, replace_module)
 from rankalloc.decomposers.modules import LowRankLinear, empty_linear, weight_params
@@ -311,6 +312,30 @@ def compress_flat(model, allocation, config: FlatConfig, profile, progress: bool
     return reports
 
 
+def vo_joins(name: str) -> str | None:
+    """Sequential calibration fits a ``vo`` component with the input group of its V (``<attention>.v_proj``)."""
+    return name[:-len(VO)] + ".v_proj" if name.endswith(VO) else None
+
+
+def remeasure_vo(model, component, inputs) -> dict:
+    """The value covariance of ``component``'s layer at the compressed model: ``C_g = sum_t y_t^g (y_t^g)^T`` of
+    ``y = W_v x + b_v`` over ``inputs`` (batches of V's compressed-model inputs, ``tokens x n``), with V's weight as
+    it is now (the corrected one), as ``{"value_covariance": {layer: C}}`` in float64."""
+    attn_name, attn, layer = _vo_plan(model, component, Choice(0))
+    W = attn.v_proj.weight.detach().to(PRECISION)
+    b = None if attn.v_proj.bias is None else attn.v_proj.bias.detach().to(PRECISION)
+    dh = attn.head_dim
+    kv = W.shape[0] // dh
+    C = torch.zeros(kv, dh, dh, dtype=PRECISION, device=W.device)
+    for X in inputs:
+        Y = X.to(PRECISION) @ W.T
+        if b is not None:
+            Y = Y + b
+        Y = Y.reshape(-1, kv, dh)
+        C += torch.einsum("tgi,tgj->gij", Y, Y)
+    return {"value_covariance": {layer: 0.5 * (C + C.transpose(1, 2))}}
+
+
 def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> MethodCurves:
     """One ``vo`` component per layer (value-head rank, priced by :class:`FlatParams`) plus the other matrices; the
     value-head ranks stop at head_dim, so that is the largest grid."""
@@ -324,4 +349,5 @@ def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 
 register_method(Method("flat", FlatConfig, compress_flat, flat_curves,
                        "FLAT-LLM: head-wise PCA of the value outputs absorbed into V and O; whitened SVD elsewhere",
-                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs"))
+                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", joins=vo_joins,
+                       remeasure=remeasure_vo))

@@ -14,7 +14,11 @@ A :class:`Method` holds everything the rest of the library needs to know about a
 - ``kind``, ``solver``: the curve kind and solver recommended with it; ``needs``: profile kinds its
   decomposer reads besides the input Grams (``fisher_svd`` reads the Fisher output-gradient Grams);
   ``matrixwise``: whether its decomposer fits each profiled matrix on its own from that matrix's Grams, so that
-  sequential calibration can hand it re-measured ones (default: the methods whose curves are the profile's own).
+  sequential calibration can hand it re-measured ones (default: the methods whose curves are the profile's own);
+- ``joins``, ``remeasure``: how sequential calibration serves a component that is not one matrix (FLAT's ``vo``):
+  ``joins(name)`` names the matrix whose input group fits it (None: an ordinary matrix), whose weight is corrected
+  like a member's, and ``remeasure(model, component, inputs)`` turns that matrix's compressed-model inputs
+  (batches of ``tokens x n``) into the profile statistics the decomposer reads instead, ``{method: {key: value}}``.
 
 ``register_method(Method(...))`` in the method's module makes it appear in ``compress_``, ``problem_for``,
 ``rankalloc compare``/``compress``/``pareto`` and their ``--method`` choices; nothing else is edited. The
@@ -70,6 +74,8 @@ class Method:
     solver: str = "exact"
     needs: tuple[str, ...] = ()
     matrixwise: bool | None = None
+    joins: Callable[[str], str | None] | None = None
+    remeasure: Callable | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -79,6 +85,9 @@ class Method:
         for what in ("compress", "curves"):
             if not callable(getattr(self, what)):
                 raise ValueError(f"method {self.name!r}: expected a callable {what}, received {getattr(self, what)!r}")
+        if (self.joins is None) != (self.remeasure is None):
+            raise ValueError(f"method {self.name!r}: joins and remeasure go together (sequential calibration of a "
+                             f"component that is not one matrix needs both)")
         for cls in self.modules:
             if not all(hasattr(cls, a) for a in ("spec_type", "spec", "from_spec")):
                 raise ValueError(f"method {self.name!r}: module class {cls!r} needs spec_type, spec() and from_spec()")
@@ -94,6 +103,12 @@ class Method:
         """Whether the decomposer fits each profiled matrix from its own Grams (``matrixwise``; by default the
         per-matrix methods), which is what sequential calibration needs."""
         return self.per_matrix if self.matrixwise is None else bool(self.matrixwise)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether sequential calibration can serve the method: it fits each matrix on its own, or says how its
+        other components join a matrix's input group (``joins``, ``remeasure``)."""
+        return self.fits_each_matrix or self.joins is not None
 
 
 METHODS: dict[str, Method] = {}

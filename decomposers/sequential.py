@@ -23,6 +23,11 @@ dense copy on the dense stream gives ``X``; the partly compressed layer on the c
 ``X_hat`` and stops there. So ``o_proj`` sees the compressed ``q, k, v`` and ``down_proj`` the compressed
 ``gate, up``, as well as every earlier layer. The output-gradient Grams of the two-sided method stay the dense
 profile's (they need a backward; see ``field.md``). One decoder layer's inputs are held per stream at a time.
+
+A component that is not one matrix joins the input group of the matrix its method names (``Method.joins``). FLAT's
+``vo`` joins its V: V's weight is corrected as a member's would be, and the value-head bases come from the value
+covariance at the compressed inputs, ``W_tilde_v G_hat W_tilde_v^T`` per head (``Method.remeasure``). Its O is
+not refitted (FLAT absorbs the bases into it).
 """
 
 from __future__ import annotations
@@ -70,9 +75,10 @@ def check_sequential(method: str, profile, run=None) -> None:
     from rankalloc.decomposers.registry import get_method
 
     m = get_method(method)
-    if not m.fits_each_matrix:
-        raise ValueError(f"sequential calibration: method {method!r} does not factor one matrix at a time; "
-                         f"expected a per-matrix method such as svd, fisher_svd, pgsvd or sslc")
+    if not m.sequential:
+        raise ValueError(f"sequential calibration: method {method!r} does not factor one matrix at a time, nor says "
+                         f"how its components join a matrix's inputs (Method.joins); expected a method such as svd, "
+                         f"fisher_svd, pgsvd, sslc or flat")
     if "fisher" in m.needs and not profile.has_output_grams():
         raise ValueError(f"sequential calibration with method {method!r} needs the output-gradient Grams, and the "
                          f"profile at {profile.path} keeps only the dense-point Fisher basis; profile with --store full")
@@ -82,10 +88,12 @@ def check_sequential(method: str, profile, run=None) -> None:
 
 class Remeasured:
     """The dense profile, with the input Grams of some matrices replaced by ones measured at the compressed
-    model. A stored Fisher basis or input root belongs to the dense inputs, so asking for one is an error."""
+    model, and any other statistics a method re-measures (``overrides``: ``{profile method: {key: value}}``, e.g.
+    FLAT's ``value_covariance`` of one layer). A stored Fisher basis or input root belongs to the dense inputs, so
+    asking for one is an error."""
 
-    def __init__(self, profile, grams: dict):
-        self._profile, self._grams = profile, grams
+    def __init__(self, profile, grams: dict, overrides: dict | None = None):
+        self._profile, self._grams, self._overrides = profile, grams, overrides or {}
 
     def input_gram(self, name: str):
         return self._grams[name] if name in self._grams else self._profile.input_gram(name)
@@ -102,7 +110,10 @@ class Remeasured:
                          f"--store full")
 
     def __getattr__(self, attr):
-        return getattr(self._profile, attr)
+        if attr.startswith("_") or attr not in self._overrides:
+            return getattr(self._profile, attr)
+        table, dense = self._overrides[attr], getattr(self._profile, attr)
+        return lambda key: table[key] if key in table else dense(key)
 
 
 def _corrected(W: torch.Tensor, C: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
@@ -117,7 +128,8 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
 
     ``ids``: the calibration token ids (``sequences x seqlen``), the ones ``profile`` was measured on; the
     first ``seq.samples`` are used. The method must fit each matrix from its own Grams (svd, fisher_svd, pgsvd,
-    sslc: ``Method.fits_each_matrix``); its own settings are ``config``. Returns the
+    sslc: ``Method.fits_each_matrix``), or say how its other components join a matrix's input group (FLAT's ``vo``
+    joins its V: ``Method.joins``); its own settings are ``config``. Returns the
     :class:`~rankalloc.decomposers.report.CompressionReport`, with the realized parameter count checked against
     the allocation as ``compress_`` does.
 
@@ -146,10 +158,14 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
     if unknown_kinds:
         raise ValueError(f"sequential calibration: cannot record curve kinds {unknown_kinds}; expected some of "
                          f"{list(RECORDABLE)}")
+    if record and method.joins is not None:
+        raise ValueError(f"sequential calibration: cannot record curves of method {method.name!r}, whose components "
+                         f"are not all single matrices")
     expected = expected_params(model, allocation)
     structure = find_structure(model)
     chosen = {c.name: ch for c, ch in allocation_items(allocation)}
-    unknown = sorted(set(chosen) - set(structure.modules))
+    joined = {n: method.joins(n) for n in chosen if method.joins is not None and method.joins(n) is not None}
+    unknown = sorted(n for n in set(chosen) - set(structure.modules) if joined.get(n) not in structure.modules)
     if unknown:
         raise ValueError(f"sequential calibration: components {unknown[:3]} are not decoder-layer linear maps of "
                          f"{type(model).__name__}")
@@ -164,7 +180,8 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
             module, calls = structure.layers[layer], cap.calls[layer]
             prefix = f"{structure.layers_path}.{layer}."
             groups = {g.members[0]: g for g in structure.layer_groups(layer)
-                      if any(n in chosen and (record or not chosen[n].is_dense) for n in g.members)}
+                      if any(n in chosen and (record or not chosen[n].is_dense)
+                             for n in (*g.members, *(j for j, v in joined.items() if v in g.members)))}
             if groups:  # the dense layer's inputs to each group, and the order the layer calls the groups in
                 reference = copy.deepcopy(module)
                 dense_x, dense_next = _inputs(reference, [n[len(prefix):] for n in groups], dense_h, calls, False)
@@ -173,7 +190,7 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
                     g = groups[prefix + local]
                     comp_x, _ = _inputs(module, [local], comp_h, calls, True)
                     reports += _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq,
-                                          record, ids.numel())
+                                          record, ids.numel(), joined)
                     del comp_x
                 del dense_x
             else:
@@ -239,9 +256,12 @@ def _record(record: dict, profile, name: str, W: torch.Tensor, G: torch.Tensor, 
 
 
 def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq, record=None,
-               n_tokens: int = 0) -> list:
-    """Correct (``W_tilde``) and compress the low-rank members of input group ``g`` at the compressed inputs;
-    with ``record``, price every member of the allocation at that point first (``compress_sequential_``)."""
+               n_tokens: int = 0, joined: dict | None = None) -> list:
+    """Correct (``W_tilde``) and compress the low-rank members of input group ``g`` at the compressed inputs, and
+    the components that join one of them (``joined``: component -> matrix; their statistics re-measured by
+    ``Method.remeasure`` at the corrected weight); with ``record``, price every member of the allocation at that
+    point first (``compress_sequential_``)."""
+    from rankalloc.decomposers.base import allocation_items
     from rankalloc.decomposers.streamed import sub_allocation
 
     device = comp_x[0][local].device
@@ -254,10 +274,12 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
     what = f"compressed-model input Gram of {g.key} (decoder layer {g.layer})"
     G = check_finite(0.5 * (G + G.T), what)
     names = [n for n in g.members if n in chosen and not chosen[n].is_dense]
+    joins = {n: v for n, v in (joined or {}).items() if v in g.members and not chosen[n].is_dense}
     if not bool(G.any()):  # upstream cut to rank 0: every weight gives the same output here, so keep the plain fit
-        if not names:
+        if not names and not joins:
             return []
-        return list(compress_(model, sub_allocation(allocation, names), config, profile, progress=False).components)
+        return list(compress_(model, sub_allocation(allocation, names + list(joins)), config, profile,
+                              progress=False).components)
     same = all(torch.equal(xd[local], xc[local]) for xd, xc in zip(dense_x, comp_x))
     correct = seq.correct and not same  # nothing compressed upstream yet: W_tilde would be W (up to the damping)
     if correct:
@@ -270,7 +292,19 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
             _record(record, profile, name, W, G, n_tokens)
         if correct and name in names:
             write_weight_(sub, W)
-    if not names:
+    overrides: dict = {}
+    if joins:
+        method = method_of_config(config)
+        components = {c.name: c for c, _ in allocation_items(allocation)}
+        for name, matrix in joins.items():
+            sub = model.get_submodule(matrix)
+            if correct and matrix not in names:
+                write_weight_(sub, _corrected(read_weight(sub, matrix), C, S))
+            got = method.remeasure(model, components[name], [xc[local] for xc in comp_x])
+            for attr, table in got.items():
+                overrides.setdefault(attr, {}).update(table)
+    if not names and not joins:
         return []
-    view = Remeasured(profile, {name: G for name in g.members})
-    return list(compress_(model, sub_allocation(allocation, names), config, view, progress=False).components)
+    view = Remeasured(profile, {name: G for name in g.members}, overrides)
+    return list(compress_(model, sub_allocation(allocation, names + list(joins)), config, view,
+                          progress=False).components)

@@ -24,12 +24,11 @@ PARTS = {"vo": ("vo",), "q": ("q",), "k": ("k",), "mlp": ("gate", "up", "down")}
 
 
 def main(argv=None) -> int:
-    from rankalloc.studies.study_quality import study_parser
+    from rankalloc.studies.study_quality import probe_parser, probe_setup
 
-    ap = study_parser(__doc__)
+    ap = probe_parser(__doc__, probe_samples=16)
     ap.add_argument("--ratio", type=float, default=0.4, help="fraction of linear-layer parameters removed")
     ap.add_argument("--kind", default="fisher_svd", help="FLAT curve kind of the exact optimum")
-    ap.add_argument("--probe-samples", type=int, default=16, help="calibration sequences the loss is measured on")
     ap.add_argument("--band", type=int, default=10, help="decoder layers per band")
     args = ap.parse_args(argv)
 
@@ -40,16 +39,13 @@ def main(argv=None) -> int:
     from rankalloc.decomposers.base import factorize_once
     from rankalloc.decomposers.problems import compress, method_curves, problem_for
     from rankalloc.profiling.probe import calibration_loss
-    from rankalloc.profiling.run import calibration_ids, prepare, profile
 
     t0 = time.perf_counter()
-    run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
-    prof = profile(run, kinds=("whitened", "fisher"), out=args.profile, store=args.store)
+    run, prof, ids = probe_setup(args)
     curves = method_curves(prof, "flat", run.model)
     priced = problem_for(prof, "flat", args.kind, args.ratio, curves=curves)
     allocations = {f"exact on {args.kind}": get_solver("exact").solve(priced),
                    "iprs": get_solver("iprs").solve(problem_for(prof, "flat", "whitened", args.ratio, curves=curves))}
-    ids = calibration_ids(run)[:args.probe_samples]
     dense = calibration_loss(run.model, ids)
     layers = 1 + max(c.layer for c in priced.components)
     rows = []

@@ -107,10 +107,9 @@ def output_price(u, h, P, kv: int, n_loss: int) -> float:
 
 
 def main(argv=None) -> int:
-    from rankalloc.studies.study_quality import study_parser
+    from rankalloc.studies.study_quality import probe_parser, probe_setup
 
-    ap = study_parser(__doc__)
-    ap.add_argument("--probe-samples", type=int, default=8, help="calibration sequences the loss is measured on")
+    ap = probe_parser(__doc__, probe_samples=8)
     ap.add_argument("--head-rank", type=int, default=16, help="head rank r kept in each KV head")
     ap.add_argument("--draws", type=int, default=2, help="sampled-label backwards per batch (the sampled column)")
     args = ap.parse_args(argv)
@@ -121,15 +120,12 @@ def main(argv=None) -> int:
 
     from rankalloc.profiling.flat import head_bases
     from rankalloc.profiling.probe import calibration_loss
-    from rankalloc.profiling.run import calibration_ids, prepare, profile
 
     t0 = time.perf_counter()
-    run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
-    prof = profile(run, kinds=("whitened", "fisher"), out=args.profile, store=args.store)
+    run, prof, ids = probe_setup(args)
     d = int(prof.meta["config"]["head_dim"])
     if not 0 <= args.head_rank < d:
         raise SystemExit(f"--head-rank: expected 0 <= r < head_dim = {d}, received {args.head_rank}")
-    ids = calibration_ids(run)[:args.probe_samples]
     model = run.model.eval()
     values = [c for c in prof.components if c.kind == "v"]
     stats = value_statistics(model, ids, [c.name for c in values])

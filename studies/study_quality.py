@@ -289,6 +289,24 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def probe_parser(doc: str, probe_samples: int) -> argparse.ArgumentParser:
+    """:func:`study_parser` plus ``--probe-samples``: the options of a study that measures calibration loss."""
+    ap = study_parser(doc)
+    ap.add_argument("--probe-samples", type=int, default=probe_samples,
+                    help="calibration sequences the loss is measured on")
+    return ap
+
+
+def probe_setup(args):
+    """``(run, profile, ids)`` of a :func:`probe_parser` study: the prepared model and text, its whitened + fisher
+    profile, and the first ``--probe-samples`` calibration sequences."""
+    from rankalloc.profiling.run import calibration_ids, prepare, profile
+
+    run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
+    prof = profile(run, kinds=("whitened", "fisher"), out=args.profile, store=args.store)
+    return run, prof, calibration_ids(run)[:args.probe_samples]
+
+
 def main(argv=None) -> int:
     ap = study_parser(__doc__)
     ap.add_argument("--windows", type=int, default=60)

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import tiny_full_profile
-from decomposer_cases import allocation_of, linear_choices, quarter, sola_choices, varied
+from decomposer_cases import FLAT_COSTS, allocation_of, flat_choices, linear_choices, quarter, sola_choices, varied
 from rankalloc.allocators.problem import Choice
+from rankalloc.decomposers.base import allocation_items
 from rankalloc.decomposers import FisherSVDConfig, SoLAConfig, SVDConfig, compress_
+from rankalloc.decomposers.flat import FlatAttention, FlatConfig
 from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.sequential import SequentialConfig, _corrected, compress_sequential_
 from rankalloc.decomposers.sslc import SSLCConfig
@@ -123,10 +125,58 @@ def test_a_group_behind_a_rank_zero_matrix_gets_the_plain_fit(setup):
     assert torch.allclose(a.second.weight @ a.first.weight, b.second.weight @ b.first.weight, atol=1e-6)
 
 
+def test_flat_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup):
+    """FLAT's vo joins its V's input group: the same value-head ranks, modules and exact count as plain FLAT, and a
+    final hidden state closer to the dense model's."""
+    model, ids, prof = setup
+    alloc = allocation_of(flat_choices(prof), FLAT_COSTS)
+    plain, seq = copy.deepcopy(model), copy.deepcopy(model)
+    r_plain = compress_(plain, alloc, FlatConfig(), prof, progress=False)
+    r_seq = compress_sequential_(seq, alloc, FlatConfig(), prof, ids, progress=False)
+    assert r_seq.params_after == r_plain.params_after
+    for (name, a), (_, b) in zip(plain.named_modules(), seq.named_modules()):
+        assert type(a) is type(b), name
+        if isinstance(a, FlatAttention):
+            assert a.value_dim == b.value_dim, name
+    dense = final_hidden(model, ids)
+    err_plain = float(((final_hidden(plain, ids) - dense) ** 2).sum())
+    err_seq = float(((final_hidden(seq, ids) - dense) ** 2).sum())
+    assert err_seq < 0.8 * err_plain, (err_seq, err_plain)
+
+
+def test_flat_sequential_takes_the_value_bases_at_the_compressed_inputs(setup):
+    """Without the correction, layer 1's value heads are cut by the covariance of W_v x_hat, x_hat being V's inputs
+    in the compressed model: the reported dropped eigenvalues are that covariance's tail, not the dense profile's."""
+    model, ids, prof = setup
+    alloc = allocation_of(flat_choices(prof), FLAT_COSTS)
+    plain, seq = copy.deepcopy(model), copy.deepcopy(model)
+    r_plain = compress_(plain, alloc, FlatConfig(), prof, progress=False)
+    r_seq = compress_sequential_(seq, alloc, FlatConfig(), prof, ids, SequentialConfig(correct=False),
+                                 progress=False)
+    name = "model.layers.1.self_attn.vo"
+    got = {}
+    v = seq.get_submodule("model.layers.1.self_attn.v_proj")
+    handle = v.register_forward_pre_hook(lambda mod, args: got.setdefault("x", args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        final_hidden(seq, ids)
+    finally:
+        handle.remove()
+    W = model.get_submodule("model.layers.1.self_attn.v_proj").weight.detach().double()
+    attn = model.get_submodule("model.layers.1.self_attn")
+    Y = (got["x"].double() @ W.T).reshape(-1, W.shape[0] // attn.head_dim, attn.head_dim)
+    lam = torch.linalg.eigvalsh(torch.einsum("tgi,tgj->gij", Y, Y))  # ascending
+    rank = {c.name: ch for c, ch in allocation_items(alloc)}[name].rank
+    tail = float(lam[:, : attn.head_dim - rank].sum())
+    seq_err = {c.name: c.predicted_error for c in r_seq.components}[name]
+    plain_err = {c.name: c.predicted_error for c in r_plain.components}[name]
+    assert seq_err == pytest.approx(tail, rel=1e-3)
+    assert abs(plain_err - tail) > 0.01 * tail
+
+
 def test_refusals_name_the_setting(setup, tmp_path):
     model, ids, prof = setup
     alloc = allocation_of(linear_choices(prof, quarter))
-    with pytest.raises(ValueError, match="per-matrix"):
+    with pytest.raises(ValueError, match="does not factor one matrix at a time"):
         compress_sequential_(copy.deepcopy(model), allocation_of(sola_choices(prof, model)), SoLAConfig(), prof, ids,
                              progress=False)
     with pytest.raises(ValueError, match="samples: 9 calibration sequences asked, 8 given"):
