@@ -25,7 +25,7 @@ Under torchrun (torchrun --nproc-per-node N -m rankalloc compress ...) the decod
 across the processes and rank 0 writes the model: the same weights as one process.
 --sequential N fits each matrix at the inputs of the already-compressed layers (decomposers.sequential), on the
 first N of the profile's calibration sequences, rebuilt from --text (the profile's text: checked by hash); a
-per-matrix method, the model in memory, one process; fisher_svd needs a --store full profile.
+per-matrix method or flat, the model in memory, one process; fisher_svd needs a --store full profile.
 
 examples:
   rankalloc profile --out runs/smollm2
@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
     parser.add_argument("--sequential", type=int, default=0, metavar="N",
                         help="fit every matrix at the inputs of the already-compressed layers, on the first N "
-                             "calibration sequences (per-matrix methods; 0: off, the default)")
+                             "calibration sequences (per-matrix methods and flat; 0: off, the default)")
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="with --sequential: the profile's calibration text, a file or a corpus name (wiki, "
                              "news; default: gensim's Wikipedia excerpt)")

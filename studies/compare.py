@@ -46,7 +46,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
         out: directory for one allocation JSON per row (``rankalloc compress --allocation`` reads them).
         log: called with a one-line note for each solve that produced no allocation.
         sequential: a :class:`~rankalloc.decomposers.sequential.SequentialConfig`: every allocation is built with
-            sequential calibration on the run's calibration sequences (per-matrix methods, model in memory).
+            sequential calibration on the run's calibration sequences (per-matrix methods and flat, model in memory).
 
     Every input is validated before any model is built: an unknown solver, method, cost model or
     curve kind, or an unreachable budget, raises ``ValueError`` saying what is available.

@@ -318,7 +318,7 @@ def main(argv=None) -> int:
                     help="also measure prefill/decode tokens per second of the dense and every compressed model")
     ap.add_argument("--sequential", type=int, default=0, metavar="N",
                     help="fit every matrix at the inputs of the already-compressed layers, measured on the first N "
-                         "calibration sequences (decomposers.sequential; per-matrix methods; 0: off)")
+                         "calibration sequences (decomposers.sequential; per-matrix methods and flat; 0: off)")
     ap.add_argument("--sequential-damp", type=float, default=None, metavar="D",
                     help="with --sequential: the ridge of the correction (SequentialConfig.damp, default 0.1)")
     ap.add_argument("--no-correction", action="store_true",

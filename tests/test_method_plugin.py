@@ -101,3 +101,27 @@ def test_the_command_line_offers_a_plugin_method(toy, tmp_path):
     bad = rankalloc("compress", "--profile", str(prof), "--allocation", str(alloc), "--method", "plain_svd",
                     "--out", str(tmp_path / "d"), env=env)
     assert bad.returncode == 1 and "unknown method 'plain_svd'" in bad.stderr and "fisher_svd" in bad.stderr
+
+
+def test_a_method_names_both_halves_of_its_sequential_join():
+    """``joins`` without ``remeasure`` (or the reverse) is refused when the Method is made, naming the method; with
+    both, sequential calibration accepts a method whose components are not single matrices."""
+    from dataclasses import dataclass
+
+    from rankalloc.decomposers.registry import Method, profile_curves
+
+    @dataclass(frozen=True)
+    class Cfg:
+        pass
+
+    def handler(model, allocation, config, profile, progress):
+        return []
+
+    curves = lambda *a, **k: None  # noqa: E731  (a non-per-matrix method: curves without the per_matrix mark)
+    for half in (dict(joins=lambda name: None), dict(remeasure=lambda model, c, inputs: {})):
+        with pytest.raises(ValueError, match="method 'halfway': joins and remeasure go together"):
+            Method("halfway", Cfg, handler, curves, "test", **half)
+    assert not Method("alone", Cfg, handler, curves, "test").sequential
+    assert Method("joined", Cfg, handler, curves, "test", joins=lambda name: None,
+                  remeasure=lambda model, c, inputs: {}).sequential
+    assert Method("matrices", Cfg, handler, profile_curves("matrices"), "test").sequential
