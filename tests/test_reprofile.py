@@ -122,7 +122,7 @@ def test_refusals_name_the_setting(setup, tmp_path):
     run = SimpleNamespace(model=model, loaded=SimpleNamespace(out_of_core=False))
     with pytest.raises(ValueError, match="curve kind 'whitened'"):
         next(reprofile_loop(run, prof, "svd", "whitened", 0.3, sequential=SequentialConfig(), ids=ids, progress=False))
-    with pytest.raises(ValueError, match="per-matrix"):
+    with pytest.raises(ValueError, match="does not factor one matrix at a time"):
         next(reprofile_loop(run, prof, "sola", "fisher_svd", 0.3, sequential=SequentialConfig(), ids=ids,
                             progress=False))
     from rankalloc.profiling.profile import profile_model
