@@ -45,14 +45,20 @@ def sparse_varied(c):
     return Choice(max(1, c.max_rank // 4), 0.02) if c.kind in ("gate", "down") else varied(c)
 
 
-@pytest.mark.parametrize("config,choose", [(SVDConfig(), varied), (FisherSVDConfig(), varied),
-                                           (SSLCConfig(iterations=2), sparse_varied)],
-                         ids=["svd", "fisher_svd", "sslc"])
-def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup, config, choose):
-    """Same modules and ranks as the plain method, the allocation's exact parameter count, and a final hidden state
-    closer to the dense model's on the calibration text than the plain decomposer gets."""
+def linear_case(choose):
+    return lambda prof: allocation_of(linear_choices(prof, choose))
+
+
+@pytest.mark.parametrize("config,make", [(SVDConfig(), linear_case(varied)), (FisherSVDConfig(), linear_case(varied)),
+                                         (SSLCConfig(iterations=2), linear_case(sparse_varied)),
+                                         (FlatConfig(), lambda prof: allocation_of(flat_choices(prof), FLAT_COSTS))],
+                         ids=["svd", "fisher_svd", "sslc", "flat"])
+def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup, config, make):
+    """Same modules and ranks (FLAT: value-head ranks; its vo joins its V's input group) as the plain method, the
+    allocation's exact parameter count, and a final hidden state closer to the dense model's on the calibration text
+    than the plain decomposer gets."""
     model, ids, prof = setup
-    alloc = allocation_of(linear_choices(prof, choose))
+    alloc = make(prof)
     plain, seq = copy.deepcopy(model), copy.deepcopy(model)
     r_plain = compress_(plain, alloc, config, prof, progress=False)
     r_seq = compress_sequential_(seq, alloc, config, prof, ids, progress=False)
@@ -61,6 +67,8 @@ def test_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setu
         assert type(a) is type(b), name
         if isinstance(a, LowRankLinear):
             assert a.rank == b.rank, name
+        if isinstance(a, FlatAttention):
+            assert a.value_dim == b.value_dim, name
     dense = final_hidden(model, ids)
     err_plain = float(((final_hidden(plain, ids) - dense) ** 2).sum())
     err_seq = float(((final_hidden(seq, ids) - dense) ** 2).sum())
@@ -123,25 +131,6 @@ def test_a_group_behind_a_rank_zero_matrix_gets_the_plain_fit(setup):
     name = "model.layers.1.self_attn.o_proj"
     a, b = plain.get_submodule(name), seq.get_submodule(name)
     assert torch.allclose(a.second.weight @ a.first.weight, b.second.weight @ b.first.weight, atol=1e-6)
-
-
-def test_flat_sequential_keeps_the_ranks_and_the_count_and_cuts_the_output_error(setup):
-    """FLAT's vo joins its V's input group: the same value-head ranks, modules and exact count as plain FLAT, and a
-    final hidden state closer to the dense model's."""
-    model, ids, prof = setup
-    alloc = allocation_of(flat_choices(prof), FLAT_COSTS)
-    plain, seq = copy.deepcopy(model), copy.deepcopy(model)
-    r_plain = compress_(plain, alloc, FlatConfig(), prof, progress=False)
-    r_seq = compress_sequential_(seq, alloc, FlatConfig(), prof, ids, progress=False)
-    assert r_seq.params_after == r_plain.params_after
-    for (name, a), (_, b) in zip(plain.named_modules(), seq.named_modules()):
-        assert type(a) is type(b), name
-        if isinstance(a, FlatAttention):
-            assert a.value_dim == b.value_dim, name
-    dense = final_hidden(model, ids)
-    err_plain = float(((final_hidden(plain, ids) - dense) ** 2).sum())
-    err_seq = float(((final_hidden(seq, ids) - dense) ** 2).sum())
-    assert err_seq < 0.8 * err_plain, (err_seq, err_plain)
 
 
 def test_flat_sequential_takes_the_value_bases_at_the_compressed_inputs(setup):
