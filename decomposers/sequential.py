@@ -164,8 +164,10 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
     expected = expected_params(model, allocation)
     structure = find_structure(model)
     chosen = {c.name: ch for c, ch in allocation_items(allocation)}
-    joined = {n: method.joins(n) for n in chosen if method.joins is not None and method.joins(n) is not None}
-    unknown = sorted(n for n in set(chosen) - set(structure.modules) if joined.get(n) not in structure.modules)
+    joined = {c.name: (v, c) for c, _ in allocation_items(allocation)
+              if method.joins is not None and (v := method.joins(c.name)) is not None}  # component -> (matrix, it)
+    unknown = sorted(n for n in set(chosen) - set(structure.modules)
+                     if n not in joined or joined[n][0] not in structure.modules)
     if unknown:
         raise ValueError(f"sequential calibration: components {unknown[:3]} are not decoder-layer linear maps of "
                          f"{type(model).__name__}")
@@ -181,7 +183,7 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
             prefix = f"{structure.layers_path}.{layer}."
             groups = {g.members[0]: g for g in structure.layer_groups(layer)
                       if any(n in chosen and (record or not chosen[n].is_dense)
-                             for n in (*g.members, *(j for j, v in joined.items() if v in g.members)))}
+                             for n in (*g.members, *(j for j, (v, _) in joined.items() if v in g.members)))}
             if groups:  # the dense layer's inputs to each group, and the order the layer calls the groups in
                 reference = copy.deepcopy(module)
                 dense_x, dense_next = _inputs(reference, [n[len(prefix):] for n in groups], dense_h, calls, False)
@@ -190,7 +192,7 @@ def compress_sequential_(model, allocation, config, profile, ids: torch.Tensor,
                     g = groups[prefix + local]
                     comp_x, _ = _inputs(module, [local], comp_h, calls, True)
                     reports += _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq,
-                                          record, ids.numel(), joined)
+                                          record, ids.numel(), joined, method)
                     del comp_x
                 del dense_x
             else:
@@ -256,12 +258,11 @@ def _record(record: dict, profile, name: str, W: torch.Tensor, G: torch.Tensor, 
 
 
 def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, profile, seq, record=None,
-               n_tokens: int = 0, joined: dict | None = None) -> list:
+               n_tokens: int = 0, joined: dict | None = None, method=None) -> list:
     """Correct (``W_tilde``) and compress the low-rank members of input group ``g`` at the compressed inputs, and
-    the components that join one of them (``joined``: component -> matrix; their statistics re-measured by
-    ``Method.remeasure`` at the corrected weight); with ``record``, price every member of the allocation at that
+    the components that join one of them (``joined``: component name -> (matrix, component); their statistics
+    re-measured by ``method.remeasure`` at the corrected weight); with ``record``, price every member of the allocation at that
     point first (``compress_sequential_``)."""
-    from rankalloc.decomposers.base import allocation_items
     from rankalloc.decomposers.streamed import sub_allocation
 
     device = comp_x[0][local].device
@@ -274,7 +275,7 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
     what = f"compressed-model input Gram of {g.key} (decoder layer {g.layer})"
     G = check_finite(0.5 * (G + G.T), what)
     names = [n for n in g.members if n in chosen and not chosen[n].is_dense]
-    joins = {n: v for n, v in (joined or {}).items() if v in g.members and not chosen[n].is_dense}
+    joins = {n: vc for n, vc in (joined or {}).items() if vc[0] in g.members and not chosen[n].is_dense}
     if not bool(G.any()):  # upstream cut to rank 0: every weight gives the same output here, so keep the plain fit
         if not names and not joins:
             return []
@@ -293,16 +294,13 @@ def _fit_group(model, g, local, chosen, dense_x, comp_x, allocation, config, pro
         if correct and name in names:
             write_weight_(sub, W)
     overrides: dict = {}
-    if joins:
-        method = method_of_config(config)
-        components = {c.name: c for c, _ in allocation_items(allocation)}
-        for name, matrix in joins.items():
-            sub = model.get_submodule(matrix)
-            if correct and matrix not in names:
-                write_weight_(sub, _corrected(read_weight(sub, matrix), C, S))
-            got = method.remeasure(model, components[name], [xc[local] for xc in comp_x])
-            for attr, table in got.items():
-                overrides.setdefault(attr, {}).update(table)
+    for matrix, component in joins.values():
+        sub = model.get_submodule(matrix)
+        if correct and matrix not in names:
+            write_weight_(sub, _corrected(read_weight(sub, matrix), C, S))
+        got = method.remeasure(model, component, [xc[local] for xc in comp_x])
+        for attr, table in got.items():
+            overrides.setdefault(attr, {}).update(table)
     if not names and not joins:
         return []
     view = Remeasured(profile, {name: G for name in g.members}, overrides)
