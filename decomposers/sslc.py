@@ -75,8 +75,8 @@ from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, lower_t_times_, svd, times_lower_)
-from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, built_fractions, salience_weights,
-                                            same_fractions, support, table_fractions)
+from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, built_fractions, fraction_grid,
+                                            salience_weights, same_fractions, support, table_fractions)
 
 
 SCALINGS = ("diag", "whiten", "fisher")
@@ -460,7 +460,7 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
     if stored is not None:
         built = built_fractions(profile)
         current = (same_fractions(stored, DEFAULT_SPARSITIES) if built is None  # stored before grids were recorded
-                   else built == tuple(sorted(float(k) for k in DEFAULT_SPARSITIES)))
+                   else built == fraction_grid(DEFAULT_SPARSITIES))
         if "fisher" in stored.kinds and current:
             return MethodCurves("sslc", stored)
     if model is None:  # none stored, one of an earlier version in the input metric only, or on other fractions

@@ -62,24 +62,29 @@ parts sit at 4%, the exact optimum put one matrix at 8% and measured ppl 49.3 ag
 units"), for a table one SVD per matrix dearer."""
 
 
+def fraction_grid(sparsities) -> tuple[float, ...]:
+    """A kept-fraction grid in the one form tables record and compare it in: distinct floats, ascending."""
+    return tuple(sorted({float(k) for k in sparsities}))
+
+
 def table_fractions(curve_set) -> tuple[float, ...]:
     """The kept fractions a stored table has cells at (dominated cells are dropped, so a fraction can be missing
     from single matrices, not normally from all)."""
-    return tuple(sorted({float(k) for c in curve_set.components for k in curve_set.sparsity.get(c.name, ())}))
+    return fraction_grid(k for c in curve_set.components for k in curve_set.sparsity.get(c.name, ()))
 
 
 def built_fractions(profile) -> tuple[float, ...] | None:
     """The kept fractions the profile's stored ``sslc`` table was built on, as :func:`add_sslc_curves` records them
     in its file record; ``None`` for a table stored before the grid was recorded."""
     got = profile.extra_details("sslc").get("sparsities")
-    return None if got is None else tuple(float(k) for k in got)
+    return None if got is None else fraction_grid(got)
 
 
 def same_fractions(curve_set, sparsities) -> bool:
     """Whether a table stored without its grid (before :func:`built_fractions`) was built on the kept fractions
     ``sparsities``, inferred from its cells: every fraction it has is one of them, and it reaches the largest. It
     cannot tell a subset grid that shares the largest fraction; a recorded grid is compared exactly instead."""
-    have, want = table_fractions(curve_set), sorted(float(k) for k in sparsities)
+    have, want = table_fractions(curve_set), fraction_grid(sparsities)
     return bool(have) and set(have) <= set(want) and max(have) == want[-1]
 
 
@@ -243,6 +248,6 @@ def add_sslc_curves(profile, model, ranks, sparsities=DEFAULT_SPARSITIES, progre
                     kinds=None) -> CurveSet:
     """Compute :func:`sslc_curve_set` and store it as the profile's extra curve set ``"sslc"``."""
     cs = sslc_curve_set(profile, model, ranks, sparsities, progress, kinds)
-    grid = sorted({float(k) for k in np.asarray(sparsities, dtype=np.float64).reshape(-1)})
-    profile.write_extra("sslc", cs, {"sparsities": grid})
+    grid = fraction_grid(np.asarray(sparsities, dtype=np.float64).reshape(-1).tolist())
+    profile.write_extra("sslc", cs, {"sparsities": list(grid)})
     return cs

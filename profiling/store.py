@@ -599,11 +599,17 @@ class Profile:
 
     def extra_details(self, name: str) -> dict:
         """The ``details`` :meth:`write_extra` recorded with the curve set ``name`` (empty for one stored without)."""
-        f = self.path / "extra" / f"{name}.csv"
-        if not f.exists():
-            self.extra(name)  # the error naming what is there
+        f = self._extra_file(name)
         rec = self._verified(f)
         return {k: v for k, v in (rec.get("contents") or {}).items() if k != "components"}
+
+    def _extra_file(self, name: str):
+        """The file of the curve set ``name``; a one-line error naming the sets there when it is missing."""
+        f = self.path / "extra" / f"{name}.csv"
+        if not f.exists():
+            have = sorted(p.stem for p in (self.path / "extra").glob("*.csv")) if (self.path / "extra").is_dir() else []
+            raise ValueError(f"no extra curve set {name!r} in the profile at {self.path}; it has {have}")
+        return f
 
     def has_extra(self, name: str) -> bool:
         """Whether :meth:`write_extra` stored a curve set ``name`` here."""
@@ -613,10 +619,7 @@ class Profile:
         """The curve set stored by :meth:`write_extra` under ``name``."""
         from rankalloc.allocators.curveset import CurveSet
 
-        f = self.path / "extra" / f"{name}.csv"
-        if not f.exists():
-            have = sorted(p.stem for p in (self.path / "extra").glob("*.csv")) if (self.path / "extra").is_dir() else []
-            raise ValueError(f"no extra curve set {name!r} in the profile at {self.path}; it has {have}")
+        f = self._extra_file(name)
         frame = self._csv(f)
         try:
             return CurveSet.from_frame(frame, name=name, layer_scores=self.layer_scores)
