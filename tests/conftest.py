@@ -24,38 +24,50 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, nu
 
 
 def tiny_config(arch: str = "llama", **overrides):
-    """A transformers config of a tiny decoder for ``arch`` (llama, mistral, qwen2, gemma, gemma2, gemma3,
-    phi3, opt, gpt2)."""
+    """A transformers config of a tiny decoder for ``arch`` (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3,
+    phi3, opt, gpt2). Overrides of :data:`TINY_SIZES` resize it; any other override is a field of that family's
+    config (``sliding_window``, ``layer_types``, ``head_dim``...) and must come out as given, so a family that does
+    not know it fails here instead of silently building another model."""
     import transformers as tf
 
-    s = {**TINY_SIZES, **overrides}
+    s = {**TINY_SIZES, **{k: v for k, v in overrides.items() if k in TINY_SIZES}}
+    extra = {k: v for k, v in overrides.items() if k not in TINY_SIZES}
     common = dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                   num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
                   num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=s["max_position_embeddings"], bos_token_id=1, eos_token_id=2)
     ids = dict(bos_token_id=1, eos_token_id=2)
+    head_dim = dict(head_dim=s["hidden_size"] // s["num_attention_heads"])
     if arch == "llama":
-        return tf.LlamaConfig(**common, tie_word_embeddings=True)
-    if arch == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**common)
-    if arch == "gemma":
-        return tf.GemmaConfig(**common, head_dim=s["hidden_size"] // s["num_attention_heads"])
-    if arch == "gemma2":
-        return tf.Gemma2Config(**common, head_dim=s["hidden_size"] // s["num_attention_heads"])
-    if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=s["hidden_size"] // s["num_attention_heads"])
-    if arch == "phi3":
-        return tf.Phi3Config(**common, pad_token_id=0)
-    if arch == "opt":
-        return tf.OPTConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], ffn_dim=s["intermediate_size"],
-                            num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-                            max_position_embeddings=s["max_position_embeddings"], word_embed_proj_dim=s["hidden_size"], **ids)
-    if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=s["vocab_size"], n_embd=s["hidden_size"], n_inner=s["intermediate_size"],
-                             n_layer=s["num_hidden_layers"], n_head=s["num_attention_heads"],
-                             n_positions=s["max_position_embeddings"], **ids)
-    raise ValueError(f"unknown tiny architecture {arch!r}")
+        cfg = tf.LlamaConfig(**{**common, "tie_word_embeddings": True, **extra})
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**{**common, "sliding_window": None, **extra})
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**{**common, **extra})
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**{**common, **head_dim, **extra})
+    elif arch == "gemma":
+        cfg = tf.GemmaConfig(**{**common, **head_dim, **extra})
+    elif arch == "gemma2":
+        cfg = tf.Gemma2Config(**{**common, **head_dim, **extra})
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(**{**common, **head_dim, **extra})
+    elif arch == "phi3":
+        cfg = tf.Phi3Config(**{**common, "pad_token_id": 0, **extra})
+    elif arch == "opt":
+        cfg = tf.OPTConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], ffn_dim=s["intermediate_size"],
+                           num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+                           max_position_embeddings=s["max_position_embeddings"], word_embed_proj_dim=s["hidden_size"],
+                           **{**ids, **extra})
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=s["vocab_size"], n_embd=s["hidden_size"], n_inner=s["intermediate_size"],
+                            n_layer=s["num_hidden_layers"], n_head=s["num_attention_heads"],
+                            n_positions=s["max_position_embeddings"], **{**ids, **extra})
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    lost = {k: (v, getattr(cfg, k, None)) for k, v in extra.items() if getattr(cfg, k, None) != v}
+    if lost:
+        raise ValueError(f"tiny {arch} config did not take {lost} (given, got)")
+    return cfg
 
 
 ARCHES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt2")

@@ -1,7 +1,8 @@
 """Every method's compressed model follows the host model's call contract: cached decoding, generation, save/load.
 
-For each method (svd, fisher_svd, pgsvd, sola, sslc, flat) on a tiny Llama-family and a tiny Gemma-family model
-(Gemma3: query/key norms, one sliding-window and one full layer, ``query_pre_attn_scalar`` != head_dim), the
+For each method (svd, fisher_svd, pgsvd, sola, sslc, flat) on a tiny Llama-family, Gemma-family and Qwen3 model
+(Gemma3: query/key norms, one sliding-window and one full layer, ``query_pre_attn_scalar`` != head_dim; Qwen3:
+query/key norms and a head_dim that is not hidden / heads, so q_proj is not square), the
 compressed model is saved and reloaded, then decoded incrementally with its KV cache. Every step's logits must equal
 the full forward's, and greedy generation with and without the cache must agree. A replaced module that dropped an
 argument (the cache, a position, a mask) fails here.
@@ -26,6 +27,7 @@ from rankalloc.decomposers.host import (AttentionContract, attention_contract, c
 FAMILIES = {
     "llama": dict(),
     "gemma3": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4, query_pre_attn_scalar=24),
+    "qwen3": dict(head_dim=24),
 }
 
 
@@ -92,14 +94,17 @@ def test_flat_with_value_rank_zero_decodes_with_the_cache(family):
 def test_flat_at_full_value_rank_reproduces_the_dense_model(family):
     """At value rank = head_dim the absorbed basis is orthonormal, so FLAT's attention must equal the host's: same
     scaling (Gemma's query_pre_attn_scalar), query/key norms, sliding-window and full layers."""
-    from decomposer_cases import FLAT_COSTS, HEAD_DIM, vo_component
+    from decomposer_cases import HEADS, KV_HEADS, vo_component
+    from rankalloc.allocators.costs import FlatParams
     from rankalloc.allocators.problem import DENSE, Choice
 
     name, model, ids, profile = family
     m = copy.deepcopy(model)
-    choices = {vo_component(l): Choice(HEAD_DIM) for l in range(2)}
+    head_dim = model.config.head_dim
+    choices = {vo_component(l): Choice(head_dim) for l in range(2)}
     choices.update({c: Choice(DENSE) for c in profile.components if c.kind not in ("v", "o")})
-    compress_(m, allocation_of(choices, FLAT_COSTS), FlatConfig(), profile, progress=False)
+    compress_(m, allocation_of(choices, {"params": FlatParams(head_dim, HEADS, KV_HEADS)}), FlatConfig(), profile,
+              progress=False)
     assert sum(type(x).__name__ == "FlatAttention" for x in m.modules()) == 2
     x = ids[:2, :12]
     with torch.no_grad():
