@@ -15,6 +15,9 @@ A :class:`Method` holds everything the rest of the library needs to know about a
   decomposer reads besides the input Grams (``fisher_svd`` reads the Fisher output-gradient Grams);
   ``matrixwise``: whether its decomposer fits each profiled matrix on its own from that matrix's Grams, so that
   sequential calibration can hand it re-measured ones (default: the methods whose curves are the profile's own);
+- ``store``: the profile store its curves and decomposer read (``"full"``: the float64 Grams, as SSLC's table and
+  fit in the two-sided metric need); :meth:`Method.profile_store` adds what sequential calibration needs, and the
+  commands that profile for a method (``compare``, ``pareto``) profile into that store;
 - ``joins``, ``remeasure``: how sequential calibration serves a component that is not one matrix (FLAT's ``vo``):
   ``joins(name)`` names the matrix whose input group fits it (None: an ordinary matrix), whose weight is corrected
   like a member's, and ``remeasure(model, component, inputs)`` turns that matrix's compressed-model inputs
@@ -74,6 +77,7 @@ class Method:
     solver: str = "exact"
     needs: tuple[str, ...] = ()
     matrixwise: bool | None = None
+    store: str = "compact"
     joins: Callable[[str], str | None] | None = None
     remeasure: Callable | None = None
 
@@ -85,6 +89,8 @@ class Method:
         for what in ("compress", "curves"):
             if not callable(getattr(self, what)):
                 raise ValueError(f"method {self.name!r}: expected a callable {what}, received {getattr(self, what)!r}")
+        if self.store not in ("compact", "full"):
+            raise ValueError(f"method {self.name!r}: store must be 'compact' or 'full', received {self.store!r}")
         if (self.joins is None) != (self.remeasure is None):
             raise ValueError(f"method {self.name!r}: joins and remeasure go together (sequential calibration of a "
                              f"component that is not one matrix needs both)")
@@ -109,6 +115,12 @@ class Method:
         """Whether sequential calibration can serve the method: it fits each matrix on its own, or says how its
         other components join a matrix's input group (``joins``, ``remeasure``)."""
         return self.fits_each_matrix or self.joins is not None
+
+    def profile_store(self, sequential: bool = False) -> str:
+        """The profile store that serves the method: its own ``store``, or ``"full"`` under sequential calibration
+        when it reads the output-gradient Grams (``"fisher"`` in ``needs``), which a compact store keeps only as
+        the dense point's Fisher basis."""
+        return "full" if self.store == "full" or (sequential and "fisher" in self.needs) else "compact"
 
 
 METHODS: dict[str, Method] = {}

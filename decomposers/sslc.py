@@ -479,4 +479,4 @@ register_method(Method("sslc", SSLCConfig, compress_sslc, sslc_curves,
                        "SSLC sparse + low-rank: W ~ L + S in the two-sided K-FAC metric (needs --store full), "
                        "(rank, sparsity) per matrix, the sparse part priced with its CSR indices",
                        modules=(SparseLowRankLinear,), kind="fisher", solver="exact", needs=("fisher",),
-                       matrixwise=True))
+                       matrixwise=True, store="full"))

@@ -108,8 +108,10 @@ def profile_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(k for k in PROFILE_KINDS if k in need)
 
 
-def profile_dir(run: Run, root: str | Path | None = None) -> Path:
-    """The cached profile directory of ``run``: keyed by model fingerprint, text, samples, seqlen and seed.
+def profile_dir(run: Run, root: str | Path | None = None, store: str = "compact") -> Path:
+    """The cached profile directory of ``run``: keyed by model fingerprint, text, samples, seqlen and seed, and by
+    the store when it is not the default ``compact`` (so a ``full`` profile, which SSLC and sequential calibration
+    need, is cached beside the compact one instead of clashing with it).
 
     Every curve kind of the run lives there: the spectral kinds are always stored, and loss-aware kinds
     (``fisher``, ``probe``) are added to the same directory when first asked for.
@@ -118,8 +120,11 @@ def profile_dir(run: Run, root: str | Path | None = None) -> Path:
     from rankalloc.profiling.store import FORMAT
     from rankalloc.profiling.text import text_fingerprint
 
-    key = json.dumps({"format": FORMAT, "model": run.loaded.fingerprint, "text": text_fingerprint(run.text), "samples": run.samples,
-                      "seqlen": run.seqlen, "seed": run.seed}, sort_keys=True)
+    fields = {"format": FORMAT, "model": run.loaded.fingerprint, "text": text_fingerprint(run.text),
+              "samples": run.samples, "seqlen": run.seqlen, "seed": run.seed}
+    if store != "compact":
+        fields["store"] = store
+    key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     base = Path(root) if root is not None else cache_dir() / "profiles"
     return base / f"{Path(str(run.loaded.model_id)).name}-{run.samples}x{run.seqlen}-{digest}"
@@ -153,7 +158,7 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
             _positive(option, value, 1)
     if store is not None and store not in STORES:
         raise ValueError(f"--store: expected one of {list(STORES)}, received {store!r}")
-    path = Path(out) if out is not None else profile_dir(run)
+    path = Path(out) if out is not None else profile_dir(run, store=store or "compact")
     distributed.on_main(lambda: files.check_output_folder(path, "--out", ours=(path / "meta.json").exists(),
                                                           overwrite=overwrite), "checking the output folder")
     with files.folder_lock(path) if distributed.is_main() else contextlib.nullcontext():
@@ -228,6 +233,26 @@ def profiled_model(prof, model: str | None = None) -> str | None:
     if not recorded or recorded == SMOLLM2_ID:
         return None
     return recorded
+
+
+def store_for(methods, sequential: bool = False) -> tuple[str, list[str]]:
+    """``(store, why)``: the profile store that serves every method in ``methods`` (registered names), ``"full"``
+    when one of them needs it (:meth:`~rankalloc.decomposers.registry.Method.profile_store`), with the names that
+    do."""
+    from rankalloc.decomposers.registry import get_method
+
+    why = [m for m in methods if get_method(m).profile_store(sequential) == "full"]
+    return ("full" if why else "compact"), why
+
+
+def check_store(prof, store: str, why: Sequence[str], sequential: bool = False) -> None:
+    """One-line ``ValueError`` when ``store`` is ``"full"`` and the given profile ``prof`` is compact, naming the
+    profile and the methods that need the full store, before anything is allocated or compressed."""
+    if store == "full" and prof.store_mode != "full":
+        what = ", ".join(repr(m) for m in why)
+        raise ValueError(f"--profile {prof.path} is a compact profile, and method {what}"
+                         f"{' with --sequential' if sequential else ''} needs the full store (the float64 Grams); "
+                         f"profile with `rankalloc profile --store full --out DIR` and pass that DIR")
 
 
 def check_same_model(loaded, prof) -> None:

@@ -86,7 +86,10 @@ def run(args) -> int:
     named("--cost", [args.cost], get_cost_model)
     need = list(kinds) + [k for m in methods for k in get_method(m).needs]
     pk = runs.profile_kinds(need)
+    store, why = runs.store_for(methods, bool(args.sequential))
     prof = Profile.load(args.profile) if args.profile else None
+    if prof is not None:
+        runs.check_store(prof, store, why, bool(args.sequential))
     model = runs.profiled_model(prof, args.model) if prof is not None else args.model
     t0 = time.perf_counter()
     run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
@@ -94,7 +97,7 @@ def run(args) -> int:
                         out_of_core=args.out_of_core)
     t1 = time.perf_counter()
     if prof is None:
-        prof = runs.profile(run_, pk)
+        prof = runs.profile(run_, pk, store=store)
     else:
         runs.check_same_model(run_.loaded, prof)
     t2 = time.perf_counter()

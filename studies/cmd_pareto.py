@@ -86,7 +86,8 @@ def load_curves(args, method):
 
     if args.profile is None:
         run_ = _model_run(args)
-        prof = runs.profile(run_, runs.profile_kinds([args.kind or "fisher", *method.needs]))
+        prof = runs.profile(run_, runs.profile_kinds([args.kind or "fisher", *method.needs]),
+                            store=method.profile_store())
         return run_, prof, method_curves(prof, method.name, run_.model, grid=args.grid or 16), args.grid or 16, \
             str(prof.path)
     path = Path(args.profile)
@@ -105,6 +106,7 @@ def load_curves(args, method):
     from rankalloc.profiling.store import Profile
 
     prof = Profile.load(path)
+    runs.check_store(prof, method.profile_store(), [method.name])
     grid = args.grid or 16
     run_ = _model_run(args, prof) if args.measure > 0 else None
     try:

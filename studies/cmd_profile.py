@@ -85,7 +85,7 @@ def run(args) -> int:
     kinds = runs.profile_kinds(comma_list(args.kinds))
     run_ = runs.prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                       device=args.device, out_of_core=args.out_of_core)
-    out = Path(args.out) if args.out else runs.profile_dir(run_)
+    out = Path(args.out) if args.out else runs.profile_dir(run_, store=args.store or "compact")
     try:
         prof = runs.profile(run_, kinds, out=out, batch_size=args.batch_size, resume=not args.restart,
                             fisher_samples=args.fisher_samples, store=args.store, overwrite=args.overwrite,

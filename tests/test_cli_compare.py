@@ -145,8 +145,7 @@ def test_compare_bad_input_is_one_line_naming_what_is_known(tmp_path, capsys):
 
 def test_compare_sequential_changes_the_fit_not_the_allocation(compared, tmp_path):
     """--sequential N builds each allocation with sequential calibration: the same allocations and parameter
-    counts as the plain run, another perplexity, and the setting recorded in compare.json. fisher_svd on a compact
-    profile is refused in one line naming --store full, before anything is compressed."""
+    counts as the plain run, another perplexity, and the setting recorded in compare.json."""
     proc, out, model_dir = compared
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = out.parent
@@ -160,11 +159,33 @@ def test_compare_sequential_changes_the_fit_not_the_allocation(compared, tmp_pat
     assert list(ours.removed_linear_params) == pytest.approx(list(plain.removed_linear_params), abs=0)
     assert (ours.ppl != plain.ppl).all()
     assert json.loads((tmp_path / "seq" / "compare.json").read_text())["sequential"] == 4
-    bad = rankalloc("compare", *common, "--solvers", "exact", "--methods", "fisher_svd", "--kinds", "fisher",
-                    "--sequential", "4", "--out", str(tmp_path / "bad"), env=env)
-    assert bad.returncode != 0
-    assert "--store full" in bad.stderr and "Traceback" not in bad.stderr
-    assert len([line for line in bad.stderr.splitlines() if "error" in line.lower()]) == 1
+
+
+def test_compare_profiles_the_store_its_methods_need(compared, tmp_path):
+    """SSLC, and fisher_svd under --sequential, read the float64 Grams of a full store. Without --profile, compare
+    profiles one (cached beside the compact profile, which stays as it was) and runs; a compact profile given with
+    --profile is refused in one line naming the profile, the method and --store full, before any allocation."""
+    from rankalloc.profiling.store import Profile
+
+    proc, out, model_dir = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = out.parent
+    compact = json.loads((out / "compare.json").read_text())["profile"]
+    common = ["--model", str(model_dir), "--text", str(root / "text.txt"), "--ratios", "0.3", "--samples", "8",
+              "--seqlen", "64", "--windows", "4", "--device", "cpu", "--solvers", "exact", "--kinds", "fisher"]
+    env = {"RANKALLOC_CACHE": str(root / "cache")}
+    for methods, extra in (("sslc", []), ("fisher_svd", ["--sequential", "4"])):
+        ran = rankalloc("compare", *common, "--methods", methods, *extra, "--out", str(tmp_path / methods), env=env)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        used = json.loads((tmp_path / methods / "compare.json").read_text())["profile"]
+        assert used != compact and Profile.load(used).store_mode == "full", methods
+        bad = rankalloc("compare", *common, "--methods", methods, *extra, "--profile", compact,
+                        "--out", str(tmp_path / f"bad-{methods}"), env=env)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+        errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and compact in errors[0] and repr(methods) in errors[0] and "--store full" in errors[0]
+        assert not (tmp_path / f"bad-{methods}" / "allocations").exists()
+    assert Profile.load(compact).store_mode == "compact"
 
 
 def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tmp_path):

@@ -125,3 +125,31 @@ def test_a_method_names_both_halves_of_its_sequential_join():
     assert Method("joined", Cfg, handler, curves, "test", joins=lambda name: None,
                   remeasure=lambda model, c, inputs: {}).sequential
     assert Method("matrices", Cfg, handler, profile_curves("matrices"), "test").sequential
+
+
+def test_a_method_states_the_profile_store_it_reads():
+    """``Method.store`` is 'compact' or 'full' (anything else is refused naming the method); ``profile_store`` is
+    'full' for a full-store method, and under sequential calibration for one that reads the Fisher output-gradient
+    Grams; the built-in SSLC reads the full store, and fisher_svd only when sequential."""
+    from dataclasses import dataclass
+
+    from rankalloc.decomposers.registry import Method, get_method, profile_curves
+    from rankalloc.profiling.run import store_for
+
+    @dataclass(frozen=True)
+    class Cfg:
+        pass
+
+    def handler(model, allocation, config, profile, progress):
+        return []
+
+    with pytest.raises(ValueError, match="method 'odd': store must be 'compact' or 'full'.*'fast'"):
+        Method("odd", Cfg, handler, profile_curves("odd"), "test", store="fast")
+    plain = Method("plain", Cfg, handler, profile_curves("plain"), "test")
+    loss = Method("loss", Cfg, handler, profile_curves("loss"), "test", needs=("fisher",))
+    assert [plain.profile_store(s) for s in (False, True)] == ["compact", "compact"]
+    assert [loss.profile_store(s) for s in (False, True)] == ["compact", "full"]
+    assert get_method("sslc").profile_store() == "full" and get_method("svd").profile_store(True) == "compact"
+    assert store_for(["svd", "fisher_svd"]) == ("compact", [])
+    assert store_for(["svd", "fisher_svd"], sequential=True) == ("full", ["fisher_svd"])
+    assert store_for(["sslc", "flat"]) == ("full", ["sslc"])
