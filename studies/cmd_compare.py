@@ -56,8 +56,8 @@ def add_arguments(parser) -> None:
                         help="seconds, for solvers that take a time limit (exact)")
     parser.add_argument("--sequential", type=int, default=0, metavar="N",
                         help="fit every matrix at the inputs of the already-compressed layers, on the first N "
-                             "calibration sequences (per-matrix methods and flat; fisher_svd needs a --store full profile; "
-                             "default 0: off)")
+                             "calibration sequences (per-matrix methods and flat; fisher_svd reads a full-store profile, "
+                             "profiled when no --profile is given; default 0: off)")
     parser.add_argument("--out", default="rankalloc-compare", metavar="DIR",
                         help="output directory (default ./rankalloc-compare); new, empty or an earlier compare output")
     parser.add_argument("--overwrite", action="store_true",

@@ -285,7 +285,8 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--ratios", default="0.2,0.3,0.4", help="fractions of linear-layer parameters REMOVED")
     ap.add_argument("--profile", default=None, help="profile directory (default: cached path for the settings)")
     ap.add_argument("--store", default=None, choices=("compact", "full"),
-                    help="profile store for a new profile (default compact; sequential fisher_svd needs full)")
+                    help="profile store for a new profile (default compact; study_quality picks full when a combo's "
+                         "method needs it, as sslc and sequential fisher_svd do)")
     return ap
 
 
@@ -340,16 +341,21 @@ def main(argv=None) -> int:
         return 0
 
     import rankalloc  # noqa: F401
-    from rankalloc.profiling.run import prepare, profile
+    from rankalloc.profiling.run import prepare, profile, store_for
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     combos = [parse_combo(c) for c in args.combo] if args.combo else list(DEFAULT_COMBOS)
+    needed, why = store_for(sorted({c[0] for c in combos}), bool(args.sequential))
+    if needed == "full" and args.store == "compact":
+        raise SystemExit(f"--store compact: method {', '.join(map(repr, why))}"
+                         f"{' with --sequential' if args.sequential else ''} needs the full store")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     gap_kinds = args.gaps.split(",") if args.gaps else [RECOMMENDED[1]]
-    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile, store=args.store)
+    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile,
+                   store=args.store or (needed if needed == "full" else None))
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
     import pandas as pd
 

@@ -115,3 +115,15 @@ def test_sequential_rows_and_per_method_agreement(tmp_path):
     sslc = method_agreement(run, prof, ["sslc"], [0.3], progress=False)  # one kind: every solver runs on it
     assert set(sslc.kind) == {"fisher"} and {"uniform", "epsilon", "greedy", "exact"} <= set(sslc.solver)
     assert len(sslc) == len(set(sslc.solver)) and sslc.ppl.map(math.isfinite).all()
+
+
+def test_a_combo_that_needs_the_full_store_refuses_compact_before_any_work(tmp_path):
+    """``--store compact`` with an SSLC combo, or with fisher_svd under --sequential, stops in one line naming the
+    method, before the output folder is made or any model is loaded."""
+    from rankalloc.studies.study_quality import main
+
+    for extra, method in ((["--combo", "sslc:fisher:exact"], "'sslc'"),
+                          (["--combo", "fisher_svd:fisher:exact", "--sequential", "4"], "'fisher_svd' with --sequential")):
+        with pytest.raises(SystemExit, match=f"--store compact: method {method} needs the full store"):
+            main([*extra, "--store", "compact", "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
