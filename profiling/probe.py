@@ -50,6 +50,22 @@ def read_weight(module: torch.nn.Module, name: str = "") -> torch.Tensor:
     return check_finite(weight_of(module).detach().to(PRECISION), f"weight of {name}").clone()
 
 
+def model_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The ``(out, in)`` float64 weight of the matrix ``name`` of ``model`` (a copy): from memory, or, for an
+    out-of-core skeleton (:func:`~rankalloc.profiling.weights.load_out_of_core`), that one tensor read from its
+    checkpoint, so curves that need a weight (SoLA's, SSLC's) are built one matrix resident at a time."""
+    from rankalloc.profiling.weights import source_of
+
+    module = component_module(model, name)
+    if weight_of(module).device.type != "meta":
+        return read_weight(module, name)
+    weights = source_of(model)
+    if weights is None:
+        raise ValueError(f"weight of {name}: on the meta device, and the model has no checkpoint to read it from "
+                         f"(load it with load_out_of_core, or in memory)")
+    return check_finite(weights.matrix(module, name).to(PRECISION), f"weight of {name}").clone()
+
+
 def write_weight_(module: torch.nn.Module, W: torch.Tensor) -> None:
     """Copy an ``(out, in)`` matrix into the module's weight, in its dtype and layout (in place)."""
     w = weight_of(module)

@@ -34,7 +34,7 @@ from rankalloc.allocators.curveset import CurveSet
 from rankalloc.allocators.problem import Component
 from rankalloc.profiling.fisher import fisher_curve, fisher_svd_curve
 from rankalloc.profiling.numerics import PRECISION, Damping, damped_cholesky, singular_values
-from rankalloc.profiling.probe import profile_damping
+from rankalloc.profiling.probe import model_weight, profile_damping
 from rankalloc.profiling.spectra import BASE_KINDS, curves
 
 FFN_KINDS = ("gate", "up", "gate_up", "down")
@@ -132,9 +132,7 @@ def fixed_prime_params(components, prime_count: dict[int, int], d: int) -> int:
 
 def _weights(model_or_weights, name: str) -> torch.Tensor:
     if isinstance(model_or_weights, torch.nn.Module):
-        from rankalloc.profiling.probe import component_module, read_weight
-
-        return read_weight(component_module(model_or_weights, name), name)
+        return model_weight(model_or_weights, name)
     if name not in model_or_weights:
         raise ValueError(f"component {name!r}: no weight given (expected a model or a dict name -> (out, in) weight)")
     return torch.as_tensor(model_or_weights[name]).to(PRECISION)

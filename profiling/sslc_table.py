@@ -202,7 +202,7 @@ def sslc_curve_set(profile, model, ranks, sparsities=DEFAULT_SPARSITIES, progres
     ``fisher`` when the profile stores the output-gradient Grams, else ``whitened`` and ``energy``."""
     from tqdm.auto import tqdm
 
-    from rankalloc.profiling.probe import component_module, profile_damping, read_weight
+    from rankalloc.profiling.probe import model_weight, profile_damping
 
     ranks = np.unique(np.asarray(ranks, dtype=np.int64))
     if len(ranks) == 0 or ranks.min() < 0:
@@ -226,7 +226,7 @@ def sslc_curve_set(profile, model, ranks, sparsities=DEFAULT_SPARSITIES, progres
     out_r, out_k, errors = {}, {}, {k: {} for k in kinds}
     for c in tqdm(profile.components, desc="SSLC table", disable=not progress):
         rs = ranks[ranks <= c.max_rank]
-        W = read_weight(component_module(model, c.name), c.name)
+        W = model_weight(model, c.name)
         Gx = profile.input_gram(c.name)
         cell_r, cell_k = np.repeat(rs, len(sparsities)), np.tile(sparsities, len(rs))
         if "fisher" in kinds:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -208,6 +209,15 @@ def _release(module: torch.nn.Module) -> None:
                                                            requires_grad=p.requires_grad)
 
 
+_SOURCES: "weakref.WeakKeyDictionary[torch.nn.Module, Weights]" = weakref.WeakKeyDictionary()
+"""The checkpoint-backed :class:`Weights` of each out-of-core skeleton, for :func:`source_of`."""
+
+
+def source_of(model: torch.nn.Module) -> "Weights | None":
+    """The out-of-core :class:`Weights` whose checkpoint holds ``model``'s meta parameters (None: none)."""
+    return _SOURCES.get(model)
+
+
 class Weights:
     """A model and the source of its parameters (``checkpoint=None``: they are in memory already)."""
 
@@ -216,6 +226,8 @@ class Weights:
         self.dtype = next(model.parameters()).dtype
         self._meta: dict = {}
         self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        if checkpoint is not None:
+            _SOURCES[model] = self
 
     @property
     def out_of_core(self) -> bool:

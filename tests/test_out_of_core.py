@@ -301,3 +301,27 @@ def test_compare_out_of_core_equals_in_memory(tmp_path, monkeypatch):
         frames[label] = pd.read_csv(tmp_path / label / "compare.csv")
     cols = ["method", "solver", "ppl", "removed_linear_params", "removed_model_params", "predicted_objective"]
     pd.testing.assert_frame_equal(frames["ooc"][cols], frames["memory"][cols], rtol=1e-9)
+
+
+def test_curves_that_read_weights_build_out_of_core(setup):
+    """SoLA's marginal curves and SSLC's (rank, sparsity) table read each weight from the checkpoint when the model
+    is an out-of-core skeleton: the same tables as in memory, with the skeleton's layers still on meta. A meta
+    model with no checkpoint behind it is refused naming the weight."""
+    import pandas as pd
+    import transformers
+
+    from rankalloc.profiling.probe import model_weight
+    from rankalloc.profiling.sola import sola_curve_set
+    from rankalloc.profiling.sslc_table import sslc_curve_set
+    from rankalloc.profiling.weights import skeleton
+
+    folder, loaded, prof, _ = setup
+    ooc = load_model(folder, progress=False, out_of_core=True)
+    for build in (lambda m: sola_curve_set(prof, m, 0.15).curve_set,
+                  lambda m: sslc_curve_set(prof, m, ranks=(0, 4, 8), progress=False)):
+        want, got = build(loaded.model), build(ooc.model)
+        pd.testing.assert_frame_equal(got.to_frame(), want.to_frame(), rtol=1e-12)
+    assert all(p.device.type == "meta" for p in ooc.model.model.layers.parameters())
+    bare = skeleton(transformers.AutoConfig.from_pretrained(folder), torch.float32)
+    with pytest.raises(ValueError, match=r"weight of model\.layers\.0\.mlp\.up_proj: on the meta device"):
+        model_weight(bare, "model.layers.0.mlp.up_proj")
