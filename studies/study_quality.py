@@ -179,9 +179,9 @@ def gap_table(gaps) -> str:
 
 
 def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, speed, total_linear, total_model,
-                 sequential=None):
+                 sequential=None, progress: bool = False):
     """Solve, compress (timed, with the process peak RSS) and evaluate one combo at one ratio (``sequential``: a
-    ``SequentialConfig``, or None for the plain decomposer)."""
+    ``SequentialConfig``, or None for the plain decomposer; ``progress``: the sequential build's bar, minutes long)."""
     from rankalloc.allocators.registry import get_solver
     from rankalloc.decomposers.evaluate import evaluate, model_params
     from rankalloc.decomposers.evaluate import throughput as measure_speed
@@ -192,7 +192,8 @@ def _quality_row(run, prof, curves, method, kind, solver, grid, ratio, dense, sp
     with watch if watch is not None else contextlib.nullcontext():
         problem = problem_for(prof, method=method, kind=kind, removed=ratio, grid=grid, curves=curves)
         allocation = get_solver(solver).solve(problem)
-        model, report = compress(run, prof, allocation, method=method, progress=False, sequential=sequential)
+        model, report = compress(run, prof, allocation, method=method, sequential=sequential,
+                                 progress=progress and sequential is not None)
     t1 = time.perf_counter()
     res = evaluate(model, run, progress=False)
     kept_linear = total_linear - report.params_before + report.params_after  # untouched matrices kept
@@ -264,7 +265,7 @@ def _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_l
             if key not in curves:  # SoLA / SSLC / FLAT curve sets are built (and stored) on first use, untimed
                 curves[key] = method_curves(prof, method, run.model, grid=grid, progress=progress)
             row, model, allocation = _quality_row(run, prof, curves[key], method, kind, solver, grid, ratio, dense,
-                                                  speed, total_linear, total_model, sequential)
+                                                  speed, total_linear, total_model, sequential, progress)
             rows.append(row)
             print(f"{ratio:.0%} {method + ('+seq' if sequential else ''):10s} {kind:11s} {solver:10s} ppl "
                   f"{row['ppl']:9.2f}  removed(linear) "
