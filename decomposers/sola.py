@@ -256,7 +256,7 @@ def sola_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
         cs = profile.extra("sola")
     elif model is None:
         raise NeedsModel(f"method 'sola': the profile at {profile.path} has no SoLA curves; pass the model to compute "
-                         f"them (rankalloc.profiling.sola.add_sola_curves)")
+                         f"them once (problem_for(..., model=run.model), or rankalloc.profiling.sola.add_sola_curves)")
     else:
         cs = add_sola_curves(profile, model, SoLAConfig().gamma, progress=progress).curve_set
     fixed = sum(c.m * c.n for c in profile.components) - sum(c.m * c.n for c in cs.components)

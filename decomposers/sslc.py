@@ -469,7 +469,7 @@ def sslc_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
                 else f"an SSLC table on kept fractions {list(built or table_fractions(stored))}, not "
                      f"{list(DEFAULT_SPARSITIES)}")
         raise NeedsModel(f"method 'sslc': the profile at {profile.path} has {what}; pass the model to compute "
-                         f"it (rankalloc.profiling.sslc_table.add_sslc_curves)")
+                         f"it once (problem_for(..., model=run.model), or rankalloc.profiling.sslc_table.add_sslc_curves)")
     top = max(c.max_rank for c in profile.components)
     return MethodCurves("sslc", add_sslc_curves(profile, model, np.arange(0, top + 1, grid), DEFAULT_SPARSITIES,
                                                 progress=progress))
