@@ -245,14 +245,22 @@ def store_for(methods, sequential: bool = False) -> tuple[str, list[str]]:
     return ("full" if why else "compact"), why
 
 
-def check_store(prof, store: str, why: Sequence[str], sequential: bool = False) -> None:
+def check_store(prof, store: str, why: Sequence[str]) -> None:
     """One-line ``ValueError`` when ``store`` is ``"full"`` and the given profile ``prof`` is compact, naming the
-    profile and the methods that need the full store, before anything is allocated or compressed."""
+    profile and the methods that need the full store (``why``, from :func:`store_for`), before anything is
+    allocated or compressed."""
     if store == "full" and prof.store_mode != "full":
-        what = ", ".join(repr(m) for m in why)
-        raise ValueError(f"--profile {prof.path} is a compact profile, and method {what}"
-                         f"{' with --sequential' if sequential else ''} needs the full store (the float64 Grams); "
-                         f"profile with `rankalloc profile --store full --out DIR` and pass that DIR")
+        raise ValueError(f"--profile {prof.path} is a compact profile, and method {store_reasons(why)} needs the full "
+                         f"store (the float64 Grams); profile with `rankalloc profile --store full --out DIR` and pass "
+                         f"that DIR")
+
+
+def store_reasons(why: Sequence[str]) -> str:
+    """The methods of :func:`store_for`'s ``why`` as an error names them: ``'sslc'``, or ``'fisher_svd' with
+    --sequential`` for one that needs the full store only under sequential calibration."""
+    from rankalloc.decomposers.registry import get_method
+
+    return ", ".join(f"{m!r}{' with --sequential' if get_method(m).profile_store() != 'full' else ''}" for m in why)
 
 
 def check_same_model(loaded, prof) -> None:

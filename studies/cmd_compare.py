@@ -89,7 +89,7 @@ def run(args) -> int:
     store, why = runs.store_for(methods, bool(args.sequential))
     prof = Profile.load(args.profile) if args.profile else None
     if prof is not None:
-        runs.check_store(prof, store, why, bool(args.sequential))
+        runs.check_store(prof, store, why)
     model = runs.profiled_model(prof, args.model) if prof is not None else args.model
     t0 = time.perf_counter()
     run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,

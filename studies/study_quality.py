@@ -342,14 +342,13 @@ def main(argv=None) -> int:
         return 0
 
     import rankalloc  # noqa: F401
-    from rankalloc.profiling.run import prepare, profile, store_for
+    from rankalloc.profiling.run import prepare, profile, store_for, store_reasons
 
     ratios = [float(r) for r in args.ratios.split(",")]
     combos = [parse_combo(c) for c in args.combo] if args.combo else list(DEFAULT_COMBOS)
     needed, why = store_for(sorted({c[0] for c in combos}), bool(args.sequential))
     if needed == "full" and args.store == "compact":
-        raise SystemExit(f"--store compact: method {', '.join(map(repr, why))}"
-                         f"{' with --sequential' if args.sequential else ''} needs the full store")
+        raise SystemExit(f"--store compact: method {store_reasons(why)} needs the full store")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -130,11 +130,11 @@ def test_a_method_names_both_halves_of_its_sequential_join():
 def test_a_method_states_the_profile_store_it_reads():
     """``Method.store`` is 'compact' or 'full' (anything else is refused naming the method); ``profile_store`` is
     'full' for a full-store method, and under sequential calibration for one that reads the Fisher output-gradient
-    Grams; the built-in SSLC reads the full store, and fisher_svd only when sequential."""
+    Grams; the built-in SSLC reads the full store, and fisher_svd only when sequential, which the refusals say."""
     from dataclasses import dataclass
 
     from rankalloc.decomposers.registry import Method, get_method, profile_curves
-    from rankalloc.profiling.run import store_for
+    from rankalloc.profiling.run import store_for, store_reasons
 
     @dataclass(frozen=True)
     class Cfg:
@@ -153,3 +153,4 @@ def test_a_method_states_the_profile_store_it_reads():
     assert store_for(["svd", "fisher_svd"]) == ("compact", [])
     assert store_for(["svd", "fisher_svd"], sequential=True) == ("full", ["fisher_svd"])
     assert store_for(["sslc", "flat"]) == ("full", ["sslc"])
+    assert store_reasons(["sslc", "fisher_svd"]) == "'sslc', 'fisher_svd' with --sequential"
