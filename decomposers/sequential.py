@@ -69,9 +69,9 @@ class SequentialConfig:
             raise ValueError(f"SequentialConfig: expected batch_size >= 1, received {self.batch_size!r}")
 
 
-def check_sequential(method: str, profile, run=None) -> None:
+def check_sequential(method: str, profile=None, run=None) -> None:
     """``ValueError`` naming the method or the setting when sequential calibration cannot serve ``method`` with
-    ``profile`` (checked before anything is compressed)."""
+    ``profile`` (checked before anything is compressed; ``profile=None``: the method alone, before profiling)."""
     from rankalloc.decomposers.registry import get_method
 
     m = get_method(method)
@@ -79,7 +79,7 @@ def check_sequential(method: str, profile, run=None) -> None:
         raise ValueError(f"sequential calibration: method {method!r} does not factor one matrix at a time, nor says "
                          f"how its components join a matrix's inputs (Method.joins); expected a method such as svd, "
                          f"fisher_svd, pgsvd, sslc or flat")
-    if "fisher" in m.needs and not profile.has_output_grams():
+    if profile is not None and "fisher" in m.needs and not profile.has_output_grams():
         raise ValueError(f"sequential calibration with method {method!r} needs the output-gradient Grams, and the "
                          f"profile at {profile.path} keeps only the dense-point Fisher basis; profile with --store full")
     if run is not None and getattr(run.loaded, "out_of_core", False):

@@ -86,6 +86,11 @@ def run(args) -> int:
     named("--cost", [args.cost], get_cost_model)
     need = list(kinds) + [k for m in methods for k in get_method(m).needs]
     pk = runs.profile_kinds(need)
+    if args.sequential:
+        from rankalloc.decomposers.sequential import check_sequential
+
+        for m in methods:  # before anything is profiled
+            check_sequential(m)
     store, why = runs.store_for(methods, bool(args.sequential))
     prof = Profile.load(args.profile) if args.profile else None
     if prof is not None:

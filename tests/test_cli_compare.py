@@ -212,3 +212,22 @@ def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tm
     assert "--text" in bad.stderr and "not the text the profile" in bad.stderr
     lone = rankalloc(*common, "--text", str(other), "--out", str(tmp_path / "lone"))
     assert lone.returncode != 0 and "--text is read only with --sequential" in lone.stderr
+
+
+def test_sequential_with_a_method_it_cannot_serve_is_refused_before_profiling(tmp_path, capsys, monkeypatch):
+    """``--sequential`` with SoLA (neither per-matrix nor joined) stops in one line naming the method before any
+    model is prepared or profiled, in compare and in the quality study."""
+    from rankalloc.profiling import run as runs
+    from rankalloc.studies import study_quality
+    from rankalloc.studies.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("prepared a model")
+
+    monkeypatch.setattr(runs, "prepare", never)
+    assert main(["compare", "--methods", "sola", "--sequential", "4", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "method 'sola'" in err and "Method.joins" in err, err
+    with pytest.raises(ValueError, match="method 'sola' does not factor one matrix at a time"):
+        study_quality.main(["--combo", "sola:fisher_svd:exact", "--sequential", "4", "--out", str(tmp_path / "q")])
+    assert not (tmp_path / "o" / "compare.csv").exists() and not (tmp_path / "q").exists()
