@@ -71,7 +71,7 @@ def run(args) -> int:
     from rankalloc.profiling import run as runs
     from rankalloc.profiling.store import Profile
     from rankalloc.studies.compare import compare, format_table
-    from rankalloc.studies.options import comma_list, fractions, load_plugins, named
+    from rankalloc.studies.options import at_least, build_solvers, comma_list, fractions, load_plugins, named
 
     from rankalloc.profiling.files import atomic_write_json, check_output_folder
 
@@ -84,6 +84,12 @@ def run(args) -> int:
     methods = named("--methods", comma_list(args.methods), get_method)
     kinds = comma_list(args.kinds)
     named("--cost", [args.cost], get_cost_model)
+    for option, value, least in (("--grid", args.grid, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--sequential", args.sequential, 0)):
+        at_least(option, value, least)
+    if args.sequential > args.samples:
+        raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, --samples is {args.samples}")
+    build_solvers(solvers, args.time_limit)  # --time-limit, checked before anything is profiled
     need = list(kinds) + [k for m in methods for k in get_method(m).needs]
     pk = runs.profile_kinds(need)
     if args.sequential:
@@ -111,9 +117,6 @@ def run(args) -> int:
     if args.sequential:
         from rankalloc.decomposers.sequential import SequentialConfig
 
-        if args.sequential > run_.samples:
-            raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, --samples is "
-                             f"{run_.samples}")
         seq = SequentialConfig(samples=args.sequential)
     frame = compare(run_, prof, ratios, solvers, methods, kinds, cost=args.cost, grid=args.grid,
                     time_limit=args.time_limit, out=out / "allocations", batch_size=args.batch_size,

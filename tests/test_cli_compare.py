@@ -214,9 +214,10 @@ def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tm
     assert lone.returncode != 0 and "--text is read only with --sequential" in lone.stderr
 
 
-def test_sequential_with_a_method_it_cannot_serve_is_refused_before_profiling(tmp_path, capsys, monkeypatch):
-    """``--sequential`` with SoLA (neither per-matrix nor joined) stops in one line naming the method before any
-    model is prepared or profiled, in compare and in the quality study."""
+def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, monkeypatch):
+    """Settings compare reads only after the profile (--grid, --batch-size, --time-limit, --sequential, and
+    --sequential with SoLA, which is neither per-matrix nor joined) stop in one line naming the setting before any
+    model is prepared or profiled; SoLA under --sequential does so in the quality study too."""
     from rankalloc.profiling import run as runs
     from rankalloc.studies import study_quality
     from rankalloc.studies.cli import main
@@ -225,9 +226,14 @@ def test_sequential_with_a_method_it_cannot_serve_is_refused_before_profiling(tm
         raise AssertionError("prepared a model")
 
     monkeypatch.setattr(runs, "prepare", never)
-    assert main(["compare", "--methods", "sola", "--sequential", "4", "--out", str(tmp_path / "o")]) == 1
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "method 'sola'" in err and "Method.joins" in err, err
+    cases = [(["--methods", "sola", "--sequential", "4"], ["method 'sola'", "Method.joins"]),
+             (["--grid", "0"], ["--grid", ">= 1"]), (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+             (["--sequential", "-1"], ["--sequential", ">= 0"]), (["--time-limit", "-1"], ["--time-limit"]),
+             (["--sequential", "100", "--samples", "8"], ["--sequential: 100", "--samples is 8"])]
+    for extra, words in cases:
+        assert main(["compare", *extra, "--out", str(tmp_path / "o")]) == 1, extra
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
     with pytest.raises(ValueError, match="method 'sola' does not factor one matrix at a time"):
         study_quality.main(["--combo", "sola:fisher_svd:exact", "--sequential", "4", "--out", str(tmp_path / "q")])
     assert not (tmp_path / "o" / "compare.csv").exists() and not (tmp_path / "q").exists()
