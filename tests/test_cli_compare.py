@@ -217,7 +217,8 @@ def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tm
 def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, monkeypatch):
     """Settings compare reads only after the profile (--grid, --batch-size, --time-limit, --sequential, and
     --sequential with SoLA, which is neither per-matrix nor joined) stop in one line naming the setting before any
-    model is prepared or profiled; SoLA under --sequential does so in the quality study too."""
+    model is prepared or profiled; so do pareto's --grid and --batch-size, and SoLA under --sequential in the
+    quality study."""
     from rankalloc.profiling import run as runs
     from rankalloc.studies import study_quality
     from rankalloc.studies.cli import main
@@ -234,6 +235,11 @@ def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, m
         assert main(["compare", *extra, "--out", str(tmp_path / "o")]) == 1, extra
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
+    for extra, words in ((["--grid", "0"], ["--grid", ">= 1"]), (["--batch-size", "0"], ["--batch-size", ">= 1"])):
+        assert main(["pareto", *extra, "--out", str(tmp_path / "p")]) == 1, extra  # 0 was taken as the default grid
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
     with pytest.raises(ValueError, match="method 'sola' does not factor one matrix at a time"):
         study_quality.main(["--combo", "sola:fisher_svd:exact", "--sequential", "4", "--out", str(tmp_path / "q")])
     assert not (tmp_path / "o" / "compare.csv").exists() and not (tmp_path / "q").exists()
+    assert not (tmp_path / "p" / "pareto.csv").exists()
