@@ -48,8 +48,11 @@ class Run:
         return self.loaded.tokenizer
 
 
-def _positive(what: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+def at_least(what: str, value, least: int) -> None:
+    """``ValueError`` naming ``what`` (a setting or option) unless ``value`` is an integer >= ``least``; None (not
+    given) is accepted. Commands call it for the counts they read only after profiling, so those are refused
+    before it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
         raise ValueError(f"{what}: expected an integer >= {least}, received {value!r}")
 
 
@@ -67,7 +70,7 @@ def prepare(model: str | None = None, text=None, *, samples: int = 128, seqlen: 
     eval_seqlen = seqlen if eval_seqlen is None else eval_seqlen
     for what, value, least in (("samples", samples, 1), ("seqlen", seqlen, 2), ("eval_seqlen", eval_seqlen, 2),
                                ("eval_windows", eval_windows, 1)):
-        _positive(what, value, least)
+        at_least(what, value, least)
     loaded = load_model(model, progress=progress, out_of_core=out_of_core)
     for option, value in (("--seqlen", seqlen), ("--eval-seqlen", eval_seqlen)):
         check_context(loaded, value, option)
@@ -154,8 +157,7 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
 
     want = profile_kinds(kinds)
     for option, value in (("--batch-size", batch_size), ("--fisher-samples", fisher_samples)):
-        if value is not None:
-            _positive(option, value, 1)
+        at_least(option, value, 1)
     if store is not None and store not in STORES:
         raise ValueError(f"--store: expected one of {list(STORES)}, received {store!r}")
     path = Path(out) if out is not None else profile_dir(run, store=store or "compact")

@@ -71,7 +71,7 @@ def run(args) -> int:
     from rankalloc.profiling import run as runs
     from rankalloc.profiling.store import Profile
     from rankalloc.studies.compare import compare, format_table
-    from rankalloc.studies.options import at_least, build_solvers, comma_list, fractions, load_plugins, named
+    from rankalloc.studies.options import build_solvers, comma_list, fractions, load_plugins, named
 
     from rankalloc.profiling.files import atomic_write_json, check_output_folder
 
@@ -86,7 +86,7 @@ def run(args) -> int:
     named("--cost", [args.cost], get_cost_model)
     for option, value, least in (("--grid", args.grid, 1), ("--batch-size", args.batch_size, 1),
                                  ("--sequential", args.sequential, 0)):
-        at_least(option, value, least)
+        runs.at_least(option, value, least)
     if args.sequential > args.samples:
         raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, --samples is {args.samples}")
     build_solvers(solvers, args.time_limit)  # --time-limit, checked before anything is profiled

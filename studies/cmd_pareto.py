@@ -122,8 +122,9 @@ def run(args) -> int:
     from rankalloc.decomposers.registry import get_method
     from rankalloc.studies import fronts as fr
     from rankalloc.studies.cmd_allocate import _pick_kind
-    from rankalloc.studies.options import at_least, build_solvers, comma_list, fractions, load_plugins, named
+    from rankalloc.studies.options import build_solvers, comma_list, fractions, load_plugins, named
 
+    from rankalloc.profiling import run as runs
     from rankalloc.profiling.files import check_output_folder
 
     check_output_folder(Path(args.out), "--out", ours=(Path(args.out) / "pareto.csv").is_file(),
@@ -137,7 +138,7 @@ def run(args) -> int:
     if args.measure < 0:
         raise ValueError(f"--measure: expected a count >= 0, received {args.measure}")
     for option, value in (("--grid", args.grid), ("--batch-size", args.batch_size)):
-        at_least(option, value, 1)  # before anything is profiled; a --grid 0 is not the default grid
+        runs.at_least(option, value, 1)  # before anything is profiled; a --grid 0 is not the default grid
     run_, prof, curves, grid, source = load_curves(args, method)
     kind = _pick_kind(curves.curve_set.kinds, args.kind, source)
 

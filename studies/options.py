@@ -14,13 +14,6 @@ def comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def at_least(option: str, value, least: int) -> None:
-    """``ValueError`` naming ``option`` unless ``value`` is an integer >= ``least`` (None: not given, accepted), for
-    the counts a command reads only after profiling, so they are refused before it."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-        raise ValueError(f"{option}: expected an integer >= {least}, received {value!r}")
-
-
 def fractions(option: str, text: str) -> list[float]:
     """Comma-separated fractions REMOVED, each in [0, 1); ``ValueError`` naming ``option`` otherwise."""
     from rankalloc.allocators.problem import removed_fraction

@@ -346,12 +346,13 @@ def main(argv=None) -> int:
 
     ratios = [float(r) for r in args.ratios.split(",")]
     combos = [parse_combo(c) for c in args.combo] if args.combo else list(DEFAULT_COMBOS)
+    methods = sorted({c[0] for c in combos})
     if args.sequential:
         from rankalloc.decomposers.sequential import check_sequential
 
-        for method in sorted({c[0] for c in combos}):  # before anything is profiled
+        for method in methods:  # before anything is profiled
             check_sequential(method)
-    needed, why = store_for(sorted({c[0] for c in combos}), bool(args.sequential))
+    needed, why = store_for(methods, bool(args.sequential))
     if needed == "full" and args.store == "compact":
         raise SystemExit(f"--store compact: method {store_reasons(why)} needs the full store")
     out = Path(args.out)
