@@ -182,4 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rankalloc.studies.options import script
+
+    sys.exit(script(main, "bench_solvers"))

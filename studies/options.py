@@ -124,3 +124,16 @@ def load_plugins(paths) -> None:
 
     for p in paths:
         load_plugin(p)
+
+
+def script(main, name: str) -> int:
+    """Run a study's or benchmark's ``main()`` as ``python -m rankalloc.studies.NAME`` does: bad input (the
+    ``ValueError`` or ``OSError`` that names the culprit at its source) ends in one line and exit status 1, as the
+    ``rankalloc`` commands end, instead of a traceback."""
+    import sys
+
+    try:
+        return int(main() or 0)
+    except (ValueError, OSError) as exc:
+        print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1

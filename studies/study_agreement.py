@@ -242,4 +242,6 @@ def _per_method(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rankalloc.studies.options import script
+
+    sys.exit(script(main, "study_agreement"))

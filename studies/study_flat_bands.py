@@ -77,4 +77,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rankalloc.studies.options import script
+
+    sys.exit(script(main, "study_flat_bands"))

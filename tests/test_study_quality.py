@@ -127,3 +127,19 @@ def test_a_combo_that_needs_the_full_store_refuses_compact_before_any_work(tmp_p
         with pytest.raises(SystemExit, match=f"--store compact: method {method} needs the full store"):
             main([*extra, "--store", "compact", "--out", str(tmp_path / "out")])
         assert not (tmp_path / "out").exists()
+
+
+def test_a_study_run_as_a_script_ends_bad_input_in_one_line(tmp_path):
+    """``python -m rankalloc.studies.study_quality`` with a malformed combo, or with SoLA under --sequential, exits
+    1 with one line naming the fault, and no traceback (studies.options.script)."""
+    import subprocess
+    import sys
+
+    for extra, words in ((["--combo", "bad"], ["combo 'bad'"]),
+                         (["--combo", "sola:fisher_svd:exact", "--sequential", "4"], ["method 'sola'"])):
+        proc = subprocess.run([sys.executable, "-m", "rankalloc.studies.study_quality", *extra,
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert err[0].startswith("study_quality: error:") and all(w in err[0] for w in words), err
+        assert not (tmp_path / "out").exists()
