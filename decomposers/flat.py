@@ -344,10 +344,10 @@ def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
     cfg = profile.meta["config"]
     cs = profile.extra("flat") if profile.has_extra("flat") else flat_curve_set(profile)
     fp = FlatParams(head_dim=cfg["head_dim"], heads=cfg["heads"], kv_heads=cfg["kv_heads"])
-    return MethodCurves("flat", cs, costs={"params": fp}, resources=("params",), max_grid=int(cfg["head_dim"]))
+    return MethodCurves("flat", cs, costs={"params": fp}, max_grid=int(cfg["head_dim"]))
 
 
 register_method(Method("flat", FlatConfig, compress_flat, flat_curves,
                        "FLAT-LLM: head-wise PCA of the value outputs absorbed into V and O; whitened SVD elsewhere",
-                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", joins=vo_joins,
+                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",), joins=vo_joins,
                        remeasure=remeasure_vo))

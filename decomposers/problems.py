@@ -35,8 +35,7 @@ def reachable_removed(problem: AllocationProblem, resource: str, fixed: float = 
 
 
 def _cost_model(mc: MethodCurves, cost: str):
-    if mc.resources is not None and cost not in mc.resources:
-        raise ValueError(f"method {mc.method!r} is priced in {list(mc.resources)} only; received cost {cost!r}")
+    get_method(mc.method).check_cost(cost)
     return mc.costs[cost] if cost in mc.costs else get_cost_model(cost)()
 
 

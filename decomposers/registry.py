@@ -15,6 +15,9 @@ A :class:`Method` holds everything the rest of the library needs to know about a
   decomposer reads besides the input Grams (``fisher_svd`` reads the Fisher output-gradient Grams);
   ``matrixwise``: whether its decomposer fits each profiled matrix on its own from that matrix's Grams, so that
   sequential calibration can hand it re-measured ones (default: the methods whose curves are the profile's own);
+- ``resources``: the only cost models (resources) its components can be priced in, None for any registered one
+  (FLAT's merged heads and SoLA's split FFNs have a parameter count only); stated here, not found in the curves, so
+  that a command refuses ``--cost`` before it profiles (:meth:`Method.check_cost`);
 - ``store``: the profile store its curves and decomposer read (``"full"``: the float64 Grams, as SSLC's table and
   fit in the two-sided metric need); :meth:`Method.profile_store` adds what sequential calibration needs, and the
   commands that profile for a method (``compare``, ``pareto``) profile into that store;
@@ -51,7 +54,6 @@ class MethodCurves:
     ``costs`` overrides registry cost models by resource name (FLAT's ``params`` is ``FlatParams``).
     ``fixed_params`` are dense parameters outside the curve set (SoLA's prime neurons); a ``params`` budget
     over the curve set is reduced by them so "removed" stays a fraction of all linear parameters.
-    ``resources``: the only resources the method can price (None: any registered cost model).
     ``max_grid``: the largest rank grid its candidates admit (FLAT's value-head ranks stop at head_dim).
     """
 
@@ -59,7 +61,6 @@ class MethodCurves:
     curve_set: object
     costs: Mapping[str, object] = field(default_factory=dict)
     fixed_params: int = 0
-    resources: tuple[str, ...] | None = None
     max_grid: int | None = None
 
 
@@ -78,6 +79,7 @@ class Method:
     needs: tuple[str, ...] = ()
     matrixwise: bool | None = None
     store: str = "compact"
+    resources: tuple[str, ...] | None = None
     joins: Callable[[str], str | None] | None = None
     remeasure: Callable | None = None
 
@@ -91,6 +93,10 @@ class Method:
                 raise ValueError(f"method {self.name!r}: expected a callable {what}, received {getattr(self, what)!r}")
         if self.store not in ("compact", "full"):
             raise ValueError(f"method {self.name!r}: store must be 'compact' or 'full', received {self.store!r}")
+        if self.resources is not None and (not isinstance(self.resources, tuple) or not self.resources
+                                           or not all(isinstance(r, str) for r in self.resources)):
+            raise ValueError(f"method {self.name!r}: resources must be a non-empty tuple of cost model names or None, "
+                             f"received {self.resources!r}")
         if (self.joins is None) != (self.remeasure is None):
             raise ValueError(f"method {self.name!r}: joins and remeasure go together (sequential calibration of a "
                              f"component that is not one matrix needs both)")
@@ -115,6 +121,11 @@ class Method:
         """Whether sequential calibration can serve the method: it fits each matrix on its own, or says how its
         other components join a matrix's input group (``joins``, ``remeasure``)."""
         return self.fits_each_matrix or self.joins is not None
+
+    def check_cost(self, cost: str) -> None:
+        """One-line ``ValueError`` when the method cannot be priced in the resource ``cost`` (``resources``)."""
+        if self.resources is not None and cost not in self.resources:
+            raise ValueError(f"method {self.name!r} is priced in {list(self.resources)} only; received cost {cost!r}")
 
     def profile_store(self, sequential: bool = False) -> str:
         """The profile store that serves the method: its own ``store``, or ``"full"`` under sequential calibration

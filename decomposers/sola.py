@@ -260,9 +260,9 @@ def sola_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
     else:
         cs = add_sola_curves(profile, model, SoLAConfig().gamma, progress=progress).curve_set
     fixed = sum(c.m * c.n for c in profile.components) - sum(c.m * c.n for c in cs.components)
-    return MethodCurves("sola", cs, fixed_params=int(fixed), resources=("params",))
+    return MethodCurves("sola", cs, fixed_params=int(fixed))
 
 
 register_method(Method("sola", SoLAConfig, compress_sola, sola_curves,
                        "SoLA: prime FFN neurons kept dense, the marginal ones and attention by whitened SVD",
-                       modules=(LowRankLinear, SoLAMLP), kind="fisher_svd", solver="exact"))
+                       modules=(LowRankLinear, SoLAMLP), kind="fisher_svd", solver="exact", resources=("params",)))

@@ -84,6 +84,8 @@ def run(args) -> int:
     methods = named("--methods", comma_list(args.methods), get_method)
     kinds = comma_list(args.kinds)
     named("--cost", [args.cost], get_cost_model)
+    for m in methods:  # a method's resources are stated, so a cost it cannot price is refused before profiling
+        get_method(m).check_cost(args.cost)
     for option, value, least in (("--grid", args.grid, 1), ("--batch-size", args.batch_size, 1),
                                  ("--sequential", args.sequential, 0)):
         runs.at_least(option, value, least)

@@ -135,6 +135,7 @@ def run(args) -> int:
     panels = named("--panels", comma_list(args.panels), get_cost_model)
     named("--cost", [args.cost], get_cost_model)
     method = get_method(args.method)
+    method.check_cost(args.cost)  # before anything is profiled
     if args.measure < 0:
         raise ValueError(f"--measure: expected a count >= 0, received {args.measure}")
     for option, value in (("--grid", args.grid), ("--batch-size", args.batch_size)):
@@ -148,8 +149,8 @@ def run(args) -> int:
     for c in dict.fromkeys([*panels, args.cost]):
         if c == args.cost:
             sheets.append(main)
-        elif curves.resources is not None and c not in curves.resources:
-            notes.append(f"panel {c}: method {args.method} is priced in {list(curves.resources)} only; skipped")
+        elif method.resources is not None and c not in method.resources:
+            notes.append(f"panel {c}: method {args.method} is priced in {list(method.resources)} only; skipped")
         else:
             sf = fr.solver_fronts(prof, curves, kind, solvers, ratios, cost=c, grid=grid)
             notes.extend(sf.notes)

@@ -216,9 +216,9 @@ def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tm
 
 def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, monkeypatch):
     """Settings compare reads only after the profile (--grid, --batch-size, --time-limit, --sequential, and
-    --sequential with SoLA, which is neither per-matrix nor joined) stop in one line naming the setting before any
-    model is prepared or profiled; so do pareto's --grid and --batch-size, and SoLA under --sequential in the
-    quality study."""
+    --sequential with SoLA, which is neither per-matrix nor joined, and a --cost a method cannot be priced in) stop in
+    one line naming the setting before any model is prepared or profiled; so do pareto's --grid, --batch-size and
+    --cost, and SoLA under --sequential in the quality study."""
     from rankalloc.profiling import run as runs
     from rankalloc.studies import study_quality
     from rankalloc.studies.cli import main
@@ -230,12 +230,15 @@ def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, m
     cases = [(["--methods", "sola", "--sequential", "4"], ["method 'sola'", "Method.joins"]),
              (["--grid", "0"], ["--grid", ">= 1"]), (["--batch-size", "0"], ["--batch-size", ">= 1"]),
              (["--sequential", "-1"], ["--sequential", ">= 0"]), (["--time-limit", "-1"], ["--time-limit"]),
-             (["--sequential", "100", "--samples", "8"], ["--sequential: 100", "--samples is 8"])]
+             (["--sequential", "100", "--samples", "8"], ["--sequential: 100", "--samples is 8"]),
+             (["--methods", "svd,sola", "--cost", "kv"], ["method 'sola'", "['params'] only", "'kv'"]),
+             (["--methods", "flat", "--cost", "flops"], ["method 'flat'", "['params'] only", "'flops'"])]
     for extra, words in cases:
         assert main(["compare", *extra, "--out", str(tmp_path / "o")]) == 1, extra
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
-    for extra, words in ((["--grid", "0"], ["--grid", ">= 1"]), (["--batch-size", "0"], ["--batch-size", ">= 1"])):
+    for extra, words in ((["--grid", "0"], ["--grid", ">= 1"]), (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+                         (["--method", "sola", "--cost", "kv"], ["method 'sola'", "['params'] only", "'kv'"])):
         assert main(["pareto", *extra, "--out", str(tmp_path / "p")]) == 1, extra  # 0 was taken as the default grid
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
