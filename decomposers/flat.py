@@ -43,7 +43,7 @@ from rankalloc.decomposers.registry import Method, MethodCurves, register_method
 from rankalloc.decomposers.report import ComponentReport
 from rankalloc.decomposers.host import attention_contract, attention_function
 from rankalloc.decomposers.svd import svd_build
-from rankalloc.profiling.flat import eig_desc
+from rankalloc.profiling.flat import eig_desc, value_output_pair, vo_name
 from rankalloc.profiling.numerics import PRECISION
 
 VO = ".vo"
@@ -233,6 +233,18 @@ class FlatAttention(nn.Module):
         return f"value_dim={self.value_dim}, head_dim={self.head_dim}, base={self.base_class}"
 
 
+def flat_fits(model) -> None:
+    """``ValueError`` naming the module unless every layer has separate v and o projections in an attention class
+    FLAT supports (:func:`check_family`); reads module names and classes only."""
+    from rankalloc.profiling.architectures import find_structure
+
+    structure = find_structure(model)
+    for layer in range(structure.num_layers):
+        v, _ = value_output_pair({c.kind: c for c in structure.layer_components(layer)}, layer)
+        name = vo_name(v.name)
+        check_family(get_module(model, name[:-len(VO)], "FLAT attention"), name)
+
+
 def _vo_plan(model, c, ch):
     """Validate one ``vo`` component; return ``(attention name, module, layer)``."""
     attn_name = c.name[:-len(VO)]
@@ -349,5 +361,5 @@ def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 
 register_method(Method("flat", FlatConfig, compress_flat, flat_curves,
                        "FLAT-LLM: head-wise PCA of the value outputs absorbed into V and O; whitened SVD elsewhere",
-                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",), joins=vo_joins,
-                       remeasure=remeasure_vo))
+                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",), fits=flat_fits,
+                       joins=vo_joins, remeasure=remeasure_vo))

@@ -20,7 +20,10 @@ from rankalloc.decomposers.registry import MethodCurves, get_method
 
 def method_curves(prof, method: str = "svd", model=None, *, grid: int = 16, progress: bool = True) -> MethodCurves:
     """The curve set of the registered ``method`` for profile ``prof`` (``model`` computes what the profile lacks)."""
-    return get_method(method).curves(prof, model, grid=grid, progress=progress)
+    m = get_method(method)
+    if model is not None:
+        m.check_model(model)
+    return m.curves(prof, model, grid=grid, progress=progress)
 
 
 def method_grid(mc: MethodCurves, grid: int) -> int:

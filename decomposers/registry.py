@@ -21,6 +21,9 @@ A :class:`Method` holds everything the rest of the library needs to know about a
 - ``store``: the profile store its curves and decomposer read (``"full"``: the float64 Grams, as SSLC's table and
   fit in the two-sided metric need); :meth:`Method.profile_store` adds what sequential calibration needs, and the
   commands that profile for a method (``compare``, ``pareto``) profile into that store;
+- ``fits``: ``fits(model)`` raises a one-line ``ValueError`` naming the module when the method cannot compress
+  that model's structure (FLAT: a fused q/k/v or an attention class it does not support; SoLA: an FFN that is not
+  gated with separate gate/up/down), so a command stops before it profiles (:meth:`Method.check_model`);
 - ``joins``, ``remeasure``: how sequential calibration serves a component that is not one matrix (FLAT's ``vo``):
   ``joins(name)`` names the matrix whose input group fits it (None: an ordinary matrix), whose weight is corrected
   like a member's, and ``remeasure(model, component, inputs)`` turns that matrix's compressed-model inputs
@@ -80,6 +83,7 @@ class Method:
     matrixwise: bool | None = None
     store: str = "compact"
     resources: tuple[str, ...] | None = None
+    fits: Callable[[object], None] | None = None
     joins: Callable[[str], str | None] | None = None
     remeasure: Callable | None = None
 
@@ -88,6 +92,8 @@ class Method:
             raise ValueError(f"Method: expected an identifier as its name, received {self.name!r}")
         if not isinstance(self.config, type):
             raise ValueError(f"method {self.name!r}: expected a config class, received {self.config!r}")
+        if self.fits is not None and not callable(self.fits):
+            raise ValueError(f"method {self.name!r}: expected a callable fits(model) or None, received {self.fits!r}")
         for what in ("compress", "curves"):
             if not callable(getattr(self, what)):
                 raise ValueError(f"method {self.name!r}: expected a callable {what}, received {getattr(self, what)!r}")
@@ -121,6 +127,12 @@ class Method:
         """Whether sequential calibration can serve the method: it fits each matrix on its own, or says how its
         other components join a matrix's input group (``joins``, ``remeasure``)."""
         return self.fits_each_matrix or self.joins is not None
+
+    def check_model(self, model) -> None:
+        """One-line ``ValueError`` when the method cannot compress ``model`` (``fits``; an out-of-core skeleton
+        serves, only module classes and names are read)."""
+        if self.fits is not None:
+            self.fits(model)
 
     def check_cost(self, cost: str) -> None:
         """One-line ``ValueError`` when the method cannot be priced in the resource ``cost`` (``resources``)."""

@@ -45,12 +45,13 @@ from rankalloc.decomposers.modules import LowRankLinear, empty_linear, weight_pa
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.decomposers.report import ComponentReport
 from rankalloc.decomposers.host import check_single_input
+from rankalloc.profiling.sola import FFN_KINDS, GATED_PARTS, check_gated_ffn
 from rankalloc.decomposers.svd import svd_build, whitened_svd
 from rankalloc.profiling.architectures import prime_count
 from rankalloc.profiling.numerics import PRECISION, check_finite
 
 MARGINAL = "#marginal"
-PARTS = ("gate_proj", "up_proj", "down_proj")
+PARTS = GATED_PARTS
 
 
 def marginal_name(name: str) -> str:
@@ -162,6 +163,26 @@ def _prime(profile, layer: int, gamma: float, d: int, mlp_name: str) -> np.ndarr
     return np.sort(prime)
 
 
+def gated_mlp(model, mlp_name: str) -> nn.Module:
+    """The FFN module ``mlp_name``, or ``ValueError`` unless it has Linear gate_proj, up_proj, down_proj and act_fn."""
+    mlp = get_module(model, mlp_name, "SoLA FFN")
+    if not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in PARTS) or not hasattr(mlp, "act_fn"):
+        raise ValueError(f"{mlp_name}: expected a gated FFN with Linear gate_proj, up_proj, down_proj and act_fn, "
+                         f"received {type(mlp).__name__}")
+    return mlp
+
+
+def sola_fits(model) -> None:
+    """``ValueError`` naming the module unless every layer's FFN is a gated one SoLA can split
+    (:func:`~rankalloc.profiling.sola.check_gated_ffn`, :func:`gated_mlp`); reads module names and classes only."""
+    from rankalloc.profiling.architectures import find_structure
+
+    structure = find_structure(model)
+    check_gated_ffn(structure.components)
+    for name in dict.fromkeys(c.name.rsplit(".", 1)[0] for c in structure.components if c.kind in FFN_KINDS):
+        gated_mlp(model, name)
+
+
 def _plans(model, allocation, config: SoLAConfig, profile):
     """Validate the whole allocation first: ``(plain targets, [(mlp name, mlp, prime, {part: (c, ch)})])``."""
     plain, groups = [], {}
@@ -180,10 +201,7 @@ def _plans(model, allocation, config: SoLAConfig, profile):
         if missing:
             raise ValueError(f"{mlp_name}: SoLA needs all three marginal components; missing "
                              f"{[marginal_name(f'{mlp_name}.{p}') for p in missing]}")
-        mlp = get_module(model, mlp_name, "SoLA FFN")
-        if not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in PARTS) or not hasattr(mlp, "act_fn"):
-            raise ValueError(f"{mlp_name}: expected a gated FFN with Linear gate_proj, up_proj, down_proj and act_fn, "
-                             f"received {type(mlp).__name__}")
+        mlp = gated_mlp(model, mlp_name)
         check_single_input(mlp, mlp_name, "SoLAMLP")
         for t in plain:
             if t.name.startswith(mlp_name + "."):
@@ -265,4 +283,5 @@ def sola_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 
 register_method(Method("sola", SoLAConfig, compress_sola, sola_curves,
                        "SoLA: prime FFN neurons kept dense, the marginal ones and attention by whitened SVD",
-                       modules=(LowRankLinear, SoLAMLP), kind="fisher_svd", solver="exact", resources=("params",)))
+                       modules=(LowRankLinear, SoLAMLP), kind="fisher_svd", solver="exact", resources=("params",),
+                       fits=sola_fits))

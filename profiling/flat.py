@@ -138,6 +138,18 @@ def vo_name(v_name: str) -> str:
     return v_name.rsplit(".", 1)[0] + ".vo"
 
 
+def value_output_pair(found: dict[str, Component], layer: int) -> tuple[Component, Component]:
+    """``(v, o)`` of one layer's components by kind, or a one-line ``ValueError``: FLAT-LLM shrinks separate value
+    and output projections (a fused ``qkv`` or ``gate_up`` projection has no value part of its own to absorb)."""
+    fused = found.get("qkv", found.get("gate_up"))
+    if fused is not None:
+        raise ValueError(f"component {fused.name!r}: FLAT-LLM needs separate q/k/v and gate/up projections; "
+                         f"received a fused {fused.kind!r} projection (use svd, fisher_svd, pgsvd or sslc)")
+    if "v" not in found or "o" not in found:
+        raise ValueError(f"layer {layer}: FLAT-LLM needs a v and an o projection, found kinds {sorted(found)}")
+    return found["v"], found["o"]
+
+
 def flat_curve_set(profile, kinds=None) -> CurveSet:
     """FLAT-LLM's curve set (see the module doc). ``kinds``: default every kind of :data:`FLAT_KINDS`
     the profile has; "fisher" and "fisher_svd" need the ``vo`` loss curves stored in the Fisher backward (a profile
@@ -162,13 +174,7 @@ def flat_curve_set(profile, kinds=None) -> CurveSet:
     comps, ranks, errors = [], {}, {k: {} for k in kinds}
     for layer in sorted(by_layer):
         found = by_layer[layer]
-        if "qkv" in found or "gate_up" in found:
-            fused = found.get("qkv", found.get("gate_up"))
-            raise ValueError(f"component {fused.name!r}: FLAT-LLM curves need separate q/k/v and gate/up projections; "
-                             f"received a fused {fused.kind!r} projection")
-        if "v" not in found or "o" not in found:
-            raise ValueError(f"layer {layer}: FLAT-LLM needs a v and an o projection, found kinds {sorted(found)}")
-        v, o = found["v"], found["o"]
+        v, o = value_output_pair(found, layer)
         for c in found.values():
             if c.kind in KEEP_KINDS:
                 comps.append(c)

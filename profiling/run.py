@@ -247,6 +247,16 @@ def store_for(methods, sequential: bool = False) -> tuple[str, list[str]]:
     return ("full" if why else "compact"), why
 
 
+def check_fit(methods, model) -> None:
+    """One-line ``ValueError`` when a method in ``methods`` (registered names) cannot compress ``model``'s
+    structure (:meth:`~rankalloc.decomposers.registry.Method.check_model`): called on the prepared model before it
+    is profiled, so FLAT on a fused q/k/v or SoLA on an ungated FFN stops at once, not after the profile."""
+    from rankalloc.decomposers.registry import get_method
+
+    for m in methods:
+        get_method(m).check_model(model)
+
+
 def check_store(prof, store: str, why: Sequence[str]) -> None:
     """One-line ``ValueError`` when ``store`` is ``"full"`` and the given profile ``prof`` is compact, naming the
     profile and the methods that need the full store (``why``, from :func:`store_for`), before anything is

@@ -38,6 +38,8 @@ from rankalloc.profiling.probe import model_weight, profile_damping
 from rankalloc.profiling.spectra import BASE_KINDS, curves
 
 FFN_KINDS = ("gate", "up", "gate_up", "down")
+GATED_PARTS = ("gate_proj", "up_proj", "down_proj")
+"""The projections of the gated FFN that SoLA splits into prime and marginal neurons (Llama-family names)."""
 SUFFIX = "#marginal"
 SOLA_KINDS = BASE_KINDS + ("fisher", "fisher_svd")
 
@@ -118,6 +120,24 @@ def fisher_extras(profile, c: Component, W: torch.Tensor, Gg: torch.Tensor, n_lo
     return {f"{k}:{name}": v for k, v in cv.items()}
 
 
+def check_gated_ffn(components) -> None:
+    """One-line ``ValueError`` unless every layer's FFN components are a gated FFN's separate ``gate_proj``,
+    ``up_proj`` and ``down_proj`` of one module: SoLA keeps whole neurons (rows of gate and up, columns of down)
+    dense, which its decomposer builds for that FFN only (not a fused ``gate_up_proj``, nor an ungated
+    ``fc1``/``c_fc`` FFN)."""
+    by_layer: dict[int, list[Component]] = {}
+    for c in components:
+        if c.kind in FFN_KINDS:
+            by_layer.setdefault(c.layer, []).append(c)
+    for layer, ffn in sorted(by_layer.items()):
+        parts = {c.name.rsplit(".", 1)[-1]: c.name.rsplit(".", 1)[0] for c in ffn}
+        if sorted(parts) != sorted(GATED_PARTS) or len(set(parts.values())) != 1:
+            odd = next((c for c in ffn if c.name.rsplit(".", 1)[-1] not in GATED_PARTS), ffn[0])
+            raise ValueError(f"component {odd.name!r}: SoLA splits a gated FFN with separate "
+                             f"{', '.join(GATED_PARTS)}; layer {layer} has {sorted(parts)} (use svd, fisher_svd, "
+                             f"pgsvd or sslc)")
+
+
 def fixed_prime_params(components, prime_count: dict[int, int], d: int) -> int:
     """Dense parameters of the prime parts: ``sum`` over FFN components of ``m n - m' n'``."""
     total = 0
@@ -148,6 +168,7 @@ def sola_curve_set(profile, model_or_weights, gamma: float = 0.15, kinds=None, p
         raise ValueError(f"gamma: expected a prime fraction in [0, 1), received {gamma!r}")
     kinds = profile.select_kinds(SOLA_KINDS, kinds, "SoLA")
     base = profile.curve_set(kinds)
+    check_gated_ffn(base.components)
     d = int(profile.meta["config"]["intermediate"])
     damping = profile_damping(profile)
     n_loss = profile.fisher_loss_tokens

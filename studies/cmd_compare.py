@@ -108,6 +108,7 @@ def run(args) -> int:
     run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                         eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device,
                         out_of_core=args.out_of_core)
+    runs.check_fit(methods, run_.model)
     t1 = time.perf_counter()
     if prof is None:
         prof = runs.profile(run_, pk, store=store)

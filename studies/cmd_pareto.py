@@ -86,6 +86,7 @@ def load_curves(args, method):
 
     if args.profile is None:
         run_ = _model_run(args)
+        runs.check_fit([method.name], run_.model)
         prof = runs.profile(run_, runs.profile_kinds([args.kind or "fisher", *method.needs]),
                             store=method.profile_store())
         return run_, prof, method_curves(prof, method.name, run_.model, grid=args.grid or 16), args.grid or 16, \

@@ -220,17 +220,24 @@ def main(argv=None) -> int:
 
 
 def _per_method(args) -> int:
-    from rankalloc.profiling.run import prepare, profile
+    from rankalloc.decomposers.registry import get_method
+    from rankalloc.profiling.run import check_fit, prepare, profile
 
-    from rankalloc.studies.study_quality import markdown_table
+    from rankalloc.studies.study_quality import markdown_table, study_store
+
+    methods = args.methods.split(",")
+    for m in methods:
+        get_method(m)
+    store = study_store(args.store, methods)  # SSLC's table and fit read the full store
 
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
-    prof = profile(run, kinds=KINDS, out=args.profile, store=args.store)
-    per = method_agreement(run, prof, args.methods.split(","), ratios, csv=out / "method_allocations.csv")
+    check_fit(methods, run.model)
+    prof = profile(run, kinds=KINDS, out=args.profile, store=store)
+    per = method_agreement(run, prof, methods, ratios, csv=out / "method_allocations.csv")
     per.to_csv(out / "method_allocations.csv", index=False)
     summary = method_summary(per)
     summary.to_csv(out / "method_agreement.csv", index=False)

@@ -291,6 +291,18 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def study_store(store: str | None, methods, sequential: bool = False) -> str | None:
+    """The profile store of a study's ``--store`` for ``methods``: as given, or ``"full"`` when one of them needs
+    it (:func:`~rankalloc.profiling.run.store_for`), None otherwise (an existing profile's, else compact). A
+    ``--store compact`` that cannot serve them is refused before anything is profiled."""
+    from rankalloc.profiling.run import store_for, store_reasons
+
+    needed, why = store_for(methods, sequential)
+    if needed == "full" and store == "compact":
+        raise ValueError(f"--store compact: method {store_reasons(why)} needs the full store")
+    return store or (needed if needed == "full" else None)
+
+
 def probe_parser(doc: str, probe_samples: int) -> argparse.ArgumentParser:
     """:func:`study_parser` plus ``--probe-samples``: the options of a study that measures calibration loss."""
     ap = study_parser(doc)
@@ -342,7 +354,7 @@ def main(argv=None) -> int:
         return 0
 
     import rankalloc  # noqa: F401
-    from rankalloc.profiling.run import prepare, profile, store_for, store_reasons
+    from rankalloc.profiling.run import check_fit, prepare, profile
 
     ratios = [float(r) for r in args.ratios.split(",")]
     combos = [parse_combo(c) for c in args.combo] if args.combo else list(DEFAULT_COMBOS)
@@ -352,16 +364,14 @@ def main(argv=None) -> int:
 
         for method in methods:  # before anything is profiled
             check_sequential(method)
-    needed, why = store_for(methods, bool(args.sequential))
-    if needed == "full" and args.store == "compact":
-        raise SystemExit(f"--store compact: method {store_reasons(why)} needs the full store")
+    store = study_store(args.store, methods, bool(args.sequential))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     gap_kinds = args.gaps.split(",") if args.gaps else [RECOMMENDED[1]]
-    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile,
-                   store=args.store or (needed if needed == "full" else None))
+    check_fit(methods, run.model)
+    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile, store=store)
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
     import pandas as pd
 

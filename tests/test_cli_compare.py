@@ -246,3 +246,53 @@ def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, m
         study_quality.main(["--combo", "sola:fisher_svd:exact", "--sequential", "4", "--out", str(tmp_path / "q")])
     assert not (tmp_path / "o" / "compare.csv").exists() and not (tmp_path / "q").exists()
     assert not (tmp_path / "p" / "pareto.csv").exists()
+
+
+def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, capsys, monkeypatch):
+    """FLAT on a fused q/k/v projection (Phi-3) and SoLA on an ungated FFN (GPT-2) or a fused gate_up (Phi-3) stop
+    in one line naming the matrix, once the model is loaded and before it is profiled (compare, pareto). A method
+    that can compress the model runs past that point; the library's curve builders refuse the same models."""
+    import torch
+
+    from conftest import tiny_model
+    from rankalloc.decomposers.problems import method_curves
+    from rankalloc.profiling import run as runs
+    from rankalloc.profiling.flat import flat_curve_set
+    from rankalloc.profiling.profile import profile_model
+    from rankalloc.profiling.sola import sola_curve_set
+    from rankalloc.studies.cli import main
+
+    class Profiled(Exception):
+        pass
+
+    def never(*args, **kwargs):
+        raise Profiled
+
+    monkeypatch.setattr(runs, "profile", never)
+    text = write_text_file(tmp_path / "text.txt")
+    models = {arch: save_tiny_model_dir(tmp_path / arch, arch) for arch in ("phi3", "gpt2")}
+    cases = [("phi3", "flat", "'model.layers.0.self_attn.qkv_proj'", "fused 'qkv'"),
+             ("phi3", "sola", "'model.layers.0.mlp.gate_up_proj'", "gated FFN"),
+             ("gpt2", "sola", "'transformer.h.0.mlp.c_fc'", "gated FFN")]
+    common = ["--text", str(text), "--samples", "4", "--seqlen", "32", "--device", "cpu"]
+    for arch, method, matrix, words in cases:
+        for argv in (["compare", "--methods", f"svd,{method}", "--kinds", "fisher_svd"], ["pareto", "--method", method]):
+            assert main([*argv, "--model", str(models[arch]), *common, "--out", str(tmp_path / "o")]) == 1
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if "error" in line.lower()]
+            assert len(errors) == 1 and matrix in errors[0] and words in errors[0], (arch, method, argv, err)
+            assert "Traceback" not in err
+    # svd compresses Phi-3: compare goes on to profile it (and meets the stand-in above)
+    assert main(["compare", "--methods", "svd", "--model", str(models["phi3"]), *common, "--out", str(tmp_path / "o")])
+    assert "error: Profiled" in capsys.readouterr().err
+    monkeypatch.undo()
+    model = tiny_model("gpt2")
+    ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    prof = profile_model(model, ids, out=tmp_path / "p", device="cpu", kinds=("whitened",), progress=False)
+    for method, matrix in (("sola", "c_fc"), ("flat", "c_attn")):
+        with pytest.raises(ValueError, match=matrix):
+            method_curves(prof, method, model, progress=False)
+    with pytest.raises(ValueError, match="'transformer.h.0.mlp.c_fc': SoLA splits a gated FFN"):
+        sola_curve_set(prof, model)  # the curve builders' own checks, reached without the model's
+    with pytest.raises(ValueError, match="'transformer.h.0.attn.c_attn': FLAT-LLM needs separate"):
+        flat_curve_set(prof)

@@ -119,14 +119,20 @@ def test_sequential_rows_and_per_method_agreement(tmp_path):
 
 def test_a_combo_that_needs_the_full_store_refuses_compact_before_any_work(tmp_path):
     """``--store compact`` with an SSLC combo, or with fisher_svd under --sequential, stops in one line naming the
-    method, before the output folder is made or any model is loaded."""
+    method, before the output folder is made or any model is loaded; so does the per-method agreement study with
+    SSLC among its methods."""
     from rankalloc.studies.study_quality import main
+
+    from rankalloc.studies.study_agreement import main as agreement
 
     for extra, method in ((["--combo", "sslc:fisher:exact"], "'sslc'"),
                           (["--combo", "fisher_svd:fisher:exact", "--sequential", "4"], "'fisher_svd' with --sequential")):
-        with pytest.raises(SystemExit, match=f"--store compact: method {method} needs the full store"):
+        with pytest.raises(ValueError, match=f"--store compact: method {method} needs the full store"):
             main([*extra, "--store", "compact", "--out", str(tmp_path / "out")])
         assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--store compact: method 'sslc' needs the full store"):
+        agreement(["--per-method", "--methods", "svd,sslc", "--store", "compact", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_study_run_as_a_script_ends_bad_input_in_one_line(tmp_path):
