@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -86,10 +88,17 @@ class Allocation:
         }
 
     def to_json(self, path=None, indent: int = 1) -> str:
+        """The allocation as JSON text; with ``path``, also written there through a temporary sibling, so the file
+        is the old or the new allocation, never a part."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            try:
+                tmp.write_text(text + "\n")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return text
 
     @classmethod

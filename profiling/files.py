@@ -69,6 +69,19 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
+def atomic_write_csv(path: Path, frame, **kwargs) -> None:
+    """``frame.to_csv(path, **kwargs)`` through a temporary sibling, so ``path`` is the old or the new table."""
+    with _replacing(path) as tmp:
+        frame.to_csv(tmp, **kwargs)
+
+
+def atomic_savefig(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig(path, **kwargs)`` through a temporary sibling (the format from ``path``'s suffix)."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
 def contents_of(arrays: dict) -> dict:
     """``{name: [shape, dtype]}`` of arrays, the expected contents recorded beside a file's checksum."""
     out = {}

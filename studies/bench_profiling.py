@@ -301,7 +301,9 @@ def several(a, argv: list[str]) -> int:
               + ", ".join(f"{k} {v:.1f}s" for k, v in res["split_s"].items()) + ")")
     print(f"{'speed-up':>32}: {speedup:.2f}x ({one} / {many})")
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "speedup": round(speedup, 3)}, indent=1) + "\n")
+        from rankalloc.profiling.files import atomic_write_json
+
+        atomic_write_json(Path(a.json), {"runs": runs, "speedup": round(speedup, 3)})
     return 0
 
 
@@ -352,7 +354,9 @@ def main(argv=None) -> int:
         return 0
     text = json.dumps(res, indent=1)
     if a.json:
-        Path(a.json).write_text(text + "\n")
+        from rankalloc.profiling.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(a.json), (text + "\n").encode())
     for k, v in res.items():
         if k not in ("split_s", "floor_flops", "store_disk", "peak_rss_by_phase"):
             print(f"{k:>20}: {v}")

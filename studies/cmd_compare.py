@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,7 +72,7 @@ def run(args) -> int:
     from rankalloc.studies.compare import compare, format_table
     from rankalloc.studies.options import build_solvers, comma_list, fractions, load_plugins, named
 
-    from rankalloc.profiling.files import atomic_write_json, check_output_folder
+    from rankalloc.profiling.files import atomic_write_csv, atomic_write_json, check_output_folder
 
     out = Path(args.out)
     check_output_folder(out, "--out", ours=(out / "compare.json").is_file() or (out / "compare.csv").is_file(),
@@ -125,9 +124,7 @@ def run(args) -> int:
                     time_limit=args.time_limit, out=out / "allocations", batch_size=args.batch_size,
                     log=notes.append, sequential=seq)
     t3 = time.perf_counter()
-    tmp = out / f".compare.csv.tmp{os.getpid()}"
-    frame.to_csv(tmp, index=False, float_format="%.10g")
-    os.replace(tmp, out / "compare.csv")
+    atomic_write_csv(out / "compare.csv", frame, index=False, float_format="%.10g")
     settings = {"model": str(run_.loaded.model_id), "fingerprint": run_.loaded.fingerprint,
                 "profile": str(prof.path), "text": run_.text.source_id, "ratios": ratios, "solvers": solvers,
                 "methods": methods, "kinds": kinds, "cost": args.cost, "grid": args.grid,

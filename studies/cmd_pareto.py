@@ -175,6 +175,7 @@ def run(args) -> int:
 
 def write_outputs(out: Path, args, kind: str, source: str, main, sheets, measured, dense_ppl, notes):
     """The two figures and pareto.csv in ``out``, and the fronts printed; returns the figure paths."""
+    from rankalloc.profiling.files import atomic_write_csv
     from rankalloc.studies import fronts as fr
 
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def write_outputs(out: Path, args, kind: str, source: str, main, sheets, measure
     fr.plot_cost_model_fronts(sheets, second, title=f"{args.method} on {Path(source).name}: predicted error "
                                                      f"({kind}) vs cost removed, per cost model")
     frame = fr.fronts_frame(main, sheets, measured)
-    frame.to_csv(out / "pareto.csv", index=False, float_format="%.10g")
+    atomic_write_csv(out / "pareto.csv", frame, index=False, float_format="%.10g")
 
     for name, front in main.fronts.items():
         pts = ", ".join(f"{main.removed(p.allocation):.1%}: {p.objective:.4g}" for p in reversed(front.points))

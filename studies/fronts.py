@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from rankalloc.profiling.files import atomic_savefig
+
 KIND_UNITS = {
     "whitened": "dropped squared singular values of W S\n(squared activation error summed over calibration tokens)",
     "energy": "fraction of whitened energy dropped (summed over matrices)",
@@ -212,7 +214,7 @@ def plot_solver_fronts(sf: SolverFronts, path, measured: Sequence[Measured] = ()
     ax.legend(handles, labels, fontsize=8, loc="upper left")
     ax.set_title(title or f"Pareto fronts: predicted error ({sf.kind}) vs {sf.resource} removed")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -236,5 +238,5 @@ def plot_cost_model_fronts(panels: Sequence[SolverFronts], path, title: str = ""
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.suptitle(title or f"Predicted error ({panels[0].kind}) vs cost removed, under each cost model")
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

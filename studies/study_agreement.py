@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from rankalloc.profiling.files import atomic_write_csv
+
 KINDS = ("whitened", "energy", "relative", "epsilon", "fisher", "fisher_svd")
 
 ALLOCATORS = (
@@ -142,7 +144,7 @@ def method_agreement(run, prof, methods, ratios, *, grid: int = 16, eval_ids=Non
                     row.update({f"pred_{k}": predicted(probs[k], a) for k in LOSS_KINDS if k in probs})
                     rows.append(row)
                     if csv is not None:
-                        pd.DataFrame(rows).to_csv(csv, index=False)
+                        atomic_write_csv(csv, pd.DataFrame(rows), index=False)
                     print(f"{method:10s} {ratio:.0%} {solver:8s} {kind:10s} ppl {ppl:9.2f} measured "
                           f"{row['measured']:.3f} " + " ".join(f"{k} {row.get('pred_' + k, float('nan')):.3f}"
                                                                for k in LOSS_KINDS), flush=True)
@@ -176,7 +178,7 @@ def method_summary(per) -> "pd.DataFrame":
 
 
 def main(argv=None) -> int:
-    from rankalloc.studies.study_quality import study_parser
+    from rankalloc.studies.study_quality import study_output, study_parser
 
     ap = study_parser(__doc__)
     ap.add_argument("--probe-samples", type=int, default=8, help="calibration sequences the loss is measured on")
@@ -195,8 +197,7 @@ def main(argv=None) -> int:
     from rankalloc.profiling.run import calibration_ids, prepare, profile
 
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_output(args.out, args.overwrite, "agreement.csv", "allocations.csv")
     ratios = [float(r) for r in args.ratios.split(",")]
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen)
     prof = profile(run, kinds=KINDS, out=args.profile, store=args.store)
@@ -205,8 +206,8 @@ def main(argv=None) -> int:
     table = curve_kind_agreement(prof, run.model, ids, KINDS, allocs, n_probe_samples=args.probe_samples)
     per = table.attrs["allocations"]
     table["within_ratio_spearman"] = [within_ratio_spearman(per, KINDS)[k] for k in table.index]
-    per.to_csv(out / "allocations.csv", index=False)
-    table.to_csv(out / "agreement.csv")
+    atomic_write_csv(out / "allocations.csv", per, index=False)
+    atomic_write_csv(out / "agreement.csv", table)
     print(f"\n{len(per)} allocations ({len(ALLOCATORS)} solver/kind pairs x ratios {ratios}), whitened truncation; "
           f"loss on {args.probe_samples} x {args.seqlen} calibration tokens, dense loss "
           f"{table.attrs['dense_loss']:.4f} nats")
@@ -223,7 +224,7 @@ def _per_method(args) -> int:
     from rankalloc.decomposers.registry import get_method
     from rankalloc.profiling.run import check_fit, prepare, profile
 
-    from rankalloc.studies.study_quality import markdown_table, study_store
+    from rankalloc.studies.study_quality import markdown_table, study_output, study_store
 
     methods = args.methods.split(",")
     for m in methods:
@@ -231,16 +232,15 @@ def _per_method(args) -> int:
     store = study_store(args.store, methods)  # SSLC's table and fit read the full store
 
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_output(args.out, args.overwrite, "method_allocations.csv", "method_agreement.csv")
     ratios = [float(r) for r in args.ratios.split(",")]
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     check_fit(methods, run.model)
     prof = profile(run, kinds=KINDS, out=args.profile, store=store)
     per = method_agreement(run, prof, methods, ratios, csv=out / "method_allocations.csv")
-    per.to_csv(out / "method_allocations.csv", index=False)
+    atomic_write_csv(out / "method_allocations.csv", per, index=False)
     summary = method_summary(per)
-    summary.to_csv(out / "method_agreement.csv", index=False)
+    atomic_write_csv(out / "method_agreement.csv", summary, index=False)
     print(f"\n{len(per)} allocations; loss increase ln(ppl / dense) on {args.windows} evaluation windows x 512, "
           f"dense ppl {per.dense_ppl.iloc[0]:.3f}")
     print(markdown_table(summary))

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from rankalloc.profiling.files import atomic_write_csv
+
 RECOMMENDED = ("fisher_svd", "fisher", "exact")
 """The library's recommended combination: two-sided Fisher-whitened SVD, allocated by the exact optimum of the
 ``fisher`` curves, which price exactly that truncation."""
@@ -273,7 +275,7 @@ def _quality_rows(run, prof, ratios, combos, curves, rows, dense, speed, total_l
                   flush=True)
             del model
             if out is not None:
-                pd.DataFrame(rows).to_csv(out / "quality.csv", index=False)
+                atomic_write_csv(out / "quality.csv", pd.DataFrame(rows), index=False)
 
 
 def study_parser(doc: str) -> argparse.ArgumentParser:
@@ -288,7 +290,20 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--store", default=None, choices=("compact", "full"),
                     help="profile store for a new profile (default compact; study_quality picks full when a combo's "
                          "method needs it, as sslc and sequential fisher_svd do)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into --out even if it is a non-empty folder that holds none of this study's outputs")
     return ap
+
+
+def study_output(path, overwrite: bool, *outputs: str) -> Path:
+    """A study's ``--out`` folder, made when new. A file, or a non-empty folder that holds none of ``outputs``
+    (this study's file names), is refused in one line unless ``overwrite``, before anything is loaded."""
+    from rankalloc.profiling.files import check_output_folder
+
+    out = Path(path)
+    check_output_folder(out, "--out", ours=any((out / name).is_file() for name in outputs), overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def study_store(store: str | None, methods, sequential: bool = False) -> str | None:
@@ -365,8 +380,7 @@ def main(argv=None) -> int:
         for method in methods:  # before anything is profiled
             check_sequential(method)
     store = study_store(args.store, methods, bool(args.sequential))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_output(args.out, args.overwrite, "quality.csv", "solvers.csv")
     t0 = time.perf_counter()
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     gap_kinds = args.gaps.split(",") if args.gaps else [RECOMMENDED[1]]
@@ -376,7 +390,7 @@ def main(argv=None) -> int:
     import pandas as pd
 
     gaps = pd.concat([solver_gaps(prof, k, ratios) for k in gap_kinds], ignore_index=True)
-    gaps.to_csv(out / "solvers.csv", index=False)
+    atomic_write_csv(out / "solvers.csv", gaps, index=False)
     print(f"solvers on the objectives {gap_kinds} (method svd, grid 16; vs_exact = objective / exact optimum):")
     print(markdown_table(gaps[["kind", "ratio", "solver", "status", "objective", "lower_bound", "vs_exact",
                                "removed_linear", "solve_s"]]), flush=True)
@@ -391,7 +405,7 @@ def main(argv=None) -> int:
         extra = {} if args.sequential_damp is None else {"damp": args.sequential_damp}
         seq = SequentialConfig(samples=args.sequential, correct=not args.no_correction, **extra)
     df, dense = run_quality(run, prof, ratios, combos, out=out, throughput=args.throughput, sequential=seq)
-    df.to_csv(out / "quality.csv", index=False)
+    atomic_write_csv(out / "quality.csv", df, index=False)
     print(f"\nProtocol: {dense.protocol}; calibration {args.samples} x {args.seqlen} tokens; ratio = fraction of "
           f"decoder linear-layer parameters removed.")
     cols = ["ratio", "method", "kind", "solver", "grid", "seq", "ppl", "ppl_vs_uniform", "removed_linear", "objective",

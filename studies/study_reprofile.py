@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from rankalloc.studies.study_quality import markdown_table, study_parser
+    from rankalloc.profiling.files import atomic_write_csv
+    from rankalloc.studies.study_quality import markdown_table, study_output, study_parser
 
     ap = study_parser(__doc__)
     ap.add_argument("--windows", type=int, default=20, help="evaluation windows of 512 tokens")
@@ -42,8 +43,7 @@ def main(argv=None) -> int:
     from rankalloc.profiling.run import prepare, profile
 
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_output(args.out, args.overwrite, "reprofile.csv")
     ratios = [float(r) for r in args.ratios.split(",")]
     extra = {} if args.sequential_damp is None else {"damp": args.sequential_damp}
     seq = SequentialConfig(samples=args.sequential, **extra)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             print(f"{ratio:.0%} step {step.iteration}: {step.changed} changed, predicted {step.predicted:.4f}, "
                   f"at the built point {step.predicted_here:.4f}, ppl {res.ppl:.2f}, measured {measured:.4f}"
                   f"{' (fixed point or cycle next)' if step.fixed else ''}", flush=True)
-            pd.DataFrame(rows).to_csv(out / "reprofile.csv", index=False)
+            atomic_write_csv(out / "reprofile.csv", pd.DataFrame(rows), index=False)
     print(markdown_table(pd.DataFrame(rows)[["ratio", "step", "changed", "removed", "predicted", "predicted_here",
                                               "ppl", "measured", "predicted_over_measured", "here_over_measured"]]))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

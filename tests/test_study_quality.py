@@ -4,6 +4,7 @@ peak memory and throughput columns, and the uniform baseline used for the x-unif
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,53 @@ def test_a_study_run_as_a_script_ends_bad_input_in_one_line(tmp_path):
         assert proc.returncode == 1 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert err[0].startswith("study_quality: error:") and all(w in err[0] for w in words), err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_study_writes_only_into_its_own_output_folder(tmp_path, monkeypatch):
+    """Each study refuses an --out folder that holds files it did not write, in one line naming the folder, before
+    any model is loaded; a folder with its own earlier output, or --overwrite, is written into. A table is replaced
+    through a temporary sibling, so a write that fails leaves the old table as it was."""
+    import pandas as pd
+
+    from rankalloc.profiling import files
+    from rankalloc.profiling import run as runs
+    from rankalloc.studies import study_agreement, study_quality, study_reprofile
+
+    class Prepared(Exception):
+        pass
+
+    def never(*args, **kwargs):
+        raise Prepared
+
+    monkeypatch.setattr(runs, "prepare", never)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    studies = ((study_quality.main, [], "quality.csv"), (study_agreement.main, [], "agreement.csv"),
+               (study_agreement.main, ["--per-method", "--methods", "svd"], "method_agreement.csv"),
+               (study_reprofile.main, [], "reprofile.csv"))
+    for main, extra, output in studies:
+        with pytest.raises(ValueError, match=f"--out {foreign}: a non-empty folder that rankalloc did not write"):
+            main([*extra, "--out", str(foreign)])
+        with pytest.raises(Prepared):  # --overwrite: past the folder check, to loading the model
+            main([*extra, "--out", str(foreign), "--overwrite"])
+        own = tmp_path / output
+        own.mkdir()
+        (own / output).write_text("an earlier run\n")
+        (own / "other.txt").write_text("x")
+        with pytest.raises(Prepared):  # its own earlier output: written into
+            main([*extra, "--out", str(own)])
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+    table = tmp_path / "t.csv"
+    files.atomic_write_csv(table, pd.DataFrame({"a": [1, 2]}), index=False)
+    before = table.read_text()
+
+    class Broken(pd.DataFrame):
+        def to_csv(self, path, **kwargs):
+            Path(path).write_text("a\n1\n")  # a part written, then the write fails
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_csv(table, Broken({"a": [3]}), index=False)
+    assert table.read_text() == before and [p.name for p in tmp_path.glob(".t.csv*")] == []
