@@ -186,18 +186,27 @@ def _publish(build: Path, path: Path) -> None:
     os.replace(build / MANIFEST, path / MANIFEST)
 
 
+def stored_tensors(tensors: dict, dtype: torch.dtype | None) -> dict:
+    """``tensors`` as written: the floating-point ones cast to ``dtype`` (None: as they are; integer index buffers
+    always as they are)."""
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
 def save_compressed(model: nn.Module, path, report: CompressionReport, *, overwrite: bool = False,
-                    protect=()) -> Path:
+                    protect=(), dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (compressed in place by ``compress_``) and ``report`` to the folder ``path``, through
-    :func:`output_folder` (``overwrite`` and ``protect`` as there)."""
+    :func:`output_folder` (``overwrite`` and ``protect`` as there). ``dtype``: the dtype of the floating-point
+    weights written, such as the checkpoint's (``LoadedModel.source_dtype``); None keeps the model's own."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors, aliases = _dedupe(model.state_dict())
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     manifest = manifest_of(model, report, aliases, dtype)
     with output_folder(path, overwrite=overwrite, protect=protect) as build:
-        save_file(tensors, str(build / WEIGHTS), metadata={"format": "pt"})
+        save_file(stored_tensors(tensors, dtype), str(build / WEIGHTS), metadata={"format": "pt"})
         write_json_atomic(build / MANIFEST, manifest)
     return path
 

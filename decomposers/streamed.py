@@ -183,10 +183,12 @@ def layer_owners(layers) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict) -> None:
+def _write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict, dtype) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    from rankalloc.decomposers.io import stored_tensors
+
+    save_file(stored_tensors(tensors, dtype), str(folder / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in tensors})
 
 
@@ -267,7 +269,7 @@ def compress_to_folder(loaded, prof, allocation, method: str, out, *, overwrite:
 
 
 def write_folder(loaded, prof, allocation, method: str, out, *, config=None, device="cpu",
-                 progress: bool = True) -> CompressionReport:
+                 progress: bool = True, dtype: torch.dtype | None = None) -> CompressionReport:
     """Compress the out-of-core model ``loaded`` as ``allocation`` says, one decoder layer at a time, into ``out``.
 
     Args:
@@ -280,6 +282,8 @@ def write_folder(loaded, prof, allocation, method: str, out, *, config=None, dev
         method: a registered method name; ``config`` its config (default: its defaults).
         out: the output folder (shards, index, ``compressed.json``); it must not be the model's own folder.
         device: where each layer is made resident and its factors computed.
+        dtype: the dtype of the floating-point weights written, such as the checkpoint's
+            (``loaded.source_dtype``); None keeps the model's own (the dtype it was computed in).
 
     Returns the combined :class:`CompressionReport` (as ``compress_`` in memory; on every rank under several
     processes, where rank 0 alone writes). Raises ``ValueError`` on bad input before any layer is read,
@@ -302,6 +306,7 @@ def write_folder(loaded, prof, allocation, method: str, out, *, config=None, dev
         raise ValueError(f"allocation by {allocation.solver!r} has status {allocation.status}: expected a "
                          f"feasible allocation ({allocation.message})")
     model = loaded.model
+    dtype = dtype or weights.dtype
     out = Path(out)
     source = weights.checkpoint.folder
     if out.exists() and (out.resolve() == Path(source).resolve() or (out / "config.json").exists()):
@@ -338,7 +343,7 @@ def write_folder(loaded, prof, allocation, method: str, out, *, config=None, dev
                     got = compress_(model, subs[i], config, prof, progress=False).components if i in subs else []
                     tensors, layer_aliases = _layer_tensors(layer, prefix)
                     if main:  # written while it is resident, as in one process
-                        _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map)
+                        _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map, dtype)
                         done = (i, None, None, layer_aliases, got)
                     else:
                         specs = {prefix + n: spec for n, spec in module_specs(layer).items()}
@@ -351,7 +356,7 @@ def write_folder(loaded, prof, allocation, method: str, out, *, config=None, dev
                     continue
                 i, tensors, specs, layer_aliases, got = item
                 if tensors is not None:  # another rank's layer: its shard, and its structure in the skeleton
-                    _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map)
+                    _write_shard(out, SHARD.format(i + 1, total), tensors, weight_map, dtype)
                     _swap_in(model, specs, out)
                 aliases.update(layer_aliases)
                 reports += got
@@ -360,21 +365,21 @@ def write_folder(loaded, prof, allocation, method: str, out, *, config=None, dev
         bar.close()
     def finish():
         report = combined_report(m.name, config, allocation, reports, expected, prof, time.perf_counter() - t0)
-        return _finish_folder(out, model, weights, parts, len(layers), total, weight_map, aliases, report)
+        return _finish_folder(out, model, weights, parts, len(layers), total, weight_map, aliases, report, dtype)
 
     return distributed.on_main(finish, "writing the compressed model")
 
 
 def _finish_folder(out: Path, model, weights, parts, n_layers: int, total: int, weight_map: dict, aliases: dict,
-                   report: CompressionReport) -> CompressionReport:
+                   report: CompressionReport, dtype) -> CompressionReport:
     """The non-layer shards, then the index and the manifest (last, atomically); stale shards removed."""
     from rankalloc.decomposers.io import INDEX, MANIFEST, manifest_of, write_json_atomic
 
     for k, (label, entries) in enumerate(parts):
         tensors = _read_part(weights, entries)
-        _write_shard(out, SHARD.format(n_layers + k + 1, total), tensors, weight_map)
+        _write_shard(out, SHARD.format(n_layers + k + 1, total), tensors, weight_map, dtype)
         del tensors
-    manifest = manifest_of(model, report, aliases, weights.dtype, weights=INDEX, weight_map=weight_map)
+    manifest = manifest_of(model, report, aliases, dtype, weights=INDEX, weight_map=weight_map)
     written = set(weight_map.values())
     for f in out.iterdir():  # shards of an earlier run with another shard count (nothing complete names them)
         if SHARD_PATTERN.fullmatch(f.name) and f.name not in written:

@@ -214,6 +214,9 @@ class LoadedModel:
     model_id: str
     fingerprint: str
     weights: object = None
+    source_dtype: torch.dtype = torch.float32
+    """The dtype the checkpoint stores its weights in (the model is computed in ``model``'s own, float32 by
+    default): what ``rankalloc compress`` saves a compressed model in unless told otherwise."""
 
     @property
     def out_of_core(self) -> bool:
@@ -309,11 +312,11 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
         except OSError as err:
             raise ValueError(f"could not load the tokenizer of {str(folder)!r}: {err}") from err
         net, weights = load_out_of_core(folder, dtype)
-        return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer, weights), weights)
+        return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer, weights), weights,
+                           weights.checkpoint.float_dtype() or _config_dtype(net.config, dtype))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        if isinstance(folder, Path):
-            _check_weight_files(folder)
+        stored = _check_weight_files(folder) if isinstance(folder, Path) else None
         with _quiet_load_report():
             net, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except OSError as err:
@@ -326,18 +329,35 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
                          f"(do config.json and the weights belong together?)") from err
     _check_loading_info(model_id, info)
     net = net.to(device).eval()
-    return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer))
+    if stored is None:  # a hub id or .bin weights: the dtype config.json declares
+        from transformers import AutoConfig
+
+        stored = _config_dtype(AutoConfig.from_pretrained(folder), dtype)
+    return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer), source_dtype=stored)
 
 
-def _check_weight_files(folder: Path) -> None:
+def _config_dtype(config, default: torch.dtype) -> torch.dtype:
+    """The floating-point dtype a transformers config declares (``dtype``, formerly ``torch_dtype``), else
+    ``default``."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None)
+        if isinstance(value, str):
+            value = getattr(torch, value, None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return default
+
+
+def _check_weight_files(folder: Path) -> torch.dtype | None:
     """The safetensors files of a model folder read as far as their headers (truncated, padded or garbage files
-    are a ``ValueError`` naming the file, not a SafetensorError from deep inside transformers)."""
+    are a ``ValueError`` naming the file, not a SafetensorError from deep inside transformers); returns the
+    checkpoint's floating-point dtype (None: no safetensors files)."""
     import transformers
 
     from rankalloc.profiling.weights import INDEX, SINGLE, Checkpoint, skeleton
 
     if not ((folder / INDEX).is_file() or (folder / SINGLE).is_file()):
-        return
+        return None
     checkpoint = Checkpoint(folder)
     shapes = checkpoint.validate()
     model = skeleton(transformers.AutoConfig.from_pretrained(folder))  # on meta: names and shapes only
@@ -345,6 +365,7 @@ def _check_weight_files(folder: Path) -> None:
         if name in shapes and shapes[name] != tuple(p.shape):
             raise ValueError(f"checkpoint {checkpoint.files[name]}: tensor {name!r} has shape {shapes[name]}, "
                              f"config.json gives {tuple(p.shape)}; the config does not match the weights")
+    return checkpoint.float_dtype()
 
 
 @contextmanager

@@ -86,6 +86,21 @@ class Checkpoint:
                              f"({len(missing)} missing)")
         return shapes
 
+    def float_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype that holds most of the checkpoint's values, from the file headers (None: no
+        floating-point tensor): the precision the model was published in."""
+        counts: dict[torch.dtype, int] = {}
+        for path in sorted(set(self.files.values())):
+            header, _ = safetensors_header(path)
+            for k, info in header.items():
+                dt = _DTYPES.get(info.get("dtype")) if k != "__metadata__" and self.files.get(k) == path else None
+                if dt is not None and dt.is_floating_point:
+                    n = 1
+                    for d in info["shape"]:
+                        n *= int(d)
+                    counts[dt] = counts.get(dt, 0) + n
+        return max(counts, key=counts.get) if counts else None
+
     def check_model(self, model: torch.nn.Module, weights: "Weights") -> None:
         """The checkpoint holds exactly the parameters of ``model`` (a skeleton of its config) in their shapes: a
         missing tensor (which would stay at random initialisation), a mis-shaped one or one the model does not have

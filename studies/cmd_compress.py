@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SAVE_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+"""``--dtype`` choices: torch dtype names (auto: ``LoadedModel.source_dtype``)."""
+
 HELP = "Build the compressed model of an allocation (from `rankalloc allocate --out`) and save it"
 
 EPILOG = """\
@@ -15,7 +18,9 @@ The allocation JSON names a rank per matrix of the profile; --method builds each
 (svd: SVD-LLM whitened SVD; fisher_svd: two-sided Fisher whitening, needs a profile with fisher;
 pgsvd: SVD + alternating least squares; sola, sslc, flat: allocations made on their own curves).
 The model defaults to the one recorded in the profile and must be that model (checked by fingerprint).
-The output folder holds model.safetensors and compressed.json (with the checksum of every file);
+The output folder holds model.safetensors and compressed.json (with the checksum of every file). The factors
+are computed in float32 and written in the dtype the checkpoint stores its weights in (a bfloat16 model gives a
+bfloat16 compressed model, smaller than its source), or in --dtype;
 `rankalloc evaluate --compressed DIR` reads it back. --out must be new, empty or an earlier output of
 `rankalloc compress` (--overwrite: any folder but a model folder); the new output replaces the earlier
 one only once it is complete, and a second run into the same --out is refused while one runs. With --out-of-core the model stays on disk: one decoder layer at a time is read from
@@ -54,6 +59,9 @@ def add_arguments(parser) -> None:
                         help="write into --out even if it is a non-empty folder that holds no compressed model "
                              "(never a model folder)")
     parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
+    parser.add_argument("--dtype", default="auto", choices=tuple(SAVE_DTYPES),
+                        help="dtype of the weights written (default auto: the checkpoint's own, such as bfloat16; "
+                             "float32 keeps the precision the factors are computed in)")
     parser.add_argument("--sequential", type=int, default=0, metavar="N",
                         help="fit every matrix at the inputs of the already-compressed layers, on the first N "
                              "calibration sequences (per-matrix methods and flat; 0: off, the default)")
@@ -98,9 +106,11 @@ def run(args) -> int:
     model, report = problems.compress(loaded.model, prof, allocation, args.method, inplace=True,
                                       sequential=sequential, ids=ids)
     kept = model_params(model)
+    dtype = save_dtype(args, loaded)
     if distributed.is_main():
-        save_compressed(model, args.out, report, overwrite=args.overwrite, protect=_protected(args, prof))
-    _summary(args, report, allocation, dense_params, kept, linear)
+        save_compressed(model, args.out, report, overwrite=args.overwrite, protect=_protected(args, prof),
+                        dtype=dtype)
+    _summary(args, report, allocation, dense_params, kept, linear, dtype)
     return 0
 
 
@@ -146,14 +156,22 @@ def _protected(args, prof) -> tuple:
     return (prof.path,) + ((Path(model).expanduser(),) if model is not None else ())
 
 
-def _summary(args, report, allocation, dense_params: int, kept: int, linear: int) -> None:
+def save_dtype(args, loaded):
+    """The torch dtype of ``--dtype`` (auto: the checkpoint's, ``loaded.source_dtype``)."""
+    import torch
+
+    name = SAVE_DTYPES[args.dtype]
+    return loaded.source_dtype if name is None else getattr(torch, name)
+
+
+def _summary(args, report, allocation, dense_params: int, kept: int, linear: int, dtype) -> None:
     print(report.summary())
     print(f"realized parameters removed: {(dense_params - kept) / linear:.2%} of the linear matrices "
           f"({dense_params - kept:,} of {linear:,}); {1 - kept / dense_params:.2%} of the whole model "
           f"({kept:,} of {dense_params:,} kept)")
     print(f"allocation: {allocation.solver} ({allocation.status}), objective {allocation.objective:.6g} "
           f"({allocation.problem.objective})")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({str(dtype).removeprefix('torch.')} weights)")
 
 
 def _run_out_of_core(args, prof) -> int:
@@ -175,8 +193,9 @@ def _run_out_of_core(args, prof) -> int:
                          f"store them in the profile)") from None
     dense_params = model_params(loaded.model)
     linear = runs.linear_params(prof)
+    dtype = save_dtype(args, loaded)
     report = compress_to_folder(loaded, prof, allocation, args.method, args.out, device=args.device,
-                                overwrite=args.overwrite, protect=_protected(args, prof))
+                                overwrite=args.overwrite, protect=_protected(args, prof), dtype=dtype)
     kept = model_params(loaded.model)
-    _summary(args, report, allocation, dense_params, kept, linear)
+    _summary(args, report, allocation, dense_params, kept, linear, dtype)
     return 0

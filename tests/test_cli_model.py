@@ -218,3 +218,46 @@ def test_profile_fisher_samples_option(workdir, tmp_path):
     assert {"fisher", "fisher_svd"} <= set(prof.kinds)
     assert prof.meta["settings"]["fisher_samples"] == 2
     assert prof.fisher_loss_tokens == 2 * (prof.meta["seqlen"] - 1) < prof.meta["n_samples"] * (prof.meta["seqlen"] - 1)
+
+
+def test_compress_writes_the_dtype_the_checkpoint_stores(tmp_path):
+    """A bfloat16 checkpoint gives a bfloat16 compressed model (in memory and out of core), smaller than its
+    source: its weights are the float32 factors (--dtype float32) rounded once, and it reloads in bfloat16."""
+    import torch
+    from safetensors import safe_open
+
+    from conftest import tiny_model, tiny_tokenizer
+    from rankalloc.decomposers import load_compressed
+    from rankalloc.studies.cli import main
+
+    src = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = write_text_file(tmp_path / "text.txt")
+    assert main(["profile", "--model", str(src), "--text", str(text), *COMMON, "--kinds", "whitened",
+                 "--out", str(tmp_path / "p")]) == 0
+    alloc = tmp_path / "alloc.json"
+    assert main(["allocate", "--curves", str(tmp_path / "p"), "--kind", "whitened", "--solver", "exact",
+                 "--budget", "0.3", "--out", str(alloc), "--quiet"]) == 0
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                out.update({k: fh.get_tensor(k) for k in fh.keys()})
+        return out
+
+    size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    common = ["compress", "--profile", str(tmp_path / "p"), "--allocation", str(alloc), "--method", "svd"]
+    assert main([*common, "--dtype", "float32", "--out", str(tmp_path / "f32")]) == 0
+    wide = tensors(tmp_path / "f32")
+    assert {t.dtype for t in wide.values()} == {torch.float32}
+    for extra in ([], ["--out-of-core"]):
+        out = tmp_path / f"bf16-out{len(extra)}"
+        assert main([*common, *extra, "--out", str(out)]) == 0
+        narrow = tensors(out)
+        assert {t.dtype for t in narrow.values()} == {torch.bfloat16}, extra
+        assert narrow.keys() == wide.keys() and all(torch.equal(narrow[k], wide[k].to(torch.bfloat16)) for k in wide)
+        assert size(out) < size(src) < size(tmp_path / "f32")
+        assert json.loads((out / "compressed.json").read_text())["dtype"] == "bfloat16"
+        assert next(load_compressed(out).parameters()).dtype == torch.bfloat16
