@@ -43,7 +43,7 @@ from rankalloc.decomposers.registry import Method, MethodCurves, register_method
 from rankalloc.decomposers.report import ComponentReport
 from rankalloc.decomposers.host import attention_contract, attention_function
 from rankalloc.decomposers.svd import svd_build
-from rankalloc.profiling.flat import eig_desc, value_output_pair, vo_name
+from rankalloc.profiling.flat import FLAT_KINDS, eig_desc, value_output_pair, vo_name
 from rankalloc.profiling.numerics import PRECISION
 
 VO = ".vo"
@@ -361,5 +361,5 @@ def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 
 register_method(Method("flat", FlatConfig, compress_flat, flat_curves,
                        "FLAT-LLM: head-wise PCA of the value outputs absorbed into V and O; whitened SVD elsewhere",
-                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",), fits=flat_fits,
+                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",), kinds=FLAT_KINDS, fits=flat_fits,
                        joins=vo_joins, remeasure=remeasure_vo))

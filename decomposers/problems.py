@@ -57,8 +57,10 @@ def problem_for(prof, method: str = "svd", kind: str = "fisher", removed: float 
         raise ValueError(f"problem_for: curves of method {mc.method!r} given for method {method!r}")
     costs = {cost: _cost_model(mc, cost)}
     cs = mc.curve_set
+    get_method(method).check_kind(kind)
     if kind not in cs.kinds:
-        hint = " (profile with kinds including 'fisher')" if kind in ("fisher", "fisher_svd") else ""
+        hint = (" (profile with kinds including 'fisher')" if kind in ("fisher", "fisher_svd")
+                and "fisher" not in prof.kinds else "")
         raise ValueError(f"method {method!r}: curve kind {kind!r} is not available{hint}; this profile offers "
                          f"{list(cs.kinds)} for it")
     g = method_grid(mc, grid)

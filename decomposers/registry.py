@@ -21,6 +21,9 @@ A :class:`Method` holds everything the rest of the library needs to know about a
 - ``store``: the profile store its curves and decomposer read (``"full"``: the float64 Grams, as SSLC's table and
   fit in the two-sided metric need); :meth:`Method.profile_store` adds what sequential calibration needs, and the
   commands that profile for a method (``compare``, ``pareto``) profile into that store;
+- ``kinds``: the only curve kinds its curves can offer, None for any kind the profile holds (SSLC's table is in
+  loss units only, ``("fisher",)``; SoLA's and FLAT's sets recompute some kinds); a command refuses a kind outside
+  them before it profiles (:meth:`Method.check_kind`);
 - ``fits``: ``fits(model)`` raises a one-line ``ValueError`` naming the module when the method cannot compress
   that model's structure (FLAT: a fused q/k/v or an attention class it does not support; SoLA: an FFN that is not
   gated with separate gate/up/down), so a command stops before it profiles (:meth:`Method.check_model`);
@@ -83,6 +86,7 @@ class Method:
     matrixwise: bool | None = None
     store: str = "compact"
     resources: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
     fits: Callable[[object], None] | None = None
     joins: Callable[[str], str | None] | None = None
     remeasure: Callable | None = None
@@ -99,10 +103,12 @@ class Method:
                 raise ValueError(f"method {self.name!r}: expected a callable {what}, received {getattr(self, what)!r}")
         if self.store not in ("compact", "full"):
             raise ValueError(f"method {self.name!r}: store must be 'compact' or 'full', received {self.store!r}")
-        if self.resources is not None and (not isinstance(self.resources, tuple) or not self.resources
-                                           or not all(isinstance(r, str) for r in self.resources)):
-            raise ValueError(f"method {self.name!r}: resources must be a non-empty tuple of cost model names or None, "
-                             f"received {self.resources!r}")
+        for what in ("resources", "kinds"):
+            value = getattr(self, what)
+            if value is not None and (not isinstance(value, tuple) or not value
+                                      or not all(isinstance(r, str) for r in value)):
+                raise ValueError(f"method {self.name!r}: {what} must be a non-empty tuple of names or None, "
+                                 f"received {value!r}")
         if (self.joins is None) != (self.remeasure is None):
             raise ValueError(f"method {self.name!r}: joins and remeasure go together (sequential calibration of a "
                              f"component that is not one matrix needs both)")
@@ -133,6 +139,12 @@ class Method:
         serves, only module classes and names are read)."""
         if self.fits is not None:
             self.fits(model)
+
+    def check_kind(self, kind: str) -> None:
+        """One-line ``ValueError`` when the method's curves cannot offer the curve kind ``kind`` (``kinds``)."""
+        if self.kinds is not None and kind not in self.kinds:
+            raise ValueError(f"method {self.name!r} offers the curve kinds {list(self.kinds)} only; received kind "
+                             f"{kind!r}")
 
     def check_cost(self, cost: str) -> None:
         """One-line ``ValueError`` when the method cannot be priced in the resource ``cost`` (``resources``)."""

@@ -45,7 +45,7 @@ from rankalloc.decomposers.modules import LowRankLinear, empty_linear, weight_pa
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.decomposers.report import ComponentReport
 from rankalloc.decomposers.host import check_single_input
-from rankalloc.profiling.sola import FFN_KINDS, GATED_PARTS, check_gated_ffn
+from rankalloc.profiling.sola import FFN_KINDS, GATED_PARTS, SOLA_KINDS, check_gated_ffn
 from rankalloc.decomposers.svd import svd_build, whitened_svd
 from rankalloc.profiling.architectures import prime_count
 from rankalloc.profiling.numerics import PRECISION, check_finite
@@ -284,4 +284,4 @@ def sola_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 register_method(Method("sola", SoLAConfig, compress_sola, sola_curves,
                        "SoLA: prime FFN neurons kept dense, the marginal ones and attention by whitened SVD",
                        modules=(LowRankLinear, SoLAMLP), kind="fisher_svd", solver="exact", resources=("params",),
-                       fits=sola_fits))
+                       kinds=SOLA_KINDS, fits=sola_fits))

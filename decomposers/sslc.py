@@ -75,8 +75,9 @@ from rankalloc.decomposers.modules import LowRankLinear
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, lower_t_times_, svd, times_lower_)
-from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, add_sslc_curves, built_fractions, fraction_grid,
-                                            salience_weights, same_fractions, support, table_fractions)
+from rankalloc.profiling.sslc_table import (DEFAULT_SPARSITIES, LOSS_KINDS, add_sslc_curves, built_fractions,
+                                            fraction_grid, salience_weights, same_fractions, support,
+                                            table_fractions)
 
 
 SCALINGS = ("diag", "whiten", "fisher")
@@ -479,4 +480,4 @@ register_method(Method("sslc", SSLCConfig, compress_sslc, sslc_curves,
                        "SSLC sparse + low-rank: W ~ L + S in the two-sided K-FAC metric (needs --store full), "
                        "(rank, sparsity) per matrix, the sparse part priced with its CSR indices",
                        modules=(SparseLowRankLinear,), kind="fisher", solver="exact", needs=("fisher",),
-                       matrixwise=True, store="full"))
+                       matrixwise=True, store="full", kinds=LOSS_KINDS))

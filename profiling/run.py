@@ -257,6 +257,20 @@ def check_fit(methods, model) -> None:
         get_method(m).check_model(model)
 
 
+def check_priced(model, cost: str) -> None:
+    """One-line ``ValueError`` when the cost model ``cost`` gives ``model``'s linear matrices a dense cost of 0 (kv
+    on a model with fused q/k/v projections), so no fraction of it could be removed: on the prepared model, before
+    it is profiled."""
+    from rankalloc.allocators.registry import get_cost_model
+    from rankalloc.profiling.architectures import find_structure
+
+    components = find_structure(model).components
+    if sum(get_cost_model(cost)().dense(c) for c in components) <= 0:
+        kinds = sorted({c.kind for c in components})
+        raise ValueError(f"--cost {cost}: the dense {cost} cost of this model's matrices (kinds {kinds}) is 0, so no "
+                         f"fraction of it can be removed (kv prices separate k and v projections)")
+
+
 def check_store(prof, store: str, why: Sequence[str]) -> None:
     """One-line ``ValueError`` when ``store`` is ``"full"`` and the given profile ``prof`` is compact, naming the
     profile and the methods that need the full store (``why``, from :func:`store_for`), before anything is

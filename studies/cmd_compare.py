@@ -83,8 +83,10 @@ def run(args) -> int:
     methods = named("--methods", comma_list(args.methods), get_method)
     kinds = comma_list(args.kinds)
     named("--cost", [args.cost], get_cost_model)
-    for m in methods:  # a method's resources are stated, so a cost it cannot price is refused before profiling
+    for m in methods:  # a method's resources and kinds are stated: what it cannot price is refused before profiling
         get_method(m).check_cost(args.cost)
+        for k in kinds:
+            get_method(m).check_kind(k)
     for option, value, least in (("--grid", args.grid, 1), ("--batch-size", args.batch_size, 1),
                                  ("--sequential", args.sequential, 0)):
         runs.at_least(option, value, least)
@@ -108,6 +110,7 @@ def run(args) -> int:
                         eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device,
                         out_of_core=args.out_of_core)
     runs.check_fit(methods, run_.model)
+    runs.check_priced(run_.model, args.cost)
     t1 = time.perf_counter()
     if prof is None:
         prof = runs.profile(run_, pk, store=store)

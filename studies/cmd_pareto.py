@@ -76,6 +76,14 @@ def _model_run(args, prof=None):
     return run_
 
 
+def _dense_cost(curves, cost: str) -> float:
+    """The dense ``cost`` of a method's curve set (its own cost model where it has one)."""
+    from rankalloc.allocators.registry import get_cost_model
+
+    model = curves.costs[cost] if cost in curves.costs else get_cost_model(cost)()
+    return float(sum(model.dense(c) for c in curves.curve_set.components))
+
+
 def load_curves(args, method):
     """``(run or None, profile or None, MethodCurves, grid, source)`` from --profile (a directory or a curves CSV)
     or from profiling --model on --text."""
@@ -87,6 +95,7 @@ def load_curves(args, method):
     if args.profile is None:
         run_ = _model_run(args)
         runs.check_fit([method.name], run_.model)
+        runs.check_priced(run_.model, args.cost)
         prof = runs.profile(run_, runs.profile_kinds([args.kind or "fisher", *method.needs]),
                             store=method.profile_store())
         return run_, prof, method_curves(prof, method.name, run_.model, grid=args.grid or 16), args.grid or 16, \
@@ -137,6 +146,8 @@ def run(args) -> int:
     named("--cost", [args.cost], get_cost_model)
     method = get_method(args.method)
     method.check_cost(args.cost)  # before anything is profiled
+    if args.kind is not None:
+        method.check_kind(args.kind)
     if args.measure < 0:
         raise ValueError(f"--measure: expected a count >= 0, received {args.measure}")
     for option, value in (("--grid", args.grid), ("--batch-size", args.batch_size)):
@@ -152,6 +163,9 @@ def run(args) -> int:
             sheets.append(main)
         elif method.resources is not None and c not in method.resources:
             notes.append(f"panel {c}: method {args.method} is priced in {list(method.resources)} only; skipped")
+        elif _dense_cost(curves, c) <= 0:
+            notes.append(f"panel {c}: the dense {c} cost of these matrices is 0 (kv prices separate k and v "
+                         f"projections); skipped")
         else:
             sf = fr.solver_fronts(prof, curves, kind, solvers, ratios, cost=c, grid=grid)
             notes.extend(sf.notes)

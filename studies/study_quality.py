@@ -123,7 +123,11 @@ def markdown_table(df) -> str:
 
 
 def parse_combo(text: str) -> tuple[str, str, str, int]:
-    """``method:kind:solver[:grid]`` -> ``(method, kind, solver, grid)``; the rank grid defaults to 16."""
+    """``method:kind:solver[:grid]`` -> ``(method, kind, solver, grid)``; the rank grid defaults to 16. An unknown
+    method or solver, or a kind the method's curves cannot offer, is refused here, before anything is profiled."""
+    from rankalloc.allocators.registry import get_solver
+    from rankalloc.decomposers.registry import get_method
+
     parts = text.split(":")
     if len(parts) not in (3, 4):
         raise ValueError(f"combo {text!r}: expected method:kind:solver[:grid], e.g. svd:fisher_svd:exact or "
@@ -133,6 +137,15 @@ def parse_combo(text: str) -> tuple[str, str, str, int]:
         if not parts[3].isdigit() or int(parts[3]) < 1:
             raise ValueError(f"combo {text!r}: the grid must be a positive integer, received {parts[3]!r}")
         grid = int(parts[3])
+    from rankalloc.profiling.run import profile_kinds
+
+    try:
+        method = get_method(parts[0])
+        profile_kinds([parts[1]])  # a kind the profile can hold
+        method.check_kind(parts[1])
+        get_solver(parts[2])
+    except ValueError as exc:
+        raise ValueError(f"combo {text!r}: {exc}") from None
     return parts[0], parts[1], parts[2], grid
 
 
@@ -385,7 +398,8 @@ def main(argv=None) -> int:
     run = prepare(args.model, args.text, samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows)
     gap_kinds = args.gaps.split(",") if args.gaps else [RECOMMENDED[1]]
     check_fit(methods, run.model)
-    prof = profile(run, kinds=tuple(args.kinds.split(",")) + tuple(gap_kinds), out=args.profile, store=store)
+    kinds = (*args.kinds.split(","), *gap_kinds, *(c[1] for c in combos))  # every combo's kind is profiled
+    prof = profile(run, kinds=tuple(dict.fromkeys(kinds)), out=args.profile, store=store)
     print(f"profile {prof.path} ready after {time.perf_counter() - t0:.0f} s", flush=True)
     import pandas as pd
 

@@ -216,9 +216,9 @@ def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tm
 
 def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, monkeypatch):
     """Settings compare reads only after the profile (--grid, --batch-size, --time-limit, --sequential, and
-    --sequential with SoLA, which is neither per-matrix nor joined, and a --cost a method cannot be priced in) stop in
-    one line naming the setting before any model is prepared or profiled; so do pareto's --grid, --batch-size and
-    --cost, and SoLA under --sequential in the quality study."""
+    --sequential with SoLA, which is neither per-matrix nor joined, a --cost a method cannot be priced in and a
+    --kinds its curves cannot offer) stop in one line naming the setting before any model is prepared or profiled;
+    so do pareto's --grid, --batch-size, --cost and --kind, and SoLA under --sequential in the quality study."""
     from rankalloc.profiling import run as runs
     from rankalloc.studies import study_quality
     from rankalloc.studies.cli import main
@@ -232,13 +232,15 @@ def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, m
              (["--sequential", "-1"], ["--sequential", ">= 0"]), (["--time-limit", "-1"], ["--time-limit"]),
              (["--sequential", "100", "--samples", "8"], ["--sequential: 100", "--samples is 8"]),
              (["--methods", "svd,sola", "--cost", "kv"], ["method 'sola'", "['params'] only", "'kv'"]),
-             (["--methods", "flat", "--cost", "flops"], ["method 'flat'", "['params'] only", "'flops'"])]
+             (["--methods", "flat", "--cost", "flops"], ["method 'flat'", "['params'] only", "'flops'"]),
+             (["--methods", "svd,sslc", "--kinds", "fisher_svd"], ["method 'sslc'", "['fisher'] only", "'fisher_svd'"])]
     for extra, words in cases:
         assert main(["compare", *extra, "--out", str(tmp_path / "o")]) == 1, extra
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
     for extra, words in ((["--grid", "0"], ["--grid", ">= 1"]), (["--batch-size", "0"], ["--batch-size", ">= 1"]),
-                         (["--method", "sola", "--cost", "kv"], ["method 'sola'", "['params'] only", "'kv'"])):
+                         (["--method", "sola", "--cost", "kv"], ["method 'sola'", "['params'] only", "'kv'"]),
+                         (["--method", "sslc", "--kind", "whitened"], ["method 'sslc'", "['fisher'] only"])):
         assert main(["pareto", *extra, "--out", str(tmp_path / "p")]) == 1, extra  # 0 was taken as the default grid
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), (extra, err)
@@ -250,8 +252,10 @@ def test_settings_read_after_profiling_are_refused_before_it(tmp_path, capsys, m
 
 def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, capsys, monkeypatch):
     """FLAT on a fused q/k/v projection (Phi-3) and SoLA on an ungated FFN (GPT-2) or a fused gate_up (Phi-3) stop
-    in one line naming the matrix, once the model is loaded and before it is profiled (compare, pareto). A method
-    that can compress the model runs past that point; the library's curve builders refuse the same models."""
+    in one line naming the matrix, once the model is loaded and before it is profiled (compare, pareto); so does
+    --cost kv on a model without separate k/v projections. A method that can compress the model runs past that
+    point; the library's curve builders refuse the same models. pareto's default kv panel is skipped with a note
+    on such a model, and its figures and table are written."""
     import torch
 
     from conftest import tiny_model
@@ -275,8 +279,12 @@ def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, 
              ("phi3", "sola", "'model.layers.0.mlp.gate_up_proj'", "gated FFN"),
              ("gpt2", "sola", "'transformer.h.0.mlp.c_fc'", "gated FFN")]
     common = ["--text", str(text), "--samples", "4", "--seqlen", "32", "--device", "cpu"]
+    cases.append(("gpt2", "svd", "--cost kv", "dense kv cost of this model's matrices (kinds ['down', 'o', 'qkv', "
+                                              "'up']) is 0"))
     for arch, method, matrix, words in cases:
-        for argv in (["compare", "--methods", f"svd,{method}", "--kinds", "fisher_svd"], ["pareto", "--method", method]):
+        cost = ["--cost", "kv"] if matrix == "--cost kv" else []
+        for argv in (["compare", "--methods", f"svd,{method}", "--kinds", "fisher_svd", *cost],
+                     ["pareto", "--method", method, *cost]):
             assert main([*argv, "--model", str(models[arch]), *common, "--out", str(tmp_path / "o")]) == 1
             err = capsys.readouterr().err
             errors = [line for line in err.splitlines() if "error" in line.lower()]
@@ -296,3 +304,9 @@ def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, 
         sola_curve_set(prof, model)  # the curve builders' own checks, reached without the model's
     with pytest.raises(ValueError, match="'transformer.h.0.attn.c_attn': FLAT-LLM needs separate"):
         flat_curve_set(prof)
+    capsys.readouterr()
+    assert main(["pareto", "--method", "svd", "--kind", "whitened", "--model", str(models["gpt2"]), *common,
+                 "--out", str(tmp_path / "fronts")]) == 0
+    err = capsys.readouterr().err
+    assert "note: panel kv: the dense kv cost of these matrices is 0" in err
+    assert (tmp_path / "fronts" / "pareto.csv").is_file() and len(list((tmp_path / "fronts").glob("*.png"))) == 2

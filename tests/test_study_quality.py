@@ -4,6 +4,7 @@ peak memory and throughput columns, and the uniform baseline used for the x-unif
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,22 @@ from rankalloc.studies.study_quality import parse_combo, run_quality
 
 
 def test_parse_combo_grid_and_errors():
-    """method:kind:solver defaults to grid 16; a 4th field sets the grid; anything else names the combo."""
+    """method:kind:solver defaults to grid 16; a 4th field sets the grid; anything else names the combo: a
+    malformed one, an unknown method, solver or kind, and a kind the method's curves cannot offer (SSLC's table
+    is in loss units only), all before anything is profiled."""
     assert parse_combo("svd:fisher_svd:exact") == ("svd", "fisher_svd", "exact", 16)
     assert parse_combo("svd:whitened:uniform:1") == ("svd", "whitened", "uniform", 1)
     with pytest.raises(ValueError, match="'svd:whitened'"):
         parse_combo("svd:whitened")
     with pytest.raises(ValueError, match="grid must be a positive integer"):
         parse_combo("svd:whitened:uniform:0")
+    assert parse_combo("sslc:fisher:exact") == ("sslc", "fisher", "exact", 16)
+    for combo, words in (("svdd:whitened:exact", "unknown method 'svdd'"), ("svd:whitend:exact", "'whitend'"),
+                         ("svd:whitened:exakt", "'exakt'"),
+                         ("sslc:fisher_svd:exact", "method 'sslc' offers the curve kinds ['fisher'] only"),
+                         ("flat:epsilon:iprs", "method 'flat' offers the curve kinds")):
+        with pytest.raises(ValueError, match=re.escape(f"combo {combo!r}: ") + ".*" + re.escape(words)):
+            parse_combo(combo)
 
 
 def test_run_quality_grid_memory_and_throughput(tmp_path):
