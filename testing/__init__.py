@@ -1,9 +1,11 @@
-"""A testing kit for your own solvers and cost models: ``pip install rankalloc[testing]`` (it needs hypothesis).
+"""A testing kit for your own solvers, cost models and methods: ``pip install rankalloc[testing]`` (it needs hypothesis).
 
 * :func:`check_solver` runs the solver conformance suite (the table of problems with known optima, then
   the contract's properties on random problems) and returns a :class:`pandas.DataFrame`, one row per
   check, with a minimal failing example for each failure; :func:`check_cost_model` does the same for a
-  cost model. ``rankalloc check --solver NAME`` / ``--cost NAME`` (with ``--plugin FILE.py``) print them.
+  cost model; :func:`~rankalloc.testing.methods.check_method` does it for a decomposition method, end to end on a
+  tiny random-weight model (it needs torch and transformers). ``rankalloc check --solver NAME`` / ``--cost NAME``
+  / ``--method NAME`` (with ``--plugin FILE.py``) print them.
 * :mod:`rankalloc.testing.strategies`: Hypothesis strategies that build valid problems directly, and
   :data:`~rankalloc.testing.strategies.DETERMINISTIC` settings for stable CI runs.
 * :data:`KNOWN` (:mod:`rankalloc.testing.conformance`): the problems with hand-derived optima;

@@ -14,6 +14,7 @@ from rankalloc.allocators.problem import DENSE, AllocationProblem, Budget, Choic
 from rankalloc.decomposers import METHODS, FisherSVDConfig, FlatConfig, PGSVDConfig, SoLAConfig, SVDConfig
 from rankalloc.decomposers.sola import marginal_name
 from rankalloc.profiling.architectures import prime_count
+from rankalloc.testing.methods import weight_units
 
 GAMMA = 0.15
 HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2
@@ -38,11 +39,8 @@ def allocation_of(choices: dict[Component, Choice], costs=None):
     return finish(problem, "test", index, Status.FEASIBLE)
 
 
-def weight_count(model) -> int:
-    """Stored weight entries (biases excluded) plus sparse parts' CSR indices in 16-bit parameters, as the
-    ``Params`` cost model counts them."""
-    index = sum(int(m.index_params()) for m in model.modules() if callable(getattr(m, "index_params", None)))
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("bias")) + index
+weight_count = weight_units
+"""Stored weight entries plus sparse parts' CSR indices, as ``Params`` counts them (the testing kit's count)."""
 
 
 def linear_choices(profile, rank_of) -> dict[Component, Choice]:

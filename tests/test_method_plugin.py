@@ -154,3 +154,49 @@ def test_a_method_states_the_profile_store_it_reads():
     assert store_for(["svd", "fisher_svd"], sequential=True) == ("full", ["fisher_svd"])
     assert store_for(["sslc", "flat"]) == ("full", ["sslc"])
     assert store_reasons(["sslc", "fisher_svd"]) == "'sslc', 'fisher_svd' with --sequential"
+
+
+def test_the_testing_kit_checks_every_method_and_catches_a_broken_one(toy, tmp_path):
+    """check_method passes every built-in method on a tiny Llama and Qwen2 (biases) model, and the toy plugin;
+    a method that refuses the family fails ``fits`` with its reason and runs nothing else. A method whose handler
+    reports a compression it did not build (the matrices stay dense) fails ``budget_held``, counted on the model,
+    and ``rankalloc check --method`` exits 1 naming the check."""
+    import copy
+    from dataclasses import dataclass
+
+    from rankalloc.allocators.registry import load_plugin
+    from rankalloc.decomposers import METHODS, SVDConfig, method_names
+    from rankalloc.decomposers.registry import Method, profile_curves, register_method
+    from rankalloc.studies.cli import main
+    from rankalloc.testing.methods import METHOD_CHECKS, check_method
+
+    load_plugin(toy)
+    for family in ("llama", "qwen2"):
+        for name in method_names():
+            table = check_method(name, family=family)
+            assert list(table.check) == list(METHOD_CHECKS)
+            assert table.passed.all(), (family, name, table[~table.passed].to_string())
+    refused = check_method("flat", family="gpt2")
+    assert not refused.passed.any() and "fused 'qkv'" in refused.detail.iloc[0]
+    assert (refused.detail.iloc[1:] == "not run: fits failed").all()
+
+    svd = METHODS["svd"]
+
+    @dataclass(frozen=True)
+    class PretendConfig:
+        pass
+
+    def pretend(model, allocation, config, profile, progress):
+        # the reports of a compression applied to a copy: the model itself stays dense
+        return svd.compress(copy.deepcopy(model), allocation, SVDConfig(), profile, progress)
+
+    register_method(Method("pretend", PretendConfig, pretend, profile_curves("pretend"),
+                           "reports a compression it did not build",
+                           modules=svd.modules, kind="fisher_svd"), replace=True)
+    try:
+        table = check_method("pretend")
+        row = table.set_index("check").loc["budget_held"]
+        assert not row.passed and "the stored weights fell by 0" in row.detail
+        assert main(["check", "--method", "pretend"]) == 1
+    finally:
+        METHODS.pop("pretend", None)
