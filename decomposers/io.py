@@ -188,10 +188,18 @@ def _publish(build: Path, path: Path) -> None:
 
 def stored_tensors(tensors: dict, dtype: torch.dtype | None) -> dict:
     """``tensors`` as written: the floating-point ones cast to ``dtype`` (None: as they are; integer index buffers
-    always as they are)."""
+    always as they are). A finite tensor that the cast would overflow (float16 tops out at 65504) is a
+    ``ValueError`` naming it, never an ``inf`` written silently."""
     if dtype is None:
         return tensors
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    out = {}
+    for k, v in tensors.items():
+        out[k] = v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+        if out[k] is not v and not bool(torch.isfinite(out[k]).all()) and bool(torch.isfinite(v).all()):
+            big = float(v.abs().max())
+            raise ValueError(f"tensor {k!r}: values up to {big:.3g} overflow {str(dtype).removeprefix('torch.')} "
+                             f"(largest {torch.finfo(dtype).max:.3g}); write it as bfloat16 or float32 (--dtype)")
+    return out
 
 
 def save_compressed(model: nn.Module, path, report: CompressionReport, *, overwrite: bool = False,

@@ -103,7 +103,7 @@ def add_arguments(parser) -> None:
     which.add_argument("--solver", metavar="NAME", help="a registered solver (built-in or from --plugin)")
     which.add_argument("--cost", metavar="NAME", help="a registered cost model (built-in or from --plugin)")
     which.add_argument("--method", metavar="NAME", help="a registered decomposition method (built-in or from --plugin)")
-    parser.add_argument("--family", default="llama", metavar="F",
+    parser.add_argument("--family", default=None, metavar="F",
                         help="with --method: the tiny model's family: llama, qwen2, mistral, gemma2, phi3, gpt2 "
                              "(default llama)")
     parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
@@ -115,6 +115,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
+    if args.family is not None and args.method is None:
+        raise ValueError("--family is read only with --method (the tiny model a method is checked on)")
+    args.family = args.family or "llama"
     table = run_check(args.solver, args.cost, method=args.method, family=args.family, examples=args.examples,
                       thorough=args.thorough, plugins=args.plugin)
     what = (f"solver {args.solver!r}" if args.solver else f"cost model {args.cost!r}" if args.cost

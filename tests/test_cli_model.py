@@ -222,7 +222,8 @@ def test_profile_fisher_samples_option(workdir, tmp_path):
 
 def test_compress_writes_the_dtype_the_checkpoint_stores(tmp_path):
     """A bfloat16 checkpoint gives a bfloat16 compressed model (in memory and out of core), smaller than its
-    source: its weights are the float32 factors (--dtype float32) rounded once, and it reloads in bfloat16."""
+    source: its weights are the float32 factors (--dtype float32) rounded once, and it reloads in bfloat16. A
+    factor that float16 cannot hold is refused naming the tensor."""
     import torch
     from safetensors import safe_open
 
@@ -261,3 +262,10 @@ def test_compress_writes_the_dtype_the_checkpoint_stores(tmp_path):
         assert size(out) < size(src) < size(tmp_path / "f32")
         assert json.loads((out / "compressed.json").read_text())["dtype"] == "bfloat16"
         assert next(load_compressed(out).parameters()).dtype == torch.bfloat16
+    from rankalloc.decomposers.io import stored_tensors
+
+    big = {"model.layers.0.mlp.down_proj.second.weight": torch.tensor([7e4, 1.0]), "index": torch.tensor([3])}
+    assert stored_tensors(big, torch.bfloat16)["index"].dtype == torch.int64  # indices keep their type
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.second.weight': values up to 7e\\+04 "
+                                         "overflow float16"):
+        stored_tensors(big, torch.float16)  # never an inf written silently

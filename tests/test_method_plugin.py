@@ -198,5 +198,6 @@ def test_the_testing_kit_checks_every_method_and_catches_a_broken_one(toy, tmp_p
         row = table.set_index("check").loc["budget_held"]
         assert not row.passed and "the stored weights fell by 0" in row.detail
         assert main(["check", "--method", "pretend"]) == 1
+        assert main(["check", "--solver", "exact", "--family", "qwen2"]) == 1  # --family is read with --method only
     finally:
         METHODS.pop("pretend", None)

@@ -65,9 +65,9 @@ class _Watch:
     def install(self, monkeypatch):
         write, read = streamed._write_shard, Checkpoint.read
 
-        def watched_write(folder, name, tensors, weight_map):
+        def watched_write(folder, name, tensors, weight_map, dtype):
             self.at_write.append((name, *self.counts()))
-            return write(folder, name, tensors, weight_map)
+            return write(folder, name, tensors, weight_map, dtype)
 
         def watched_read(ck, names, device, dtype, shapes=None):
             self.at_read.append((list(names), *self.counts()))
@@ -199,11 +199,11 @@ def test_interrupted_compress_to_folder_leaves_the_earlier_output(setup, tmp_pat
     assert (out / MANIFEST).is_file()
     write, calls = streamed._write_shard, []
 
-    def dies_after_layer_0(folder_, name, tensors, weight_map):
+    def dies_after_layer_0(folder_, name, tensors, weight_map, dtype):
         if calls:
             raise RuntimeError("interrupted")
         calls.append(name)
-        return write(folder_, name, tensors, weight_map)
+        return write(folder_, name, tensors, weight_map, dtype)
 
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     monkeypatch.setattr(streamed, "_write_shard", dies_after_layer_0)
