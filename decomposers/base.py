@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from rankalloc.allocators.costs import FlatParams, Params
 from rankalloc.allocators.problem import Choice, Component
 from rankalloc.decomposers.host import check_single_input
-from rankalloc.decomposers.modules import LowRankLinear, is_conv1d, stored_params, weight_matrix, weight_params
+from rankalloc.decomposers.modules import (LowRankLinear, balanced_factors, is_conv1d, stored_params, weight_matrix,
+                                          weight_params)
 from rankalloc.decomposers.registry import Handler, method_of_config
 from rankalloc.decomposers.report import ComponentReport, CompressionReport, config_dict, profile_id
 from rankalloc.profiling.numerics import PRECISION, check_finite
@@ -133,7 +134,8 @@ def truncation(key: tuple, W: torch.Tensor, rank: int, compute: Callable[[int], 
     if hit is None or hit.rank < rank:
         m, n = W.shape
         f = compute(max(rank, (m * n) // (m + n)))  # every rank below break-even is served by the first call
-        hit = Factors(f.A.to(W.dtype), f.B.to(W.dtype), f.error, f.delta, f.info)
+        A, B = balanced_factors(f.A, f.B)  # in float64, as a fresh factorization is (exact: powers of two)
+        hit = Factors(A.to(W.dtype), B.to(W.dtype), f.error, f.delta, f.info)
         _FACTORS[full] = hit
     return Factors(hit.A[:, :rank], hit.B[:rank], float(hit.info["tails"][rank]), hit.delta)
 

@@ -26,6 +26,18 @@ def empty_linear(in_features: int, out_features: int, bias: bool, dtype=None, de
     return lin
 
 
+def balanced_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A D, D^{-1} B)`` with ``D`` the power of two nearest ``sqrt(|B_i| / |A_i|)`` per rank ``i``: the same
+    product, each column of ``A`` within a factor 2 of the length of its row of ``B``. Whitened factors put the
+    calibration scale in ``A`` (``U Sigma`` grows with the square root of the token count) and its inverse in ``B``;
+    balanced, both stay in a half-precision range when they are cast (float16 tops out at 65504). Scaling by powers
+    of two is exact in floating point, so balancing commutes with a cast and balancing twice changes nothing."""
+    a, b = A.norm(dim=0), B.norm(dim=1)
+    live = (a > 0) & (b > 0)
+    d = torch.where(live, torch.exp2(torch.round(0.5 * torch.log2(torch.where(live, b / a, 1)))), 1)
+    return A * d, B / d[:, None]
+
+
 class LowRankLinear(nn.Module):
     """``y = A (B x) + b``: ``first`` = ``nn.Linear(n -> r)`` holding ``B`` (``r x n``, no bias), ``second`` =
     ``nn.Linear(r -> m)`` holding ``A`` (``m x r``) and the original bias ``b``.
@@ -46,10 +58,12 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, dtype, device) -> "LowRankLinear":
-        """Cast float64 factors ``A`` (``m x r``) and ``B`` (``r x n``) to ``dtype`` on ``device``."""
+        """Cast float64 factors ``A`` (``m x r``) and ``B`` (``r x n``) to ``dtype`` on ``device``, balanced first
+        (:func:`balanced_factors`; exact, so cached factors balanced before their cast come out the same)."""
         (m, r), (r2, n) = A.shape, B.shape
         if r != r2:
             raise ValueError(f"LowRankLinear: factor shapes disagree, A is {m}x{r} and B is {r2}x{n}")
+        A, B = balanced_factors(A, B)
         mod = cls(n, m, r, bias is not None, dtype=dtype, device=device)
         with torch.no_grad():
             mod.first.weight.copy_(B.to(device=device, dtype=dtype))

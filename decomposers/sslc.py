@@ -71,7 +71,7 @@ from torch import nn
 
 from rankalloc.allocators.costs import INDEX_BITS_PER_PARAM, column_index_bits
 from rankalloc.decomposers.base import activation_error, allocation_items, check_matrix, linear_handler
-from rankalloc.decomposers.modules import LowRankLinear
+from rankalloc.decomposers.modules import LowRankLinear, balanced_factors
 from rankalloc.decomposers.registry import Method, MethodCurves, NeedsModel, register_method
 from rankalloc.profiling.numerics import (PRECISION, Damping, NumericalError, check_finite, damped_cholesky,
                                          dead_channels, lower_t_times_, svd, times_lower_)
@@ -387,12 +387,14 @@ class SparseLowRankLinear(LowRankLinear):
 
     @classmethod
     def from_result(cls, result: SSLCResult, bias: torch.Tensor | None, dtype, device) -> "SparseLowRankLinear":
-        """Cast the float64 SSLC result to ``dtype`` on ``device``, keeping ``bias``."""
+        """Cast the float64 SSLC result to ``dtype`` on ``device``, keeping ``bias`` (the low-rank factors balanced
+        first, :func:`~rankalloc.decomposers.modules.balanced_factors`)."""
         m, n = result.shape
         mod = cls(n, m, result.U.shape[1], len(result.values), bias is not None, dtype=dtype, device=device)
+        U, V = balanced_factors(result.U, result.V)
         with torch.no_grad():
-            mod.first.weight.copy_(result.V.to(device=device, dtype=dtype))
-            mod.second.weight.copy_(result.U.to(device=device, dtype=dtype))
+            mod.first.weight.copy_(V.to(device=device, dtype=dtype))
+            mod.second.weight.copy_(U.to(device=device, dtype=dtype))
             mod.sparse_values.copy_(result.values.to(device=device, dtype=dtype))
             if mod.nnz:  # ascending flat indices i * n + j are row-major: columns and row pointers follow
                 index = result.index.to(device=device)

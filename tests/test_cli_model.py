@@ -223,7 +223,8 @@ def test_profile_fisher_samples_option(workdir, tmp_path):
 def test_compress_writes_the_dtype_the_checkpoint_stores(tmp_path):
     """A bfloat16 checkpoint gives a bfloat16 compressed model (in memory and out of core), smaller than its
     source: its weights are the float32 factors (--dtype float32) rounded once, and it reloads in bfloat16. A
-    factor that float16 cannot hold is refused naming the tensor."""
+    tensor that float16 cannot hold is refused naming it, and low-rank factors are balanced before any cast, so
+    whitened factors beyond float16's range (U Sigma scales with the calibration) still fit."""
     import torch
     from safetensors import safe_open
 
@@ -269,3 +270,12 @@ def test_compress_writes_the_dtype_the_checkpoint_stores(tmp_path):
     with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj.second.weight': values up to 7e\\+04 "
                                          "overflow float16"):
         stored_tensors(big, torch.float16)  # never an inf written silently
+    from rankalloc.decomposers.modules import LowRankLinear
+
+    g = torch.Generator().manual_seed(0)  # whitened factors: U Sigma grows with the calibration, V^T S^-1 shrinks
+    A = torch.randn(64, 8, dtype=torch.float64, generator=g) * 3e4
+    B = torch.randn(8, 96, dtype=torch.float64, generator=g) * 1e-4
+    assert float(A.abs().max()) > torch.finfo(torch.float16).max
+    half = LowRankLinear.from_factors(A, B, None, torch.float16, "cpu")  # balanced before the cast: it fits
+    W = half.second.weight.detach().double() @ half.first.weight.detach().double()
+    assert torch.isfinite(W).all() and float((W - A @ B).norm() / (A @ B).norm()) < 1e-3
