@@ -272,7 +272,9 @@ def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, 
     def never(*args, **kwargs):
         raise Profiled
 
+    real_profile = runs.profile
     monkeypatch.setattr(runs, "profile", never)
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path / "cache"))  # the pareto run below profiles into it
     text = write_text_file(tmp_path / "text.txt")
     models = {arch: save_tiny_model_dir(tmp_path / arch, arch) for arch in ("phi3", "gpt2")}
     cases = [("phi3", "flat", "'model.layers.0.self_attn.qkv_proj'", "fused 'qkv'"),
@@ -293,7 +295,7 @@ def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, 
     # svd compresses Phi-3: compare goes on to profile it (and meets the stand-in above)
     assert main(["compare", "--methods", "svd", "--model", str(models["phi3"]), *common, "--out", str(tmp_path / "o")])
     assert "error: Profiled" in capsys.readouterr().err
-    monkeypatch.undo()
+    monkeypatch.setattr(runs, "profile", real_profile)
     model = tiny_model("gpt2")
     ids = torch.randint(3, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     prof = profile_model(model, ids, out=tmp_path / "p", device="cpu", kinds=("whitened",), progress=False)
