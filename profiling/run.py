@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -173,12 +174,42 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
             check_reuse(prof, run, batch_size, fisher_samples, store, fisher_labels)
             if prof.complete and all(k in prof.kinds for k in want):
                 return prof
+        elif out is None and progress and distributed.is_main():
+            for other in cached_elsewhere(run, store or "compact"):
+                print(f"rankalloc: note: profiling {run.samples} x {run.seqlen} calibration tokens (seed {run.seed}); "
+                      f"a finished profile of this model and text with other calibration settings is cached at "
+                      f"{other}: pass --profile {other} to use it instead", file=sys.stderr, flush=True)
         return profile_model(run.model, run.text, out=path, tokenizer=run.tokenizer, n_samples=run.samples,
                              seqlen=run.seqlen, seed=run.seed, device=run.device, kinds=want,
                              model_id=str(run.loaded.model_id), fingerprint=run.loaded.fingerprint,
                              batch_size=batch_size or 8, resume=resume, progress=progress,
                              fisher_samples=fisher_samples, store=store or "compact", weights=run.loaded.weights,
                              fisher_labels=fisher_labels or "data")
+
+
+def cached_elsewhere(run: Run, store: str = "compact") -> list[Path]:
+    """Finished profiles in the cache of ``run``'s model and text, in a store that serves ``store``, but with
+    other calibration settings (samples, seqlen or seed): what a command about to profile ``run`` could reuse
+    with ``--profile`` (``rankalloc profile`` takes 128 sequences by default, ``compare`` 64)."""
+    from rankalloc.profiling.data import cache_dir
+    from rankalloc.profiling.store import Profile
+    from rankalloc.profiling.text import text_fingerprint
+
+    root = cache_dir() / "profiles"
+    source = f"{run.text.source_id}@{text_fingerprint(run.text)}"
+    found = []
+    for meta in sorted(root.glob("*/meta.json")) if root.is_dir() else ():
+        try:
+            prof = Profile.load(meta.parent)
+        except (OSError, ValueError):
+            continue  # a damaged or foreign folder is not a suggestion
+        m = prof.meta
+        serves = store == "compact" or m.get("settings", {}).get("store") == "full"
+        if (prof.complete and serves and m.get("fingerprint") == run.loaded.fingerprint
+                and m.get("source_id") == source
+                and (m.get("n_samples"), m.get("seqlen"), m.get("seed")) != (run.samples, run.seqlen, run.seed)):
+            found.append(meta.parent)
+    return found
 
 
 def check_reuse(prof, run: Run, batch_size: int | None, fisher_samples: int | None, store: str | None,

@@ -312,3 +312,24 @@ def test_a_method_refuses_a_model_it_cannot_compress_before_profiling(tmp_path, 
     err = capsys.readouterr().err
     assert "note: panel kv: the dense kv cost of these matrices is 0" in err
     assert (tmp_path / "fronts" / "pareto.csv").is_file() and len(list((tmp_path / "fronts").glob("*.png"))) == 2
+
+
+def test_compare_names_a_cached_profile_of_other_calibration_settings(tmp_path, capsys, monkeypatch):
+    """`rankalloc profile` caches 128 sequences by default and compare profiles 64: before profiling again,
+    compare names the finished profile of the same model and text, and ``--profile`` with it runs without one."""
+    from rankalloc.profiling.store import Profile
+    from rankalloc.studies.cli import main
+
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path / "cache"))
+    model, text = save_tiny_model_dir(tmp_path / "model"), write_text_file(tmp_path / "text.txt")
+    common = ["--model", str(model), "--text", str(text), "--seqlen", "32", "--device", "cpu"]
+    assert main(["profile", *common, "--samples", "8", "--kinds", "whitened"]) == 0
+    cached = [p.parent for p in (tmp_path / "cache" / "profiles").glob("*/meta.json")]
+    assert len(cached) == 1 and Profile.load(cached[0]).complete
+    capsys.readouterr()
+    run = ["compare", *common, "--windows", "2", "--ratios", "0.3", "--solvers", "greedy", "--methods", "svd",
+           "--kinds", "whitened"]
+    assert main([*run, "--samples", "4", "--out", str(tmp_path / "a")]) == 0
+    assert f"pass --profile {cached[0]} to use it instead" in capsys.readouterr().err
+    assert main([*run, "--profile", str(cached[0]), "--out", str(tmp_path / "b")]) == 0
+    assert "to use it instead" not in capsys.readouterr().err
