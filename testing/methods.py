@@ -203,7 +203,8 @@ def _steps(m, dense, ids, ratio: float, tmp: Path, state: dict) -> dict:
         return None, f"{fell:,} weights removed ({allocation.removed():.2%}), as the allocation says"
 
     def full_rank_is_dense():
-        model, _ = compressed(_full_rank(state["problem"]))
+        every_rank = problem_for(state["profile"], m.name, m.kind, ratio, curves=state["curves"], grid=1)
+        model, _ = compressed(_full_rank(every_rank))
         return _close(_logits(model, ids[:2]), _logits(dense, ids[:2]), "every component at full rank"), \
             "every component at its largest rank reproduces the dense logits"
 
