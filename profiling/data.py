@@ -283,6 +283,9 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rankalloc.profiling.profile import resolve_device
+
+    resolve_device(device)  # a device this machine lacks: one line, before anything is read
     if model is None:
         folder, model_id = default_model_dir(progress=progress), SMOLLM2_ID
     elif isinstance(model, (str, os.PathLike)):

@@ -54,12 +54,19 @@ DEFAULT_SEQLEN = 512
 
 
 def resolve_device(device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as given to ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given to ``torch.device``. A string that names
+    no device, or a CUDA device this machine does not have, is a one-line ``ValueError``."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
     return dev
 
 

@@ -72,6 +72,9 @@ def prepare(model: str | None = None, text=None, *, samples: int = 128, seqlen: 
     for what, value, least in (("samples", samples, 1), ("seqlen", seqlen, 2), ("eval_seqlen", eval_seqlen, 2),
                                ("eval_windows", eval_windows, 1)):
         at_least(what, value, least)
+    from rankalloc.profiling.profile import resolve_device
+
+    resolve_device(device)  # a device this machine lacks stops here, before the model is loaded
     loaded = load_model(model, progress=progress, out_of_core=out_of_core)
     for option, value in (("--seqlen", seqlen), ("--eval-seqlen", eval_seqlen)):
         check_context(loaded, value, option)

@@ -265,7 +265,8 @@ def test_everything_read_back_is_verified(world, capsys):
 def test_bad_inputs_are_refused_naming_what_is_wrong(world, capsys, tmp_path):
     """A checkpoint missing a tensor (in memory and out of core), truncated or garbage weights, a config that does
     not match the weights, --seqlen past the model's context (Llama and GPT-2), a rank of 2.5 or -1 in a curves CSV,
-    --batch-size 0 and --fisher-samples 0, and a cost model whose cost falls as the rank grows: each refused."""
+    --batch-size 0 and --fisher-samples 0, a --device torch does not know, and a cost model whose cost falls as the
+    rank grows: each refused."""
     root = world["root"]
     job = ["--text", world["text"], *CALIBRATION, "--kinds", "whitened"]
     tensor = "model.layers.0.self_attn.o_proj.weight"
@@ -304,6 +305,10 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(world, capsys, tmp_path):
     for option in ("--batch-size", "--fisher-samples"):
         error_line(cli(capsys, "profile", "--model", world["model"], *job, "--out", world["profile"], option, "0"),
                    "profile", option)
+    for command in ("profile", "evaluate"):  # a device string torch does not know: one line, not "a bug"
+        error_line(cli(capsys, command, "--model", world["model"], "--text", world["text"], "--device", "gpu",
+                       *(["--out", tmp_path / "p"] if command == "profile" else [])),
+                   command, "device: 'gpu' is not a device")
 
     plugin = tmp_path / "falling.py"
     plugin.write_text(
