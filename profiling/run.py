@@ -69,9 +69,10 @@ def prepare(model: str | None = None, text=None, *, samples: int = 128, seqlen: 
     from rankalloc.profiling.text import load_text
 
     eval_seqlen = seqlen if eval_seqlen is None else eval_seqlen
-    for what, value, least in (("samples", samples, 1), ("seqlen", seqlen, 2), ("eval_seqlen", eval_seqlen, 2),
-                               ("eval_windows", eval_windows, 1)):
-        at_least(what, value, least)
+    for what, value, least in (("samples (--samples)", samples, 1), ("seqlen (--seqlen)", seqlen, 2),
+                               ("eval_seqlen (--eval-seqlen)", eval_seqlen, 2),
+                               ("eval_windows (--windows)", eval_windows, 1)):
+        at_least(what, value, least)  # named as the library and the commands both call them
     from rankalloc.profiling.profile import resolve_device
 
     resolve_device(device)  # a device this machine lacks stops here, before the model is loaded

@@ -305,6 +305,8 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(world, capsys, tmp_path):
     for option in ("--batch-size", "--fisher-samples"):
         error_line(cli(capsys, "profile", "--model", world["model"], *job, "--out", world["profile"], option, "0"),
                    "profile", option)
+    error_line(cli(capsys, "compare", "--model", world["model"], "--text", world["text"], "--windows", "0",
+                   "--out", tmp_path / "c"), "compare", "eval_windows (--windows)", ">= 1")
     for command in ("profile", "evaluate"):  # a device string torch does not know: one line, not "a bug"
         error_line(cli(capsys, command, "--model", world["model"], "--text", world["text"], "--device", "gpu",
                        *(["--out", tmp_path / "p"] if command == "profile" else [])),
