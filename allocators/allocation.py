@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -92,13 +91,9 @@ class Allocation:
         is the old or the new allocation, never a part."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            path = Path(path)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            try:
-                tmp.write_text(text + "\n")
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            from rankalloc.profiling.files import atomic_write_bytes
+
+            atomic_write_bytes(Path(path), (text + "\n").encode())
         return text
 
     @classmethod

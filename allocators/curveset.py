@@ -11,7 +11,6 @@ kind (``whitened, energy, relative, epsilon, fisher, ...``). ``rank`` is an inte
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -96,13 +95,9 @@ class CurveSet:
 
     def write_csv(self, path) -> None:
         """Write the long-format CSV atomically (full float64 precision)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            self.to_frame().to_csv(tmp, index=False, float_format="%.17g")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from rankalloc.profiling.files import atomic_write_csv
+
+        atomic_write_csv(Path(path), self.to_frame(), index=False, float_format="%.17g")
 
     @classmethod
     def from_frame(cls, df, name: str = "", error_columns: Sequence[str] | None = None,

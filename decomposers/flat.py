@@ -361,5 +361,5 @@ def flat_curves(profile, model=None, grid: int = 16, progress: bool = True) -> M
 
 register_method(Method("flat", FlatConfig, compress_flat, flat_curves,
                        "FLAT-LLM: head-wise PCA of the value outputs absorbed into V and O; whitened SVD elsewhere",
-                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",), kinds=FLAT_KINDS, fits=flat_fits,
-                       joins=vo_joins, remeasure=remeasure_vo))
+                       modules=(LowRankLinear, FlatAttention), kind="whitened", solver="iprs", resources=("params",),
+                       kinds=FLAT_KINDS, fits=flat_fits, joins=vo_joins, remeasure=remeasure_vo))

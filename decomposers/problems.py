@@ -37,7 +37,9 @@ def reachable_removed(problem: AllocationProblem, resource: str, fixed: float = 
     return 1.0 - (problem.min_costs[resource] + fixed) / dense if dense > 0 else 0.0
 
 
-def _cost_model(mc: MethodCurves, cost: str):
+def cost_model(mc: MethodCurves, cost: str):
+    """The cost model that prices ``mc`` in ``cost``: the method's own (FLAT's ``FlatParams``), else the registry's;
+    a resource the method cannot be priced in is a ``ValueError``."""
     get_method(mc.method).check_cost(cost)
     return mc.costs[cost] if cost in mc.costs else get_cost_model(cost)()
 
@@ -55,7 +57,7 @@ def problem_for(prof, method: str = "svd", kind: str = "fisher", removed: float 
     mc = curves if curves is not None else method_curves(prof, method, model, grid=grid)
     if mc.method != method:
         raise ValueError(f"problem_for: curves of method {mc.method!r} given for method {method!r}")
-    costs = {cost: _cost_model(mc, cost)}
+    costs = {cost: cost_model(mc, cost)}
     cs = mc.curve_set
     get_method(method).check_kind(kind)
     if kind not in cs.kinds:
@@ -170,7 +172,7 @@ def load_allocation(prof, data, method: str = "svd", model=None):
     if unknown:
         raise ValueError(f"{src}: names {len(unknown)} components that the {method} curves of {prof.path} "
                          f"do not have (e.g. {unknown[:3]}); was it made from another profile or method?")
-    costs = {res: _cost_model(mc, res) for res in data["budget"]}
+    costs = {res: cost_model(mc, res) for res in data["budget"]}
     budgets = tuple(Budget(res, limit=float(limit)) for res, limit in data["budget"].items())
     problem = AllocationProblem(mc.curve_set.curves(kind, grid=1), budgets, costs, grid=1, objective=kind,
                                 layer_scores=mc.curve_set.layer_scores, name=f"{method}/{kind}")

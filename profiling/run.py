@@ -191,16 +191,22 @@ def profile(run: Run, kinds: Sequence[str] = DEFAULT_KINDS, out: str | Path | No
                              fisher_labels=fisher_labels or "data")
 
 
+def source_key(run: Run) -> str:
+    """The text identity a profile records as ``source_id``: the text's name and its fingerprint."""
+    from rankalloc.profiling.text import text_fingerprint
+
+    return f"{run.text.source_id}@{text_fingerprint(run.text)}"
+
+
 def cached_elsewhere(run: Run, store: str = "compact") -> list[Path]:
     """Finished profiles in the cache of ``run``'s model and text, in a store that serves ``store``, but with
     other calibration settings (samples, seqlen or seed): what a command about to profile ``run`` could reuse
     with ``--profile`` (``rankalloc profile`` takes 128 sequences by default, ``compare`` 64)."""
     from rankalloc.profiling.data import cache_dir
     from rankalloc.profiling.store import Profile
-    from rankalloc.profiling.text import text_fingerprint
 
     root = cache_dir() / "profiles"
-    source = f"{run.text.source_id}@{text_fingerprint(run.text)}"
+    source = source_key(run)
     found = []
     for meta in sorted(root.glob("*/meta.json")) if root.is_dir() else ():
         try:
@@ -222,13 +228,12 @@ def check_reuse(prof, run: Run, batch_size: int | None, fisher_samples: int | No
     ``prof``: ``--model``, ``--text``, ``--samples``, ``--seqlen``, ``--seed``, ``--batch-size``, ``--store``,
     ``--fisher-samples``, ``--fisher-labels``; the curve kinds may differ (missing ones are added)."""
     from rankalloc.profiling.store import mismatch_error, setting_differences
-    from rankalloc.profiling.text import text_fingerprint
 
     if prof.meta.get("fingerprint") != run.loaded.fingerprint:
         raise ValueError(f"{prof.path} holds a profile of another model ({prof.meta.get('model_id')!r}, fingerprint "
                          f"{prof.meta.get('fingerprint')}; this --model {run.loaded.model_id!r} has fingerprint "
                          f"{run.loaded.fingerprint}); use another --out directory, or --restart to discard it")
-    now = {"source_id": f"{run.text.source_id}@{text_fingerprint(run.text)}", "n_samples": run.samples,
+    now = {"source_id": source_key(run), "n_samples": run.samples,
            "seqlen": run.seqlen, "seed": run.seed}
     old_settings = prof.meta.get("settings", {})
     new_settings = {"batch_size": batch_size or 8, "store": store or "compact", "fisher_samples": fisher_samples,

@@ -117,10 +117,10 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if args.family is not None and args.method is None:
         raise ValueError("--family is read only with --method (the tiny model a method is checked on)")
-    args.family = args.family or "llama"
-    table = run_check(args.solver, args.cost, method=args.method, family=args.family, examples=args.examples,
+    family = args.family or "llama"
+    table = run_check(args.solver, args.cost, method=args.method, family=family, examples=args.examples,
                       thorough=args.thorough, plugins=args.plugin)
     what = (f"solver {args.solver!r}" if args.solver else f"cost model {args.cost!r}" if args.cost
-            else f"method {args.method!r} on a tiny {args.family} model")
+            else f"method {args.method!r} on a tiny {family} model")
     print(format_report(table, what, time.perf_counter() - t0))
     return 0 if bool(table.passed.all()) else 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SAVE_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """``--dtype`` choices: torch dtype names (auto: ``LoadedModel.source_dtype``)."""
 
 HELP = "Build the compressed model of an allocation (from `rankalloc allocate --out`) and save it"
@@ -59,7 +59,7 @@ def add_arguments(parser) -> None:
                         help="write into --out even if it is a non-empty folder that holds no compressed model "
                              "(never a model folder)")
     parser.add_argument("--device", default="cpu", help="where the factors are computed (default cpu)")
-    parser.add_argument("--dtype", default="auto", choices=tuple(SAVE_DTYPES),
+    parser.add_argument("--dtype", default="auto", choices=SAVE_DTYPES,
                         help="dtype of the weights written (default auto: the checkpoint's own, such as bfloat16; "
                              "float32 keeps the precision the factors are computed in)")
     parser.add_argument("--sequential", type=int, default=0, metavar="N",
@@ -160,8 +160,7 @@ def save_dtype(args, loaded):
     """The torch dtype of ``--dtype`` (auto: the checkpoint's, ``loaded.source_dtype``)."""
     import torch
 
-    name = SAVE_DTYPES[args.dtype]
-    return loaded.source_dtype if name is None else getattr(torch, name)
+    return loaded.source_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def _summary(args, report, allocation, dense_params: int, kept: int, linear: int, dtype) -> None:

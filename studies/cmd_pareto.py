@@ -78,9 +78,9 @@ def _model_run(args, prof=None):
 
 def _dense_cost(curves, cost: str) -> float:
     """The dense ``cost`` of a method's curve set (its own cost model where it has one)."""
-    from rankalloc.allocators.registry import get_cost_model
+    from rankalloc.decomposers.problems import cost_model
 
-    model = curves.costs[cost] if cost in curves.costs else get_cost_model(cost)()
+    model = cost_model(curves, cost)
     return float(sum(model.dense(c) for c in curves.curve_set.components))
 
 

@@ -14,7 +14,6 @@ from rankalloc.allocators.problem import DENSE, AllocationProblem, Budget, Choic
 from rankalloc.decomposers import METHODS, FisherSVDConfig, FlatConfig, PGSVDConfig, SoLAConfig, SVDConfig
 from rankalloc.decomposers.sola import marginal_name
 from rankalloc.profiling.architectures import prime_count
-from rankalloc.testing.methods import weight_units
 
 GAMMA = 0.15
 HEAD_DIM, HEADS, KV_HEADS = 16, 4, 2
@@ -37,10 +36,6 @@ def allocation_of(choices: dict[Component, Choice], costs=None):
         index.append(cv.index_of(ch))
     problem = AllocationProblem(curves, Budget("params", limit=1e15), costs=costs or {}, grid=1)
     return finish(problem, "test", index, Status.FEASIBLE)
-
-
-weight_count = weight_units
-"""Stored weight entries plus sparse parts' CSR indices, as ``Params`` counts them (the testing kit's count)."""
 
 
 def linear_choices(profile, rank_of) -> dict[Component, Choice]:

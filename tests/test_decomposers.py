@@ -27,9 +27,10 @@ from rankalloc.decomposers.flat import FlatAttention, value_bases
 from rankalloc.decomposers.pgsvd import truncated_svd
 from rankalloc.decomposers.sola import SoLAMLP
 from rankalloc.profiling.architectures import prime_count
+from rankalloc.testing.methods import weight_units
 
 from decomposer_cases import (ALL_METHODS, FLAT_COSTS, GAMMA, HEAD_DIM, HEADS, KV_HEADS, allocation_of, flat_choices,
-                              linear_choices, method_case, sola_choices, varied, vo_component, weight_count)
+                              linear_choices, method_case, sola_choices, varied, vo_component)
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -199,11 +200,11 @@ def test_method_realizes_the_allocation_exactly_and_still_generates(setup, metho
     model, ids, profile = setup
     m = copy.deepcopy(model)
     config, alloc = method_case(method, m, profile)
-    before = weight_count(m)
+    before = weight_units(m)
     report = compress_(m, alloc, config, profile, progress=False)
     dense = sum(alloc.problem.costs["params"].dense(c) for c in alloc.problem.components)
     assert report.params_after == report.expected_params == int(alloc.cost["params"])
-    assert weight_count(m) == before - dense + alloc.cost["params"]  # SoLA: prime weights were in "before" too
+    assert weight_units(m) == before - dense + alloc.cost["params"]  # SoLA: prime weights were in "before" too
     assert (report.fixed_params > 0) == (method == "sola")
     assert len(report.components) == len(alloc.problem.curves)
     with torch.no_grad():
@@ -454,10 +455,10 @@ def test_profile_curves_solver_compress_pipeline(setup, method):
     alloc = solver.solve(problem)
     assert alloc.feasible
     m = copy.deepcopy(model)
-    before = weight_count(m)
+    before = weight_units(m)
     report = compress_(m, alloc, config, profile, progress=False)
     assert report.params_after == int(alloc.cost["params"])
-    assert weight_count(m) == before - problem.dense_costs["params"] + alloc.cost["params"]
+    assert weight_units(m) == before - problem.dense_costs["params"] + alloc.cost["params"]
     if method == "sola":
         assert report.fixed_params == sc.fixed_params
     with torch.no_grad():
@@ -496,9 +497,9 @@ def test_real_smollm2_compresses_exactly_round_trips_and_full_rank_is_lossless(t
     problem = AllocationProblem.from_profiles(profile, "params", 0.2, kind="whitened", grid=16)
     alloc = Uniform().solve(problem)
     m = copy.deepcopy(model)
-    before = weight_count(m)
+    before = weight_units(m)
     report = compress_(m, alloc, SVDConfig(), profile, progress=False)
-    assert weight_count(m) == before - problem.dense_costs["params"] + alloc.cost["params"]
+    assert weight_units(m) == before - problem.dense_costs["params"] + alloc.cost["params"]
     with torch.no_grad():
         logits = m(x).logits
     assert torch.isfinite(logits).all()
