@@ -101,8 +101,27 @@ def allocation_record(allocation, prof, method: str, cost: str, removed: float) 
                 "grid": allocation.problem.grid, "budget_removed": {cost: float(removed)},
                 "curves": str(getattr(prof, "path", ""))})
     from rankalloc.allocators.allocation import seal
+    from rankalloc.profiling.store import identity
+
+    if getattr(prof, "meta", None):
+        out["profile"] = identity(prof.meta)
 
     return seal(out)
+
+
+def check_same_model(src: str, data: Mapping, prof) -> None:
+    """``ValueError`` when the allocation records the profile it was solved on and that profile's model is not the
+    model of ``prof``: its ranks were chosen on another model's curves, even where the matrix names and shapes agree.
+    The same model calibrated otherwise is accepted (the choices are re-priced on ``prof``'s curves)."""
+    made = data.get("profile")
+    here = (getattr(prof, "meta", None) or {}).get("fingerprint")
+    if not isinstance(made, Mapping) or made.get("fingerprint") is None or here is None:
+        return  # an allocation from a curves CSV, or written before the record: nothing to check against
+    if made["fingerprint"] != here:
+        raise ValueError(f"{src}: solved on the curves of model {made.get('model_id')!r} (fingerprint "
+                         f"{made['fingerprint']}), but the profile at {prof.path} is of model "
+                         f"{prof.meta.get('model_id')!r} (fingerprint {here}); allocate on this profile "
+                         f"(`rankalloc allocate --curves {prof.path}`)")
 
 
 def _choice(src: str, name: str, value):
@@ -161,6 +180,7 @@ def load_allocation(prof, data, method: str = "svd", model=None):
     if saved is not None and saved != method:
         raise ValueError(f"{src}: made for method {saved!r}; compress it with --method {saved}, received "
                          f"{method!r}")
+    check_same_model(src, data, prof)
     kind = data.get("kind") or data.get("objective_kind")
     mc = method_curves(prof, method, model)
     if kind not in mc.curve_set.kinds:

@@ -119,9 +119,9 @@ def config_dict(config) -> dict:
 
 def profile_id(profile) -> dict:
     """Identity of the profile used: its path and the model/text fingerprints in its meta (what is there)."""
-    meta = getattr(profile, "meta", None) or {}
-    out = {k: meta[k] for k in ("model_id", "fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen",
-                                "tokens", "version") if k in meta}
+    from rankalloc.profiling.store import identity
+
+    out = identity(getattr(profile, "meta", None) or {})
     path = getattr(profile, "path", None)
     if path is not None:
         out["path"] = str(path)

@@ -87,6 +87,16 @@ def mismatch_error(path, diff: list[str]) -> ValueError:
                       f"profile's settings to use it, add --restart to discard it and profile again, or use another "
                       f"--out directory")
 
+IDENTITY_FIELDS = ("model_id", "fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen", "tokens",
+                   "version")
+
+
+def identity(meta: dict) -> dict:
+    """What a profile's outputs (allocation JSONs, compressed folders) record of it: the model and its fingerprint,
+    the text, the calibration and the library version, as far as ``meta`` has them."""
+    return {k: meta[k] for k in IDENTITY_FIELDS if k in meta}
+
+
 BASE_CURVE_KINDS = ("whitened", "energy", "relative", "epsilon")
 
 

@@ -260,9 +260,10 @@ def calibration_ids(tokenizer, split: TextSplit, n_samples: int = 128, seqlen: i
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
     chunks, n_tokens, step = _windows(tokenizer, split.calibration, seqlen)
     if chunks.shape[0] < n_samples:
-        raise ValueError(f"need {n_samples * step} tokens for n_samples x seqlen = {n_samples} x {seqlen}, "
-                         f"the calibration text has {n_tokens} (text {split.name!r}); lower n_samples or "
-                         "seqlen, or give more text")
+        bos = " (BOS + text)" if step < seqlen else ""
+        raise ValueError(f"need {n_samples * step} text tokens for n_samples (--samples) {n_samples} sequences of "
+                         f"seqlen (--seqlen) {seqlen} tokens{bos}, the calibration text has {n_tokens} (text "
+                         f"{split.name!r}); lower --samples or --seqlen, or give more text")
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))
     return chunks[order[:n_samples]].contiguous()
 
@@ -274,6 +275,6 @@ def evaluation_ids(tokenizer, split: TextSplit, seqlen: int = 512, max_windows: 
         raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
     chunks, n_tokens, step = _windows(tokenizer, split.evaluation, seqlen)
     if chunks.shape[0] == 0:
-        raise ValueError(f"need {step} tokens for one evaluation window of seqlen {seqlen}, "
+        raise ValueError(f"need {step} text tokens for one evaluation window of {seqlen} tokens, "
                          f"the evaluation text has {n_tokens} (text {split.name!r})")
     return chunks[:max_windows].contiguous()

@@ -161,6 +161,14 @@ def result_dict(allocation, curves, cost: str, grid: int) -> dict:
     out = allocation.to_dict()
     out.update({"curves": str(curves), "kind": allocation.problem.objective, "cost_model": cost, "grid": grid,
                 "budget_removed": {b.resource: b.removed for b in allocation.problem.budgets}})
+    meta = Path(curves) / "meta.json"
+    if meta.is_file():  # a profile directory: record which model and text the curves are of
+        from rankalloc.profiling.files import read_json
+        from rankalloc.profiling.store import identity
+
+        recorded = read_json(meta, "a profile's meta.json")
+        if isinstance(recorded, dict) and "format" in recorded:
+            out["profile"] = identity(recorded)
     return out
 
 

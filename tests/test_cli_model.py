@@ -153,6 +153,34 @@ def test_compress_refuses_another_models_profile(workdir, compressed, tmp_path, 
     assert "--method flat" in capsys.readouterr().err
 
 
+def test_compress_refuses_an_allocation_solved_on_another_models_curves(workdir, compressed, tmp_path, capsys):
+    """An allocation JSON records the profile it was solved on. Applied to the profile of another model with the
+    same matrix names and shapes (a second seed), compress exits 1 naming both models and builds nothing; the same
+    model calibrated on more sequences is accepted, the choices re-priced on its curves."""
+    from rankalloc.studies.cli import main
+
+    recorded = json.loads(compressed["alloc"].read_text())["profile"]
+    assert recorded["fingerprint"] == json.loads((workdir["profile"] / "meta.json").read_text())["fingerprint"]
+    other = save_tiny_model_dir(tmp_path / "other", seed=1)
+    prof_other, prof_more = tmp_path / "p_other", tmp_path / "p_more"
+    assert main(["profile", "--model", str(other), "--text", str(workdir["text"]), *COMMON, "--kinds", "whitened",
+                 "--out", str(prof_other)]) == 0
+    capsys.readouterr()
+    assert main(["compress", "--profile", str(prof_other), "--allocation", str(compressed["alloc"]),
+                 "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "solved on the curves of model" in err and str(other.resolve()) in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+    samples = COMMON[COMMON.index("--samples") + 1]
+    more = list(COMMON)
+    more[COMMON.index("--samples") + 1] = str(int(samples) + 2)
+    assert main(["profile", "--model", str(workdir["model"]), "--text", str(workdir["text"]), *more, "--kinds",
+                 "whitened", "--out", str(prof_more)]) == 0
+    assert main(["compress", "--profile", str(prof_more), "--allocation", str(compressed["alloc"]),
+                 "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "compressed.json").is_file()
+
+
 def test_profile_interrupt_leaves_a_resumable_store(workdir, tmp_path, monkeypatch, capsys):
     """Ctrl-C after layer 0 is stored: exit 130 saying to rerun to resume from layer 1; the rerun
     finishes and its curves equal those of the uninterrupted profile."""

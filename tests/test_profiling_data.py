@@ -180,7 +180,8 @@ def test_calibration_ids_shape_bos_seed_and_shortage(tok, tmp_path):
     assert torch.equal(ids, calibration_ids(tok, split, n_samples=6, seqlen=33, seed=0))
     assert not torch.equal(ids, calibration_ids(tok, split, n_samples=6, seqlen=33, seed=1))
     n_tokens = len(stream)
-    with pytest.raises(ValueError, match=rf"need {100 * 511} tokens for n_samples x seqlen = 100 x 512, "
+    with pytest.raises(ValueError, match=rf"need {100 * 511} text tokens for n_samples \(--samples\) 100 sequences "
+                                         rf"of seqlen \(--seqlen\) 512 tokens \(BOS \+ text\), "
                                          rf"the calibration text has {n_tokens}"):
         calibration_ids(tok, split, n_samples=100, seqlen=512)
 
