@@ -104,8 +104,9 @@ def _fingerprint(model, tokenizer, weights=None) -> str:
     return model_fingerprint(model)
 
 
-def resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed) -> tuple[torch.Tensor, str]:
-    """Token ids ``(n_samples, seqlen)`` and a text source id from ids, a ``TextSplit``, a path or strings."""
+def resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed) -> tuple[torch.Tensor, str, str]:
+    """Token ids ``(n_samples, seqlen)``, a text source id and the text file read ("" for ids, a corpus or strings)
+    from ids, a ``TextSplit``, a path or strings."""
     if isinstance(calibration, torch.Tensor):
         ids = calibration
         if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
@@ -116,7 +117,7 @@ def resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed) -> tupl
         for what, want, got in (("n_samples", n_samples, ids.shape[0]), ("seqlen", seqlen, ids.shape[1])):
             if want is not None and want != got:
                 raise ValueError(f"calibration ids: {what}={want} requested but the ids tensor has {got}")
-        return ids.long().cpu(), "token-ids"
+        return ids.long().cpu(), "token-ids", ""
     if tokenizer is None:
         raise ValueError(f"calibration: a {type(calibration).__name__} is text; pass tokenizer= to tokenize it, "
                          f"or pass a LongTensor of token ids (n_samples, seqlen)")
@@ -124,7 +125,7 @@ def resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed) -> tupl
     split = calibration if isinstance(calibration, text.TextSplit) else text.load_text(calibration)
     ids = text.calibration_ids(tokenizer, split, n_samples=n_samples or DEFAULT_SAMPLES,
                                seqlen=seqlen or DEFAULT_SEQLEN, seed=seed)
-    return ids, f"{split.source_id}@{text.text_fingerprint(split)}"
+    return ids, f"{split.source_id}@{text.text_fingerprint(split)}", split.path
 
 
 def _settings(stream: StreamConfig, spec: SpectrumConfig, patterns, store: str) -> dict:
@@ -252,7 +253,7 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
     stream = StreamConfig(batch_size=batch_size, gram_dtype=gram_dtype, fisher_labels=fisher_labels)
     spec = SpectrumConfig(kinds=BASE_KINDS, method=spectrum, damping=damping)
     dev = distributed.device_of(resolve_device(device))
-    ids, source_id = resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed)
+    ids, source_id, text_path = resolve_calibration(calibration, tokenizer, n_samples, seqlen, seed)
     weights = weights or Weights(model)
     if "probe" in kinds and weights.out_of_core:
         raise ValueError("kinds: probe curves rerun the whole model in memory; profile probe without --out-of-core")
@@ -261,6 +262,8 @@ def profile_model(model, calibration, *, out, tokenizer=None, n_samples: int | N
     extra_fns = _extras(extras)
     meta = _meta(model, weights, structure, ids, source_id, seed, stream, spec, patterns, store, fisher_samples,
                  gamma, dev, model_id, fingerprint, tokenizer)
+    if text_path:
+        meta["text_path"] = text_path  # where `rankalloc evaluate --compressed` finds the held-out text again
     budget = gram_budget if gram_budget is not None else default_gram_budget(weights, structure)
     distributed.agree("profile", dict({k: meta.get(k) for k in KEY_FIELDS}, kinds=sorted(kinds), out=str(out),
                                       resume=resume, gram_budget=budget, extras=list(extras), gamma=gamma,

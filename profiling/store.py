@@ -87,8 +87,8 @@ def mismatch_error(path, diff: list[str]) -> ValueError:
                       f"profile's settings to use it, add --restart to discard it and profile again, or use another "
                       f"--out directory")
 
-IDENTITY_FIELDS = ("model_id", "fingerprint", "source_id", "calibration_hash", "n_samples", "seqlen", "tokens",
-                   "version")
+IDENTITY_FIELDS = ("model_id", "fingerprint", "source_id", "text_path", "calibration_hash", "n_samples", "seqlen",
+                   "tokens", "version")
 
 
 def identity(meta: dict) -> dict:

@@ -33,13 +33,14 @@ Calibration takes the first ``n_samples`` chunks of a ``torch.randperm`` permuta
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -72,6 +73,7 @@ class TextSplit:
     calibration: tuple[str, ...]
     evaluation: tuple[str, ...]
     rule: str
+    path: str = field(default="", compare=False)  # the file it was read from (resolved); "" for a corpus or a list
 
     def __post_init__(self):
         for side in ("calibration", "evaluation"):
@@ -216,11 +218,20 @@ def load_text(source: str | os.PathLike | Sequence[str] | None = None, progress:
                              "nor an existing text file")
         arts = read_text_file(path)
         digest = _digest("\n\n".join(arts))[:12]
-        return split_articles(arts, path.stem, f"file:{path.name}:{digest}")
+        split = split_articles(arts, path.stem, f"file:{path.name}:{digest}")
+        return dataclasses.replace(split, path=str(path.resolve()))
     if isinstance(source, (list, tuple)):
         return split_articles(source, "list", f"list:{len(source)} articles")
     raise ValueError(f"text source must be None, a corpus name, a file path or a list of str; "
                      f"got {type(source).__name__}")
+
+
+def corpus_of(source_id: str) -> str | None:
+    """The default corpus name (``wiki``, ``news``) a recorded ``source_id`` is of, or None for other text."""
+    for corpus, member in CORPORA.items():
+        if source_id.startswith(f"{GENSIM_REQUIREMENT}:{member.rsplit('/', 1)[-1]}:"):
+            return corpus
+    return None
 
 
 def text_fingerprint(split: TextSplit) -> str:

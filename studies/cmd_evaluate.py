@@ -6,13 +6,17 @@ Library function :func:`evaluate_models` (explicit arguments); ``add_arguments``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 HELP = "Perplexity of a dense or compressed model on held-out text (protocol and dense baseline printed)"
 
 EPILOG = """\
 The text is split into calibration and held-out evaluation articles by a fixed rule; only the
 held-out side is scored, in non-overlapping windows of --seqlen tokens (BOS + seqlen-1 text tokens),
 at most --windows of them. With --compressed the dense model it was built from (recorded in the
-folder, or --model) is scored on the same windows, beside it. With --out-of-core both models stay on
+folder, or --model) is scored on the same windows, beside it, and without --text the windows
+come from the held-out split of the text it was calibrated on (a corpus, or the file its profile
+recorded; a file that has moved or changed since is refused). With --out-of-core both models stay on
 disk and are scored with one decoder layer resident at a time (the same figures). Under torchrun
 (torchrun --nproc-per-node N -m rankalloc evaluate ...) the windows are split across the processes in
 whole batches and the summed losses reduced: the same figures, printed by rank 0.
@@ -36,13 +40,50 @@ def dense_model_of(compressed) -> str | None:
     return None if not recorded or recorded == SMOLLM2_ID else recorded
 
 
+def calibration_text_of(compressed) -> str | None:
+    """The ``--text`` a compressed folder was calibrated on, for scoring its held-out split: a corpus name (None for
+    the default ``wiki``) or the text file its profile recorded. ``ValueError`` naming the folder when that cannot be
+    found again (text given as ids or strings, a file moved, a folder written before the path was recorded)."""
+    from rankalloc.decomposers.io import read_manifest
+    from rankalloc.profiling.text import corpus_of
+
+    recorded = read_manifest(compressed).get("profile", {})
+    source = str(recorded.get("source_id", ""))
+    corpus = corpus_of(source)
+    if corpus is not None:
+        return None if corpus == "wiki" else corpus
+    path = recorded.get("text_path")
+    where = f"--compressed {compressed}: calibrated on text {source.split('@')[0] or 'not recorded'}"
+    if not path:
+        raise ValueError(f"{where}, whose file the folder does not record; pass --text FILE to score its held-out "
+                         f"split (or --text wiki)")
+    if not Path(path).is_file():
+        raise ValueError(f"{where}, read from {path}, which is no longer there; pass --text FILE to score its held-out "
+                         f"split (or --text wiki)")
+    return path
+
+
+def check_calibration_text(run, compressed) -> None:
+    """``ValueError`` when the text file a compressed folder recorded has changed since it was calibrated on: its
+    held-out split is no longer the one kept out of calibration."""
+    from rankalloc.decomposers.io import read_manifest
+    from rankalloc.profiling.run import source_key
+
+    want = read_manifest(compressed).get("profile", {}).get("source_id")
+    if want is not None and source_key(run) != want:
+        raise ValueError(f"--compressed {compressed}: its calibration text {run.text.path or run.text.name} has "
+                         f"changed since it was profiled ({want.split('@')[0]}, now {source_key(run).split('@')[0]}); "
+                         f"pass --text to score another text")
+
+
 def evaluate_models(model: str | None = None, compressed=None, text=None, *, seqlen: int = 512, windows: int = 60,
                     batch_size: int = 4, device: str = "auto", baseline: bool = True, progress: bool = True,
                     out_of_core: bool = False) -> dict:
     """Perplexity of the dense ``model`` and/or the ``compressed`` folder on the same evaluation windows.
 
     Returns ``{"dense": PerplexityResult | None, "compressed": PerplexityResult | None, "params": {...}}``.
-    With ``compressed``, the dense model (``model``, default: the one recorded in the folder) provides
+    With ``compressed``, ``text`` defaults to the text its profile was calibrated on (:func:`calibration_text_of`),
+    and the dense model (``model``, default: the one recorded in the folder) provides
     the tokenizer and, when ``baseline``, the dense figure. Raises ``ValueError`` if the two models do
     not share a vocabulary. ``out_of_core``: the dense model as a skeleton read from its folder
     (``load_model(..., out_of_core=True)``), the compressed one with :func:`~rankalloc.decomposers.io.open_compressed`;
@@ -55,8 +96,13 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
 
     if compressed is not None and model is None:
         model = dense_model_of(compressed)
+    recorded_text = compressed is not None and text is None
+    if recorded_text:
+        text = calibration_text_of(compressed)
     run = runs.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
                        progress=progress, out_of_core=out_of_core)
+    if recorded_text:
+        check_calibration_text(run, compressed)
     ids = runs.evaluation_ids(run)
     _agree(run, compressed)
     out = {"dense": None, "compressed": None, "params": {}}
@@ -126,7 +172,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compressed", default=None, metavar="DIR",
                         help="a folder written by `rankalloc compress`")
     parser.add_argument("--text", default=None, metavar="FILE",
-                        help="plain-text file or corpus name (wiki, news); default gensim Wikipedia")
+                        help="plain-text file or corpus name (wiki, news); default: with --compressed, the text its "
+                             "profile was calibrated on (its held-out split), else gensim Wikipedia")
     parser.add_argument("--seqlen", type=int, default=512, metavar="T", help="tokens per window, BOS included (512)")
     parser.add_argument("--windows", type=int, default=60, metavar="W", help="evaluation windows at most (60)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="B", help="windows per forward pass (4)")

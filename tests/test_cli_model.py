@@ -181,6 +181,44 @@ def test_compress_refuses_an_allocation_solved_on_another_models_curves(workdir,
     assert (tmp_path / "c" / "compressed.json").is_file()
 
 
+def test_evaluate_scores_the_text_the_model_was_calibrated_on(workdir, compressed, tmp_path, capsys):
+    """Without --text, evaluate --compressed scores the held-out split of the text file its profile recorded (the
+    same figures as passing that file); a file changed since, or moved, exits 1 naming the folder and the file; a
+    corpus other than wiki comes back by name."""
+    from rankalloc.studies.cli import main
+    from rankalloc.studies.cmd_evaluate import calibration_text_of
+
+    window = ["--seqlen", "64", "--windows", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(["evaluate", "--compressed", str(compressed["dir"]), *window]) == 0
+    out = capsys.readouterr().out
+    assert "held-out evaluation split of text 'text'" in out
+    assert _ppl(out, "compressed") == _ppl(compressed["evaluate"], "compressed")
+    assert _ppl(out, "dense") == _ppl(compressed["evaluate"], "dense")
+
+    text = tmp_path / "mine.txt"
+    text.write_text(workdir["text"].read_text())
+    prof, alloc, comp = tmp_path / "p", tmp_path / "a.json", tmp_path / "c"
+    assert main(["profile", "--model", str(workdir["model"]), "--text", str(text), *COMMON, "--kinds", "whitened",
+                 "--out", str(prof)]) == 0
+    assert main(["allocate", "--curves", str(prof), "--kind", "whitened", "--budget", "0.3", "--out", str(alloc),
+                 "--quiet"]) == 0
+    assert main(["compress", "--profile", str(prof), "--allocation", str(alloc), "--out", str(comp)]) == 0
+    assert calibration_text_of(comp) == str(text.resolve())
+    text.write_text(text.read_text() + "\n\nOne more article, added after the profile was made.\n")
+    capsys.readouterr()
+    assert main(["evaluate", "--compressed", str(comp), *window]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has changed since it was profiled" in err and str(text.resolve()) in err
+    text.rename(tmp_path / "moved.txt")
+    assert main(["evaluate", "--compressed", str(comp), *window]) == 1
+    assert "which is no longer there" in capsys.readouterr().err
+    manifest = json.loads((comp / "compressed.json").read_text())
+    manifest["profile"]["source_id"] = "gensim==4.4.0:lee_background.cor:cleaner1@0123"
+    (comp / "compressed.json").write_text(json.dumps(manifest))
+    assert calibration_text_of(comp) == "news"
+
+
 def test_profile_interrupt_leaves_a_resumable_store(workdir, tmp_path, monkeypatch, capsys):
     """Ctrl-C after layer 0 is stored: exit 130 saying to rerun to resume from layer 1; the rerun
     finishes and its curves equal those of the uninterrupted profile."""
