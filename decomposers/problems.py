@@ -224,7 +224,8 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
     (torchrun) the decoder layers are split across them and every rank gets the same compressed model
     (:func:`~rankalloc.decomposers.streamed.compress_in_parts`).
     ``sequential``: a :class:`~rankalloc.decomposers.sequential.SequentialConfig` to fit each matrix at the inputs
-    of the already-compressed layers, on the calibration ``ids`` (default: the Run's own calibration sequences).
+    of the already-compressed layers, on the calibration ``ids`` (default: the profile's calibration sequences, rebuilt
+    from the Run's text and checked against the profile).
     """
     from rankalloc.decomposers.base import compress_
     from rankalloc.profiling import distributed
@@ -235,9 +236,9 @@ def compress(model, prof, allocation, method: str = "svd", *, config=None, inpla
         if ids is None:
             if not hasattr(model, "tokenizer"):
                 raise ValueError("sequential calibration: pass the calibration ids, or a Run that can make them")
-            from rankalloc.profiling.run import calibration_ids
+            from rankalloc.profiling.run import profile_calibration_ids
 
-            ids = calibration_ids(model)
+            ids = profile_calibration_ids(prof, model.tokenizer, model.text)  # the profile's, not the run's settings
         if distributed.world() > 1:
             raise ValueError("sequential calibration: runs in one process (each layer waits for the one before)")
 

@@ -113,9 +113,9 @@ def reprofile_loop(run, prof, method: str, kind: str, removed: float, *, sequent
         raise ValueError(f"re-profiling with method {method!r} prices each matrix with its output-gradient Gram, and "
                          f"the profile at {prof.path} does not keep them; profile with --store full")
     if ids is None:
-        from rankalloc.profiling.run import calibration_ids
+        from rankalloc.profiling.run import profile_calibration_ids
 
-        ids = calibration_ids(run)
+        ids = profile_calibration_ids(prof, run.tokenizer, run.text)  # the sequences the profile was measured on
     config = m.config() if config is None else config
     solver = get_solver(reprofile.solver)
     problem = problem_for(prof, method, kind, removed, grid=grid, curves=mc)

@@ -69,9 +69,10 @@ class SequentialConfig:
             raise ValueError(f"SequentialConfig: expected batch_size >= 1, received {self.batch_size!r}")
 
 
-def check_sequential(method: str, profile=None, run=None) -> None:
+def check_sequential(method: str, profile=None, run=None, samples: int = 0) -> None:
     """``ValueError`` naming the method or the setting when sequential calibration cannot serve ``method`` with
-    ``profile`` (checked before anything is compressed; ``profile=None``: the method alone, before profiling)."""
+    ``profile`` (checked before anything is compressed; ``profile=None``: the method alone, before profiling), or
+    asks for more ``samples`` (``--sequential``) than the profile was calibrated on."""
     from rankalloc.decomposers.registry import get_method
 
     m = get_method(method)
@@ -84,6 +85,9 @@ def check_sequential(method: str, profile=None, run=None) -> None:
                          f"profile at {profile.path} keeps only the dense-point Fisher basis; profile with --store full")
     if run is not None and getattr(run.loaded, "out_of_core", False):
         raise ValueError("sequential calibration: needs the model in memory (run without --out-of-core)")
+    if profile is not None and samples > int(profile.meta["n_samples"]):
+        raise ValueError(f"--sequential: {samples} calibration sequences asked, the profile at {profile.path} has "
+                         f"{profile.meta['n_samples']}")
 
 
 class Remeasured:

@@ -257,6 +257,24 @@ def calibration_ids(run: Run):
     return sequences(run.tokenizer, run.text, n_samples=run.samples, seqlen=run.seqlen, seed=run.seed)
 
 
+def profile_calibration_ids(prof, tokenizer, text):
+    """The calibration sequences ``prof`` was measured on, rebuilt from ``text`` (a ``TextSplit``) with the profile's
+    own sample count, length and seed, and checked against its calibration hash: ``ValueError`` naming the text
+    when it is not the one the profile was calibrated on (a fit on other sequences would not match its Grams)."""
+    from rankalloc.profiling.probe import check_calibration_ids
+    from rankalloc.profiling.text import calibration_ids as sequences
+
+    meta = prof.meta
+    ids = sequences(tokenizer, text, n_samples=int(meta["n_samples"]), seqlen=int(meta["seqlen"]),
+                    seed=int(meta.get("seed", 0)))
+    try:
+        check_calibration_ids(prof, ids)
+    except ValueError:
+        raise ValueError(f"--text {text.path or text.name}: not the text the profile at {prof.path} was calibrated "
+                         f"on ({str(meta.get('source_id')).split('@')[0]}); pass that text") from None
+    return ids
+
+
 def evaluation_ids(run: Run):
     """The evaluation windows of ``run`` (``(W, eval_seqlen)`` LongTensor)."""
     from rankalloc.profiling.text import evaluation_ids as windows

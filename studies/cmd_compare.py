@@ -64,6 +64,20 @@ def add_arguments(parser) -> None:
     add_plugin_option(parser)
 
 
+def written_by_compare(out: Path) -> bool:
+    """Whether ``out`` is a folder compare wrote: its table or settings, or, from a run that stopped before them,
+    only its ``allocations`` folder of allocation JSONs (so the rerun may write there)."""
+    from rankalloc.allocators.allocation import is_allocation_file
+    from rankalloc.profiling.files import foreign_entries
+
+    if (out / "compare.json").is_file() or (out / "compare.csv").is_file():
+        return True
+    allocations = out / "allocations"
+    return (foreign_entries(out) == ["allocations"] and allocations.is_dir()
+            and all(f.is_file() and f.suffix == ".json" and is_allocation_file(f)
+                    for f in allocations.iterdir() if f.name in foreign_entries(allocations)))
+
+
 def run(args) -> int:
     from rankalloc.allocators.registry import get_cost_model, get_solver
     from rankalloc.decomposers.registry import get_method
@@ -75,8 +89,7 @@ def run(args) -> int:
     from rankalloc.profiling.files import atomic_write_csv, atomic_write_json, check_output_folder
 
     out = Path(args.out)
-    check_output_folder(out, "--out", ours=(out / "compare.json").is_file() or (out / "compare.csv").is_file(),
-                        overwrite=args.overwrite)
+    check_output_folder(out, "--out", ours=written_by_compare(out), overwrite=args.overwrite)
     load_plugins(args.plugin)
     ratios = fractions("--ratios", args.ratios)
     solvers = named("--solvers", comma_list(args.solvers), get_solver)
@@ -90,7 +103,7 @@ def run(args) -> int:
     for option, value, least in (("--grid", args.grid, 1), ("--batch-size", args.batch_size, 1),
                                  ("--sequential", args.sequential, 0)):
         runs.at_least(option, value, least)
-    if args.sequential > args.samples:
+    if args.sequential > args.samples and not args.profile:  # a given profile's own count is checked in compare
         raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, --samples is {args.samples}")
     build_solvers(solvers, args.time_limit)  # --time-limit, checked before anything is profiled
     need = list(kinds) + [k for m in methods for k in get_method(m).needs]

@@ -121,31 +121,20 @@ def _check_sequential(args, prof):
 
     if args.sequential < 0:
         raise ValueError(f"--sequential: expected a number of calibration sequences >= 1, received {args.sequential}")
-    if args.sequential > prof.meta["n_samples"]:
-        raise ValueError(f"--sequential: {args.sequential} calibration sequences asked, the profile at {prof.path} "
-                         f"has {prof.meta['n_samples']}")
     if args.out_of_core:
         raise ValueError("--sequential: needs the model in memory (run without --out-of-core)")
     if distributed.world() > 1:
         raise ValueError("--sequential: each layer waits for the one before; run it as one process (not torchrun)")
-    check_sequential(args.method, prof)
+    check_sequential(args.method, prof, samples=args.sequential)
     return SequentialConfig(samples=args.sequential)
 
 
 def _calibration_ids(args, prof, loaded):
     """The profile's calibration ids, rebuilt from ``--text`` and checked by hash."""
-    from rankalloc.profiling.probe import check_calibration_ids
-    from rankalloc.profiling.text import calibration_ids, load_text
+    from rankalloc.profiling.run import profile_calibration_ids
+    from rankalloc.profiling.text import load_text
 
-    text = load_text(args.text)
-    ids = calibration_ids(loaded.tokenizer, text, n_samples=int(prof.meta["n_samples"]),
-                          seqlen=int(prof.meta["seqlen"]), seed=int(prof.meta["seed"]))
-    try:
-        check_calibration_ids(prof, ids)
-    except ValueError:
-        raise ValueError(f"--text {args.text or 'wiki'}: not the text the profile at {prof.path} was calibrated on "
-                         f"({prof.meta.get('source_id')}); pass that text") from None
-    return ids
+    return profile_calibration_ids(prof, loaded.tokenizer, load_text(args.text))
 
 
 def _protected(args, prof) -> tuple:

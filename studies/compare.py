@@ -71,8 +71,11 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
     if sequential is not None:
         from rankalloc.decomposers.sequential import check_sequential
 
+        from rankalloc.profiling.run import profile_calibration_ids
+
         for m in methods:
-            check_sequential(m, prof, run)
+            check_sequential(m, prof, run, sequential.samples)
+        profile_calibration_ids(prof, run.tokenizer, run.text)  # another text is refused before any work
     curves = {m: method_curves(prof, m, run.model, grid=grid, progress=progress) for m in methods}
     cases = {(m, k, r): problem_for(prof, m, k, r, cost=cost, grid=grid, curves=curves[m])
              for m in methods for k in kinds for r in ratios}  # every problem first: bad input fails before compressing

@@ -161,6 +161,45 @@ def test_compare_sequential_changes_the_fit_not_the_allocation(compared, tmp_pat
     assert json.loads((tmp_path / "seq" / "compare.json").read_text())["sequential"] == 4
 
 
+def test_compare_sequential_fits_on_the_profiles_own_calibration(compared, tmp_path):
+    """With --profile, the sequential fit runs on the sequences the profile was calibrated on, whatever --samples or
+    --seed say (the figures do not move with --seed); another --text, or more --sequential sequences than the
+    profile has, stop in one line before anything is evaluated or written. A folder holding only the allocations of
+    a compare that stopped is compare's own, so the rerun writes there."""
+    proc, out, model_dir = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = out.parent
+    prof = json.loads((out / "compare.json").read_text())["profile"]
+    common = ["--model", str(model_dir), "--profile", prof, "--ratios", "0.3", "--solvers", "uniform", "--methods",
+              "svd", "--kinds", "whitened", "--seqlen", "64", "--windows", "4", "--device", "cpu"]
+    env = {"RANKALLOC_CACHE": str(root / "cache")}
+    text = ["--text", str(root / "text.txt")]
+    ppl = []
+    for extra in (["--samples", "8", "--seed", "0"], ["--samples", "12", "--seed", "1"]):
+        ran = rankalloc("compare", *common, *text, *extra, "--sequential", "4",
+                        "--out", str(tmp_path / f"s{len(ppl)}"), env=env)
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        ppl.append(float(pd.read_csv(tmp_path / f"s{len(ppl)}" / "compare.csv").ppl.iloc[0]))
+    assert ppl[0] == ppl[1]
+    other = write_text_file(tmp_path / "other.txt", n_articles=41)
+    for extra, says in ((["--text", str(other), "--sequential", "4"], "not the text the profile"),
+                        ([*text, "--samples", "16", "--sequential", "9"], "--sequential: 9 calibration sequences")):
+        bad = rankalloc("compare", *common, *extra, "--out", str(tmp_path / "bad"), env=env)
+        errors = [line for line in bad.stderr.splitlines() if "error" in line.lower()]
+        assert bad.returncode == 1 and len(errors) == 1 and says in errors[0] and "Traceback" not in bad.stderr
+        assert not (tmp_path / "bad").exists()
+    stopped = tmp_path / "stopped"
+    (stopped / "allocations").mkdir(parents=True)
+    first = next((tmp_path / "s0" / "allocations").glob("*.json"))
+    (stopped / "allocations" / first.name).write_bytes(first.read_bytes())
+    again = rankalloc("compare", *common, *text, "--sequential", "4", "--out", str(stopped), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (stopped / "compare.csv").unlink(), (stopped / "compare.json").unlink()
+    (stopped / "allocations" / "notes.txt").write_text("mine")
+    foreign = rankalloc("compare", *common, *text, "--sequential", "4", "--out", str(stopped), env=env)
+    assert foreign.returncode == 1 and "did not write" in foreign.stderr
+
+
 def test_compare_profiles_the_store_its_methods_need(compared, tmp_path):
     """SSLC, and fisher_svd under --sequential, read the float64 Grams of a full store. Without --profile, compare
     profiles one (cached beside the compact profile, which stays as it was) and runs; a compact profile given with
