@@ -192,11 +192,15 @@ def register_cost_model(name: str, cls: type | None = None, *, replace: bool = F
 def load_plugin(path) -> object:
     """Execute the Python file ``path`` once (it calls :func:`register_solver` / :func:`register_cost_model`).
 
-    Returns the loaded module. Raises ``FileNotFoundError`` for a missing file.
+    Returns the loaded module. Raises ``FileNotFoundError`` for a missing file, and ``ValueError`` naming the file and
+    its line when executing it fails (a syntax error, an exception it raises, a registration it gets wrong): the
+    plugin's fault, one line, not a bug report for rankalloc.
     """
     path = Path(path).resolve()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"plugin file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"plugin {path}: is not a file; expected a Python file ending in .py")
     if path.suffix != ".py":
         raise ValueError(f"plugin {path}: expected a Python file ending in .py, received {path.name!r}")
     module_name = f"rankalloc_plugin_{path.stem}_{abs(hash(str(path))):x}"
@@ -207,7 +211,22 @@ def load_plugin(path) -> object:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ValueError(f"plugin file {path}{_line_in(exc, path)}: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         del sys.modules[module_name]
         raise
     return module
+
+
+def _line_in(exc: BaseException, path: Path) -> str:
+    """``", line N"``: where in the plugin file ``path`` the exception was raised (its deepest frame there)."""
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        return f", line {exc.lineno}"
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f", line {line}"

@@ -73,6 +73,26 @@ def test_bandwidth_needs_its_plugin(capsys):
     assert "unknown cost 'bandwidth'" in err and "params" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_plugin_that_fails_to_load_is_named_with_its_line(tmp_path, capsys):
+    """A plugin that raises while it loads, one with a syntax error, and a folder given as a plugin: exit 1, one line
+    naming the plugin file and the line at fault, and never "a bug in rankalloc" (the fault is the plugin's)."""
+    from rankalloc.studies.cli import main
+
+    raises = tmp_path / "raises.py"
+    raises.write_text("from rankalloc.allocators.registry import register_solver\n\n\ndef setup():\n"
+                      "    raise RuntimeError('no licence for the solver')\n\n\nsetup()\n")
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("x = 1\ny = = 2\n")
+    folder = tmp_path / "folder.py"
+    folder.mkdir()
+    for plugin, says in ((raises, f"plugin file {raises}, line 5: RuntimeError: no licence for the solver"),
+                         (syntax, f"plugin file {syntax}, line 2: SyntaxError"),
+                         (folder, "is not a file")):
+        assert main(["allocate", "--plugin", str(plugin), "--curves", str(FIXTURE), "--budget", "0.4"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "bug in rankalloc" not in err[0], err
+
+
 def test_bandwidth_cost_model_contract(registry_guard):
     """The plugin's model obeys the cost-model contract: cost(dense) == dense(), costs >= 0 and
     non-decreasing in rank, k/v pay the cache read for min(r, m) values, bad settings are refused."""
