@@ -310,16 +310,13 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
                              f"download the hub model first and pass its folder")
         from rankalloc.profiling.weights import load_out_of_core
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except OSError as err:
-            raise ValueError(f"could not load the tokenizer of {str(folder)!r}: {err}") from err
+        tokenizer = _load_tokenizer(folder, model_id)
         net, weights = load_out_of_core(folder, dtype)
         return LoadedModel(net, tokenizer, model_id, model_fingerprint(net, tokenizer, weights), weights,
                            weights.checkpoint.float_dtype() or _config_dtype(net.config, dtype))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
         stored = _check_weight_files(folder) if isinstance(folder, Path) else None
+        tokenizer = _load_tokenizer(folder, model_id)
         with _quiet_load_report():
             net, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except OSError as err:
@@ -351,6 +348,29 @@ def _config_dtype(config, default: torch.dtype) -> torch.dtype:
     return default
 
 
+def _load_tokenizer(folder, model_id: str):
+    """The tokenizer of a model folder or hub id. A folder whose tokenizer cannot be built (no tokenizer files, or
+    files transformers cannot read) is a ``ValueError`` naming the folder and what it holds; a hub download error
+    stays an ``OSError`` for the caller to explain."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except OSError as err:
+        if not isinstance(folder, Path):
+            raise
+        why = err
+    except (ValueError, RuntimeError, TypeError, KeyError, AttributeError, ImportError) as err:
+        why = err
+    held = ""
+    if isinstance(folder, Path):
+        names = sorted(p.name for p in folder.iterdir())
+        held = (f" (the folder holds {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; a tokenizer needs "
+                f"tokenizer.json, or tokenizer_config.json with its vocabulary files)")
+    raise ValueError(f"model {model_id!r}: its tokenizer could not be loaded{held}: {type(why).__name__}: "
+                     f"{' '.join(str(why).split())}") from why
+
+
 def _check_weight_files(folder: Path) -> torch.dtype | None:
     """The safetensors files of a model folder read as far as their headers (truncated, padded or garbage files
     are a ``ValueError`` naming the file, not a SafetensorError from deep inside transformers); returns the
@@ -360,6 +380,9 @@ def _check_weight_files(folder: Path) -> torch.dtype | None:
     from rankalloc.profiling.weights import INDEX, SINGLE, Checkpoint, skeleton
 
     if not ((folder / INDEX).is_file() or (folder / SINGLE).is_file()):
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ValueError(f"model folder {str(folder)!r} has no weights (no *.safetensors or *.bin file beside its "
+                             f"config.json)")
         return None
     checkpoint = Checkpoint(folder)
     shapes = checkpoint.validate()

@@ -264,7 +264,7 @@ def test_everything_read_back_is_verified(world, capsys):
 # ----------------------------------------------------------------------------- 5. inputs
 def test_bad_inputs_are_refused_naming_what_is_wrong(world, capsys, tmp_path):
     """A checkpoint missing a tensor (in memory and out of core), truncated or garbage weights, a config that does
-    not match the weights, --seqlen past the model's context (Llama and GPT-2), a rank of 2.5 or -1 in a curves CSV,
+    not match the weights, a folder without tokenizer files (in memory and out of core) or without weights, --seqlen past the model's context (Llama and GPT-2), a rank of 2.5 or -1 in a curves CSV,
     --batch-size 0 and --fisher-samples 0, a --device torch does not know, and a cost model whose cost falls as the
     rank grows: each refused."""
     root = world["root"]
@@ -288,6 +288,17 @@ def test_bad_inputs_are_refused_naming_what_is_wrong(world, capsys, tmp_path):
     (mismatch / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     error_line(cli(capsys, "profile", "--model", mismatch, *job, "--out", tmp_path / "p"), "profile", "mlp",
                "config")
+
+    no_tokenizer = variant(world, "no-tokenizer", lambda s: None)
+    for f in no_tokenizer.glob("tokenizer*"):
+        f.unlink()
+    for flag in ([], ["--out-of-core"]):
+        error_line(cli(capsys, "profile", "--model", no_tokenizer, *job, "--out", tmp_path / "p", *flag), "profile",
+                   str(no_tokenizer), "tokenizer could not be loaded", "config.json")
+    no_weights = variant(world, "no-weights", lambda s: None)
+    (no_weights / "model.safetensors").unlink()
+    error_line(cli(capsys, "profile", "--model", no_weights, *job, "--out", tmp_path / "p"), "profile",
+               str(no_weights), "has no weights")
 
     error_line(cli(capsys, "profile", "--model", world["model"], "--text", world["text"], "--samples", "4",
                    "--seqlen", "300", "--kinds", "whitened", "--out", tmp_path / "p"), "profile", "--seqlen 300",
