@@ -189,6 +189,9 @@ def register_cost_model(name: str, cls: type | None = None, *, replace: bool = F
     return cls
 
 
+PLUGIN_PREFIX = "rankalloc_plugin_"  # the module name of every file load_plugin executes starts with it
+
+
 def load_plugin(path) -> object:
     """Execute the Python file ``path`` once (it calls :func:`register_solver` / :func:`register_cost_model`).
 
@@ -203,7 +206,7 @@ def load_plugin(path) -> object:
         raise ValueError(f"plugin {path}: is not a file; expected a Python file ending in .py")
     if path.suffix != ".py":
         raise ValueError(f"plugin {path}: expected a Python file ending in .py, received {path.name!r}")
-    module_name = f"rankalloc_plugin_{path.stem}_{abs(hash(str(path))):x}"
+    module_name = f"{PLUGIN_PREFIX}{path.stem}_{abs(hash(str(path))):x}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

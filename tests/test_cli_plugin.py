@@ -74,8 +74,9 @@ def test_bandwidth_needs_its_plugin(capsys):
 
 
 def test_a_plugin_that_fails_to_load_is_named_with_its_line(tmp_path, capsys):
-    """A plugin that raises while it loads, one with a syntax error, and a folder given as a plugin: exit 1, one line
-    naming the plugin file and the line at fault, and never "a bug in rankalloc" (the fault is the plugin's)."""
+    """A plugin solver that raises while it solves, a plugin that raises while it loads, one with a syntax error, and
+    a folder given as a plugin: exit 1, one line naming the plugin file and the line at fault, and never "a bug in
+    rankalloc" (the fault is the plugin's)."""
     from rankalloc.studies.cli import main
 
     raises = tmp_path / "raises.py"
@@ -85,6 +86,14 @@ def test_a_plugin_that_fails_to_load_is_named_with_its_line(tmp_path, capsys):
     syntax.write_text("x = 1\ny = = 2\n")
     folder = tmp_path / "folder.py"
     folder.mkdir()
+    crashes = tmp_path / "crashes.py"
+    crashes.write_text("from dataclasses import dataclass\nfrom rankalloc.allocators.registry import register_solver\n"
+                       "\n\n@register_solver('crashes')\n@dataclass(frozen=True)\nclass Crashes:\n"
+                       "    name: str = 'crashes'\n\n    def solve(self, problem):\n        return 1 / 0\n")
+    ran = rankalloc("allocate", "--plugin", str(crashes), "--solver", "crashes", "--curves", str(FIXTURE),
+                    "--budget", "0.4")  # in a subprocess: the solver stays out of this process's registry
+    err = ran.stderr.strip().splitlines()
+    assert ran.returncode == 1 and len(err) == 1 and f"ZeroDivisionError: division by zero (raised in plugin file {crashes}, line 11)" in err[0]
     for plugin, says in ((raises, f"plugin file {raises}, line 5: RuntimeError: no licence for the solver"),
                          (syntax, f"plugin file {syntax}, line 2: SyntaxError"),
                          (folder, "is not a file")):
