@@ -257,6 +257,26 @@ def calibration_ids(run: Run):
     return sequences(run.tokenizer, run.text, n_samples=run.samples, seqlen=run.seqlen, seed=run.seed)
 
 
+def recorded_text(identity: dict, where: str, use: str) -> str | None:
+    """The ``--text`` a profile was calibrated on, from what it or its outputs record (``source_id``, ``text_path``):
+    a corpus name (None for the default ``wiki``) or the text file. ``ValueError`` starting with ``where`` and ending
+    with ``pass --text FILE {use}`` when it cannot be found again (text given as ids or strings, a file that moved,
+    a record written before the path was kept). Whether the file still holds that text is checked by the caller."""
+    from rankalloc.profiling.text import corpus_of
+
+    source = str(identity.get("source_id", ""))
+    corpus = corpus_of(source)
+    if corpus is not None:
+        return None if corpus == "wiki" else corpus
+    path = identity.get("text_path")
+    said = f"{where}: calibrated on text {source.split('@')[0] or 'not recorded'}"
+    if not path:
+        raise ValueError(f"{said}, whose file is not recorded; pass --text FILE {use}")
+    if not Path(path).is_file():
+        raise ValueError(f"{said}, read from {path}, which is no longer there; pass --text FILE {use}")
+    return path
+
+
 def profile_calibration_ids(prof, tokenizer, text):
     """The calibration sequences ``prof`` was measured on, rebuilt from ``text`` (a ``TextSplit``) with the profile's
     own sample count, length and seed, and checked against its calibration hash: ``ValueError`` naming the text
@@ -293,6 +313,14 @@ def profiled_model(prof, model: str | None = None) -> str | None:
     if not recorded or recorded == SMOLLM2_ID:
         return None
     return recorded
+
+
+def profiled_text(prof, text=None):
+    """The ``--text`` of a command given ``prof``: ``text`` when given, else the text the profile was calibrated on
+    (:func:`recorded_text`), so its held-out split is what gets scored, as when the command profiles itself."""
+    if text is not None:
+        return text
+    return recorded_text(prof.meta, f"--profile {prof.path}", "(its held-out split is scored), or --text wiki")
 
 
 def store_for(methods, sequential: bool = False) -> tuple[str, list[str]]:

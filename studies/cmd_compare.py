@@ -118,8 +118,9 @@ def run(args) -> int:
     if prof is not None:
         runs.check_store(prof, store, why)
     model = runs.profiled_model(prof, args.model) if prof is not None else args.model
+    text = runs.profiled_text(prof, args.text) if prof is not None else args.text
     t0 = time.perf_counter()
-    run_ = runs.prepare(model, args.text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+    run_ = runs.prepare(model, text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                         eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device,
                         out_of_core=args.out_of_core)
     runs.check_fit(methods, run_.model)

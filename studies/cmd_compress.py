@@ -29,8 +29,9 @@ with model.safetensors.index.json); compressed.json is written last, so an inter
 Under torchrun (torchrun --nproc-per-node N -m rankalloc compress ...) the decoder layers are split
 across the processes and rank 0 writes the model: the same weights as one process.
 --sequential N fits each matrix at the inputs of the already-compressed layers (decomposers.sequential), on the
-first N of the profile's calibration sequences, rebuilt from --text (the profile's text: checked by hash); a
-per-matrix method or flat, the model in memory, one process; fisher_svd needs a --store full profile.
+first N of the profile's calibration sequences, rebuilt from --text (default: the corpus or file the profile
+recorded; checked by hash); a per-matrix method or flat, the model in memory, one process; fisher_svd needs a
+--store full profile.
 
 examples:
   rankalloc profile --out runs/smollm2
@@ -67,7 +68,7 @@ def add_arguments(parser) -> None:
                              "calibration sequences (per-matrix methods and flat; 0: off, the default)")
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="with --sequential: the profile's calibration text, a file or a corpus name (wiki, "
-                             "news; default: gensim's Wikipedia excerpt)")
+                             "news; default: the text the profile recorded)")
     add_out_of_core_option(parser)
     add_plugin_option(parser)
 
@@ -130,11 +131,16 @@ def _check_sequential(args, prof):
 
 
 def _calibration_ids(args, prof, loaded):
-    """The profile's calibration ids, rebuilt from ``--text`` and checked by hash."""
+    """The profile's calibration ids, rebuilt from ``--text`` (default: the text the profile recorded) and checked
+    by hash."""
     from rankalloc.profiling.run import profile_calibration_ids
     from rankalloc.profiling.text import load_text
 
-    return profile_calibration_ids(prof, loaded.tokenizer, load_text(args.text))
+    from rankalloc.profiling.run import recorded_text
+
+    text = args.text if args.text is not None else recorded_text(prof.meta, f"--profile {prof.path}",
+                                                                   "to rebuild its calibration sequences")
+    return profile_calibration_ids(prof, loaded.tokenizer, load_text(text))
 
 
 def _protected(args, prof) -> tuple:

@@ -42,25 +42,12 @@ def dense_model_of(compressed) -> str | None:
 
 def calibration_text_of(compressed) -> str | None:
     """The ``--text`` a compressed folder was calibrated on, for scoring its held-out split: a corpus name (None for
-    the default ``wiki``) or the text file its profile recorded. ``ValueError`` naming the folder when that cannot be
-    found again (text given as ids or strings, a file moved, a folder written before the path was recorded)."""
+    the default ``wiki``) or the text file its profile recorded (:func:`~rankalloc.profiling.run.recorded_text`)."""
     from rankalloc.decomposers.io import read_manifest
-    from rankalloc.profiling.text import corpus_of
+    from rankalloc.profiling.run import recorded_text
 
-    recorded = read_manifest(compressed).get("profile", {})
-    source = str(recorded.get("source_id", ""))
-    corpus = corpus_of(source)
-    if corpus is not None:
-        return None if corpus == "wiki" else corpus
-    path = recorded.get("text_path")
-    where = f"--compressed {compressed}: calibrated on text {source.split('@')[0] or 'not recorded'}"
-    if not path:
-        raise ValueError(f"{where}, whose file the folder does not record; pass --text FILE to score its held-out "
-                         f"split (or --text wiki)")
-    if not Path(path).is_file():
-        raise ValueError(f"{where}, read from {path}, which is no longer there; pass --text FILE to score its held-out "
-                         f"split (or --text wiki)")
-    return path
+    return recorded_text(read_manifest(compressed).get("profile", {}), f"--compressed {compressed}",
+                         "to score its held-out split (or --text wiki)")
 
 
 def check_calibration_text(run, compressed) -> None:

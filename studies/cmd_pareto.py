@@ -68,7 +68,8 @@ def add_arguments(parser) -> None:
 def _model_run(args, prof=None):
     from rankalloc.profiling import run as runs
 
-    run_ = runs.prepare(runs.profiled_model(prof, args.model) if prof is not None else args.model, args.text,
+    text = runs.profiled_text(prof, args.text) if prof is not None else args.text
+    run_ = runs.prepare(runs.profiled_model(prof, args.model) if prof is not None else args.model, text,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
                         eval_windows=args.windows, device=args.device, out_of_core=args.out_of_core)
     if prof is not None:

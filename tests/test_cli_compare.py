@@ -163,7 +163,8 @@ def test_compare_sequential_changes_the_fit_not_the_allocation(compared, tmp_pat
 
 def test_compare_sequential_fits_on_the_profiles_own_calibration(compared, tmp_path):
     """With --profile, the sequential fit runs on the sequences the profile was calibrated on, whatever --samples or
-    --seed say (the figures do not move with --seed); another --text, or more --sequential sequences than the
+    --seed say (the figures do not move with --seed), and without --text the profile's own text file is read and
+    scored; another --text, or more --sequential sequences than the
     profile has, stop in one line before anything is evaluated or written. A folder holding only the allocations of
     a compare that stopped is compare's own, so the rerun writes there."""
     proc, out, model_dir = compared
@@ -175,10 +176,11 @@ def test_compare_sequential_fits_on_the_profiles_own_calibration(compared, tmp_p
     env = {"RANKALLOC_CACHE": str(root / "cache")}
     text = ["--text", str(root / "text.txt")]
     ppl = []
-    for extra in (["--samples", "8", "--seed", "0"], ["--samples", "12", "--seed", "1"]):
-        ran = rankalloc("compare", *common, *text, *extra, "--sequential", "4",
+    for extra in ([*text, "--samples", "8", "--seed", "0"], ["--samples", "12", "--seed", "1"]):  # no --text: P's
+        ran = rankalloc("compare", *common, *extra, "--sequential", "4",
                         "--out", str(tmp_path / f"s{len(ppl)}"), env=env)
         assert ran.returncode == 0, ran.stderr[-3000:]
+        assert "held-out evaluation split of text 'text'" in ran.stdout
         ppl.append(float(pd.read_csv(tmp_path / f"s{len(ppl)}" / "compare.csv").ppl.iloc[0]))
     assert ppl[0] == ppl[1]
     other = write_text_file(tmp_path / "other.txt", n_articles=41)
@@ -229,8 +231,9 @@ def test_compare_profiles_the_store_its_methods_need(compared, tmp_path):
 
 def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tmp_path):
     """``rankalloc compress --sequential N --text FILE`` rebuilds the profile's calibration sequences, checks them
-    by hash, and writes other weights than the plain build with the same parameter count. Another text is refused
-    in one line naming --text, and so is --text without --sequential."""
+    by hash, and writes other weights than the plain build with the same parameter count; without --text it reads
+    the file the profile recorded, to the same weights. Another text is refused in one line naming --text, and so
+    is --text without --sequential."""
     from safetensors.torch import load_file
 
     proc, out, model_dir = compared
@@ -245,6 +248,10 @@ def test_compress_sequential_rebuilds_the_calibration_from_the_text(compared, tm
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "seq" / "model.safetensors")
     assert a.keys() == b.keys() and sum(v.numel() for v in a.values()) == sum(v.numel() for v in b.values())
     assert any(not (a[k] == b[k]).all() for k in a)
+    recorded = rankalloc(*common, "--sequential", "4", "--out", str(tmp_path / "recorded"))  # the profile's own text
+    assert recorded.returncode == 0, recorded.stderr[-2000:]
+    c = load_file(tmp_path / "recorded" / "model.safetensors")
+    assert all((b[k] == c[k]).all() for k in b)
     other = write_text_file(tmp_path / "other.txt", n_articles=41)
     bad = rankalloc(*common, "--sequential", "4", "--text", str(other), "--out", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
