@@ -277,6 +277,17 @@ def recorded_text(identity: dict, where: str, use: str) -> str | None:
     return path
 
 
+def check_recorded_text(run: Run, identity: dict, where: str) -> None:
+    """``ValueError`` starting with ``where`` when ``run``'s text, read from what ``identity`` recorded
+    (:func:`recorded_text`), has changed since the profile was calibrated on it: its held-out split is no longer the
+    one kept out of calibration."""
+    want = identity.get("source_id")
+    now = source_key(run)
+    if want is not None and now != want:
+        raise ValueError(f"{where}: its calibration text {run.text.path or run.text.name} has changed since it was "
+                         f"profiled ({want.split('@')[0]}, now {now.split('@')[0]}); pass --text to score another text")
+
+
 def profile_calibration_ids(prof, tokenizer, text):
     """The calibration sequences ``prof`` was measured on, rebuilt from ``text`` (a ``TextSplit``) with the profile's
     own sample count, length and seed, and checked against its calibration hash: ``ValueError`` naming the text

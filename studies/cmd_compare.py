@@ -123,6 +123,8 @@ def run(args) -> int:
     run_ = runs.prepare(model, text, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                         eval_seqlen=args.eval_seqlen, eval_windows=args.windows, device=args.device,
                         out_of_core=args.out_of_core)
+    if prof is not None and args.text is None:  # the profile's own text, read back: unchanged since
+        runs.check_recorded_text(run_, prof.meta, f"--profile {prof.path}")
     runs.check_fit(methods, run_.model)
     runs.check_priced(run_.model, args.cost)
     t1 = time.perf_counter()

@@ -6,8 +6,6 @@ Library function :func:`evaluate_models` (explicit arguments); ``add_arguments``
 
 from __future__ import annotations
 
-from pathlib import Path
-
 HELP = "Perplexity of a dense or compressed model on held-out text (protocol and dense baseline printed)"
 
 EPILOG = """\
@@ -50,19 +48,6 @@ def calibration_text_of(compressed) -> str | None:
                          "to score its held-out split (or --text wiki)")
 
 
-def check_calibration_text(run, compressed) -> None:
-    """``ValueError`` when the text file a compressed folder recorded has changed since it was calibrated on: its
-    held-out split is no longer the one kept out of calibration."""
-    from rankalloc.decomposers.io import read_manifest
-    from rankalloc.profiling.run import source_key
-
-    want = read_manifest(compressed).get("profile", {}).get("source_id")
-    if want is not None and source_key(run) != want:
-        raise ValueError(f"--compressed {compressed}: its calibration text {run.text.path or run.text.name} has "
-                         f"changed since it was profiled ({want.split('@')[0]}, now {source_key(run).split('@')[0]}); "
-                         f"pass --text to score another text")
-
-
 def evaluate_models(model: str | None = None, compressed=None, text=None, *, seqlen: int = 512, windows: int = 60,
                     batch_size: int = 4, device: str = "auto", baseline: bool = True, progress: bool = True,
                     out_of_core: bool = False) -> dict:
@@ -89,7 +74,9 @@ def evaluate_models(model: str | None = None, compressed=None, text=None, *, seq
     run = runs.prepare(model, text, seqlen=seqlen, eval_seqlen=seqlen, eval_windows=windows, device=device,
                        progress=progress, out_of_core=out_of_core)
     if recorded_text:
-        check_calibration_text(run, compressed)
+        from rankalloc.decomposers.io import read_manifest
+
+        runs.check_recorded_text(run, read_manifest(compressed).get("profile", {}), f"--compressed {compressed}")
     ids = runs.evaluation_ids(run)
     _agree(run, compressed)
     out = {"dense": None, "compressed": None, "params": {}}

@@ -74,6 +74,8 @@ def _model_run(args, prof=None):
                         eval_windows=args.windows, device=args.device, out_of_core=args.out_of_core)
     if prof is not None:
         runs.check_same_model(run_.loaded, prof)
+        if args.text is None:  # the profile's own text, read back: unchanged since
+            runs.check_recorded_text(run_, prof.meta, f"--profile {prof.path}")
     return run_
 
 
