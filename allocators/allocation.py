@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -142,6 +143,31 @@ def finish(problem: AllocationProblem, solver: str, choice_index: Sequence[int],
     if seconds is None:
         seconds = time.perf_counter() - t0 if t0 is not None else 0.0
     return Allocation(problem, solver, status, idx, obj, cost, lower_bound, float(seconds), message, info or {})
+
+
+def solved(solver, problem: AllocationProblem) -> Allocation:
+    """``solver.solve(problem)``, held to the contract where a command uses the result (allocate, compare, pareto).
+
+    A solver (a ``--plugin``'s, typically) that returns something other than an :class:`Allocation` of ``problem``,
+    one whose choices do not fit it, or whose cost is not what its choices cost raises ``ValueError`` naming the
+    solver, rather than failing later in code that trusted it.
+    """
+    out = solver.solve(problem)
+    name = getattr(solver, "name", type(solver).__name__)
+    if not isinstance(out, Allocation):
+        raise ValueError(f"solver {name!r} returned {type(out).__name__}, not an Allocation: its solve(problem) must "
+                         f"return one (rankalloc.allocators.allocation.finish builds it from the choice indices)")
+    sizes = np.diff(problem.flat.offsets)
+    idx = np.asarray(out.choice_index, dtype=np.int64)
+    if idx.shape != sizes.shape or ((idx < 0) | (idx >= sizes)).any():
+        raise ValueError(f"solver {name!r} returned {len(idx)} choice indices for {len(sizes)} components, or an "
+                         f"index out of range: not an allocation of this problem")
+    _, cost = problem.evaluate(out.choice_index)
+    off = {r: (out.cost.get(r), c) for r, c in cost.items()
+           if out.cost.get(r) is None or not math.isclose(out.cost[r], c, rel_tol=1e-9, abs_tol=1e-6)}
+    if off:
+        raise ValueError(f"solver {name!r} reports a cost its choices do not have (reported, actual): {off}")
+    return out
 
 
 def infeasible(problem: AllocationProblem, solver: str, t0: float | None = None) -> Allocation | None:

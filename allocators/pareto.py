@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rankalloc.allocators.allocation import Allocation
+from rankalloc.allocators.allocation import Allocation, solved
 from rankalloc.allocators.problem import AllocationProblem, Budget
 
 
@@ -108,7 +108,7 @@ def pareto_sweep(solver, problem: AllocationProblem, budgets: Sequence[float | B
     for b in tqdm(swept, desc=f"pareto {getattr(solver, 'name', type(solver).__name__)}",
                   disable=None if progress else True):
         kept = tuple(b if x.resource == resource else x for x in problem.budgets)
-        alloc = solver.solve(problem.with_budgets(*kept, *(() if resource in problem.resources else (b,))))
+        alloc = solved(solver, problem.with_budgets(*kept, *(() if resource in problem.resources else (b,))))
         if alloc.feasible:
             points.append(ParetoPoint(b, dict(alloc.cost), float(alloc.objective), alloc))
         else:

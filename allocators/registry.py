@@ -216,20 +216,21 @@ def load_plugin(path) -> object:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise ValueError(f"plugin file {path}{_line_in(exc, path)}: {type(exc).__name__}: {exc}") from exc
+        syntax = isinstance(exc, SyntaxError) and exc.lineno is not None
+        line = exc.lineno if syntax else (plugin_frame(exc) or (path, 0))[1]
+        raise ValueError(f"plugin file {path}{f', line {line}' if line else ''}: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         del sys.modules[module_name]
         raise
     return module
 
 
-def _line_in(exc: BaseException, path: Path) -> str:
-    """``", line N"``: where in the plugin file ``path`` the exception was raised (its deepest frame there)."""
-    if isinstance(exc, SyntaxError) and exc.lineno is not None:
-        return f", line {exc.lineno}"
-    line, tb = None, exc.__traceback__
+def plugin_frame(exc: BaseException) -> tuple[str, int] | None:
+    """``(file, line)`` of the deepest frame of ``exc``'s traceback that runs in a file :func:`load_plugin` executed
+    (its module name starts with ``PLUGIN_PREFIX``), or None: whether the fault is a plugin's, and where."""
+    found, tb = None, exc.__traceback__
     while tb is not None:
-        if Path(tb.tb_frame.f_code.co_filename) == path:
-            line = tb.tb_lineno
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(PLUGIN_PREFIX):
+            found = (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
         tb = tb.tb_next
-    return "" if line is None else f", line {line}"
+    return found

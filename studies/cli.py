@@ -119,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _failed(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001  a bug: bad input raises ValueError naming the culprit at its source
         text = " ".join(str(exc).split())
-        where = _plugin_frame(exc)
+        from rankalloc.allocators.registry import plugin_frame
+
+        where = plugin_frame(exc)
         if where is not None:  # raised by a --plugin's solver, cost model or method: the plugin's fault
             print(f"rankalloc {args.command}: error: {type(exc).__name__}: {text} (raised in plugin file {where[0]}, "
                   f"line {where[1]})", file=sys.stderr)
@@ -127,18 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rankalloc {args.command}: error: {type(exc).__name__}: {text} (an unexpected error: a bug in "
               f"rankalloc; please report it with the command line)", file=sys.stderr)
         return _failed(EXIT_FAILURE)
-
-
-def _plugin_frame(exc: BaseException) -> tuple[str, int] | None:
-    """``(file, line)`` of the deepest frame of ``exc``'s traceback that runs in a ``--plugin`` file, or None."""
-    from rankalloc.allocators.registry import PLUGIN_PREFIX
-
-    found, tb = None, exc.__traceback__
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(PLUGIN_PREFIX):
-            found = (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
-        tb = tb.tb_next
-    return found
 
 
 def _failed(code: int) -> int:

@@ -115,6 +115,7 @@ def allocate(curves, solver: str = "exact", budget: float = 0.4, cost: str = "pa
     ``plugins`` are Python files executed first (they may register solvers and cost models).
     ``time_limit`` (seconds) is passed to solvers that take one; giving it to one that does not is an error.
     """
+    from rankalloc.allocators.allocation import solved
     from rankalloc.allocators.registry import load_plugin
     from rankalloc.studies.options import build_solvers
 
@@ -122,7 +123,7 @@ def allocate(curves, solver: str = "exact", budget: float = 0.4, cost: str = "pa
         load_plugin(plugin)
     method = build_solvers([solver], time_limit, strict=True)[solver]  # unknown name: ValueError listing the known
     problem = load_problem(curves, budget, cost=cost, kind=kind, grid=grid)
-    return method.solve(problem)
+    return solved(method, problem)
 
 
 def format_table(allocation) -> str:

@@ -106,6 +106,7 @@ def compare(run, prof, ratios: Sequence[float], solvers: Sequence[str] = ("unifo
 
 def _row(ctx: dict, m: str, k: str, r: float, problem, s: str, solver) -> dict:
     """One solve, compression and evaluation of :func:`compare` (NaN measurements when no allocation came back)."""
+    from rankalloc.allocators.allocation import solved
     from rankalloc.decomposers.problems import allocation_record, compressed_perplexity
     from rankalloc.profiling.files import atomic_write_json
 
@@ -115,7 +116,7 @@ def _row(ctx: dict, m: str, k: str, r: float, problem, s: str, solver) -> dict:
                removed_model_params=math.nan, ppl=math.nan, dense_ppl=ctx["dense_ppl"], solve_s=math.nan,
                compress_s=math.nan, allocation="")
     try:
-        alloc = solver.solve(problem)
+        alloc = solved(solver, problem)
     except ValueError as exc:
         ctx["say"](f"{m}/{k} at {r:.2%} removed: solver {s} failed: {' '.join(str(exc).split())}")
         return dict(row, status="error")

@@ -102,6 +102,30 @@ def test_a_plugin_that_fails_to_load_is_named_with_its_line(tmp_path, capsys):
         assert len(err) == 1 and says in err[0] and "bug in rankalloc" not in err[0], err
 
 
+def test_a_plugin_solver_that_breaks_the_contract_is_named(tmp_path):
+    """A plugin solver whose solve returns None, or an Allocation claiming half the cost its choices have: exit 1,
+    one line naming the solver and what is wrong, never "a bug in rankalloc" nor an allocation that trusted it."""
+    plugin = tmp_path / "breaks.py"
+    plugin.write_text(
+        "from dataclasses import dataclass\n"
+        "from rankalloc.allocators.allocation import Allocation, Status\n"
+        "from rankalloc.allocators.registry import register_solver\n\n\n"
+        "@register_solver('nothing')\n@dataclass(frozen=True)\nclass Nothing:\n    name: str = 'nothing'\n\n"
+        "    def solve(self, problem):\n        return None\n\n\n"
+        "@register_solver('halves')\n@dataclass(frozen=True)\nclass Halves:\n    name: str = 'halves'\n\n"
+        "    def solve(self, problem):\n        idx = tuple(len(cv) - 1 for cv in problem.curves)\n"
+        "        obj, cost = problem.evaluate(idx)\n"
+        "        return Allocation(problem, self.name, Status.FEASIBLE, idx, obj, {r: c / 2 for r, c in cost.items()})\n")
+    out = tmp_path / "a.json"
+    for solver, says in (("nothing", "solver 'nothing' returned NoneType, not an Allocation"),
+                         ("halves", "solver 'halves' reports a cost its choices do not have")):
+        ran = rankalloc("allocate", "--plugin", str(plugin), "--solver", solver, "--curves", str(FIXTURE),
+                        "--budget", "0.4", "--out", str(out))
+        err = ran.stderr.strip().splitlines()
+        assert ran.returncode == 1 and len(err) == 1 and says in err[0] and "bug in rankalloc" not in err[0], err
+        assert not out.exists()
+
+
 def test_bandwidth_cost_model_contract(registry_guard):
     """The plugin's model obeys the cost-model contract: cost(dense) == dense(), costs >= 0 and
     non-decreasing in rank, k/v pay the cache read for min(r, m) values, bad settings are refused."""
